@@ -1,0 +1,198 @@
+"""SQLAlchemy Core tables.
+
+The platform's tables mirror `shared/contract/platform_*.sql` exactly (a test reflects the contract's
+own DDL and compares). reconcile never creates them in production; `create_platform_tables` exists
+for the simulator, the demo and the tests. reconcile's own tables carry the `recon_` prefix and are
+created and upgraded by the Alembic migrations in `reconcile/migrations`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.types import TypeDecorator
+
+TERMINAL_STATUSES = ("completed", "failed")
+NON_TERMINAL_STATUSES = ("pending", "processing")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """timestamptz on PostgreSQL; UTC text 'YYYY-MM-DD HH:MM:SS.ffffff' on SQLite (the contract).
+
+    Values are always timezone-aware UTC in Python, whichever database they come from.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: reconcile only stores timezone-aware UTC times")
+        value = value.astimezone(UTC)
+        # SQLite stores text; a naive UTC value keeps the contract's exact format.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def BigIntId() -> BigInteger:
+    # bigint on PostgreSQL, INTEGER (the rowid alias) on SQLite, as the contract's DDL has it.
+    return BigInteger().with_variant(Integer(), "sqlite")
+
+
+platform_metadata = MetaData()
+
+ai_generations = Table(
+    "ai_generations",
+    platform_metadata,
+    Column("id", Text, primary_key=True),
+    Column("user_id", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("vendor", Text, nullable=False),
+    Column("vendor_task_id", Text),
+    Column("status", Text, nullable=False),
+    Column("credits_charged", Integer, nullable=False),
+    Column("error_message", Text),
+    Column("result_url", Text),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+credit_transactions = Table(
+    "credit_transactions",
+    platform_metadata,
+    Column("id", BigIntId(), Identity(always=False), primary_key=True, autoincrement=True),
+    Column("user_id", Text, nullable=False),
+    Column("job_id", Text),
+    Column("kind", Text, nullable=False),
+    Column("amount", Integer, nullable=False),
+    Column("idempotency_key", Text, nullable=False, unique=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+credit_balances = Table(
+    "credit_balances",
+    platform_metadata,
+    Column("user_id", Text, primary_key=True),
+    Column("balance", Integer, nullable=False),
+)
+
+# reconcile's own tables. Changes go through a new Alembic revision, never an edit of an old one.
+recon_metadata = MetaData()
+
+recon_refunds = Table(
+    "recon_refunds",
+    recon_metadata,
+    Column("job_id", Text, primary_key=True),
+    Column("user_id", Text, nullable=False),
+    Column("credits", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("run_id", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("recon_ix_refunds_run_id", "run_id"),
+)
+
+recon_leakage_findings = Table(
+    "recon_leakage_findings",
+    recon_metadata,
+    Column("run_id", Text, nullable=False),
+    Column("category", Text, nullable=False),
+    Column("job_id", Text),
+    Column("user_id", Text),
+    Column("credits", Integer, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("detected_at", UtcDateTime, nullable=False),
+    Index("recon_ix_findings_run_id", "run_id", "category"),
+)
+
+recon_status_changes = Table(
+    "recon_status_changes",
+    recon_metadata,
+    Column("id", BigIntId(), Identity(always=False), primary_key=True, autoincrement=True),
+    Column("job_id", Text, nullable=False),
+    Column("from_status", Text, nullable=False),
+    Column("to_status", Text, nullable=False),
+    Column("vendor", Text, nullable=False),
+    Column("vendor_state", Text, nullable=False),
+    Column("evidence", Text, nullable=False),
+    Column("run_id", Text, nullable=False),
+    Column("changed_at", UtcDateTime, nullable=False),
+    Index("recon_ix_status_changes_job_id", "job_id"),
+    Index("recon_ix_status_changes_run_id", "run_id"),
+    sqlite_autoincrement=True,
+)
+
+recon_runs = Table(
+    "recon_runs",
+    recon_metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime),
+    Column("status", Text, nullable=False),  # 'running' | 'succeeded' | 'failed'
+    Column("scan_mode", Text, nullable=False),  # 'incremental' | 'full'
+    Column("ledger_watermark", BigInteger, nullable=False),  # max credit_transactions.id seen
+    Column("config_hash", Text, nullable=False),
+    Column("summary", Text, nullable=False, server_default=text("'{}'")),
+    Index("recon_ix_runs_started_at", "started_at"),
+)
+
+recon_lease = Table(
+    "recon_lease",
+    recon_metadata,
+    Column("name", Text, primary_key=True),
+    Column("holder", Text, nullable=False),
+    Column("acquired_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+)
+
+# Indexes reconcile adds to the platform's tables (allowed by the contract; never a column change).
+PLATFORM_INDEXES_SQL = (
+    # The stuck-job query reads only non-terminal rows: a partial index keeps it small and hot.
+    "CREATE INDEX IF NOT EXISTS recon_ix_generations_stuck ON ai_generations (updated_at) "
+    "WHERE status IN ('pending', 'processing')",
+    # Incremental leakage and refund scans look at recently changed jobs only.
+    "CREATE INDEX IF NOT EXISTS recon_ix_generations_updated_at ON ai_generations (updated_at)",
+    "CREATE INDEX IF NOT EXISTS recon_ix_transactions_job_id ON credit_transactions (job_id)",
+)
+
+
+CONTRACT_SQL_DIR = Path(__file__).resolve().parent / "contract_sql"
+
+
+def create_platform_tables(conn: Connection) -> None:
+    """Create the platform's tables with the contract's own DDL (the simulator, the demo, tests).
+
+    The files are verbatim copies of `shared/contract/platform_*.sql` (a test keeps them equal), so
+    everything reconcile is tested against is made the way the platform makes it.
+    """
+    dialect = "postgres" if conn.dialect.name == "postgresql" else "sqlite"
+    ddl = (CONTRACT_SQL_DIR / f"platform_{dialect}.sql").read_text()
+    for statement in ddl.split(";"):
+        body = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--"))
+        if body.strip():
+            conn.exec_driver_sql(body)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,232 @@
+"""One settings object, read from the environment with the contract's names, validated loudly.
+
+Every run reads the environment afresh (no cached, hot-reloaded copy: see the background incident
+where a reload with a missing field silently kept old values). Every problem is reported at once,
+each naming the variable and the exact fix, instead of the first one only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = PROJECT_ROOT / ".reconcile"
+DEFAULT_DATABASE_URL = f"sqlite:///{STATE_DIR / 'platform.db'}"
+DEFAULT_REPORTS_DIR = STATE_DIR / "reports"
+
+VENDORS = ("fal", "replicate", "kie")
+
+
+@dataclass(frozen=True)
+class VendorEnv:
+    """The environment names of one vendor, as the contract fixes them."""
+
+    vendor: str
+    url_var: str
+    default_url: str
+    secret_var: str
+
+
+VENDOR_ENV: dict[str, VendorEnv] = {
+    "fal": VendorEnv("fal", "FAL_QUEUE_URL", "https://queue.fal.run", "FAL_KEY"),
+    "replicate": VendorEnv(
+        "replicate", "REPLICATE_API_URL", "https://api.replicate.com", "REPLICATE_API_TOKEN"
+    ),
+    "kie": VendorEnv("kie", "KIE_API_URL", "https://api.kie.ai", "KIE_API_KEY"),
+}
+
+
+def _check_http_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("must be a base URL without a query string or fragment")
+    return value.rstrip("/")
+
+
+class Settings(BaseModel):
+    """The effective configuration of one reconcile process."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    database_url: str = Field(DEFAULT_DATABASE_URL, alias="RECONCILE_DATABASE_URL", min_length=1)
+    stuck_after_minutes: int = Field(30, alias="RECONCILE_STUCK_AFTER_MINUTES", gt=0, le=60 * 24 * 30)
+    undispatched_fail_after_minutes: int = Field(
+        120, alias="RECONCILE_UNDISPATCHED_FAIL_AFTER_MINUTES", gt=0, le=60 * 24 * 30
+    )
+    refund_lookback_hours: int = Field(24 * 7, alias="RECONCILE_REFUND_LOOKBACK_HOURS", gt=0)
+    full_audit_every_hours: int = Field(24, alias="RECONCILE_FULL_AUDIT_EVERY_HOURS", gt=0)
+    lease_seconds: int = Field(900, alias="RECONCILE_LEASE_SECONDS", gt=0)
+    reports_dir: Path = Field(DEFAULT_REPORTS_DIR, alias="RECONCILE_REPORTS_DIR")
+    alert_webhook_url: SecretStr | None = Field(None, alias="RECONCILE_ALERT_WEBHOOK_URL")
+
+    vendor_concurrency: int = Field(32, alias="RECONCILE_VENDOR_CONCURRENCY", gt=0, le=1024)
+    vendor_rate_limit_per_second: float = Field(
+        50.0, alias="RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND", gt=0, le=100_000
+    )
+    vendor_timeout_seconds: float = Field(10.0, alias="RECONCILE_VENDOR_TIMEOUT_SECONDS", gt=0, le=600)
+    vendor_max_attempts: int = Field(4, alias="RECONCILE_VENDOR_MAX_ATTEMPTS", gt=0, le=20)
+    vendor_time_budget_seconds: float = Field(
+        300.0, alias="RECONCILE_VENDOR_TIME_BUDGET_SECONDS", gt=0, le=3600
+    )
+    vendor_outage_error_share: float = Field(0.5, alias="RECONCILE_VENDOR_OUTAGE_ERROR_SHARE", gt=0, le=1)
+
+    fal_queue_url: str = Field(VENDOR_ENV["fal"].default_url, alias="FAL_QUEUE_URL")
+    replicate_api_url: str = Field(VENDOR_ENV["replicate"].default_url, alias="REPLICATE_API_URL")
+    kie_api_url: str = Field(VENDOR_ENV["kie"].default_url, alias="KIE_API_URL")
+    fal_key: SecretStr | None = Field(None, alias="FAL_KEY")
+    replicate_api_token: SecretStr | None = Field(None, alias="REPLICATE_API_TOKEN")
+    kie_api_key: SecretStr | None = Field(None, alias="KIE_API_KEY")
+
+    @field_validator("fal_queue_url", "replicate_api_url", "kie_api_url")
+    @classmethod
+    def _vendor_url(cls, value: str) -> str:
+        return _check_http_url(value)  # type: ignore[return-value]
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # The webhook URL of Slack carries its token in the path: held as a secret, checked as a URL.
+        if value is not None:
+            _check_http_url(value.get_secret_value())
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError("is not a SQLAlchemy URL such as postgresql+psycopg://host/db") from exc
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("must point at PostgreSQL or SQLite")
+        return value
+
+    def vendor_url(self, vendor: str) -> str:
+        return getattr(self, VENDOR_ENV[vendor].url_var.lower())
+
+    def vendor_secret(self, vendor: str) -> SecretStr | None:
+        return getattr(self, VENDOR_ENV[vendor].secret_var.lower())
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting by its environment name; secrets only as 'set' / 'unset'."""
+        out: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if isinstance(value, SecretStr) or name in _SECRET_FIELDS:
+                out[field.alias] = "set" if value is not None else "unset"
+            elif name == "database_url":
+                out[field.alias] = redact_url(value)
+            else:
+                out[field.alias] = str(value) if isinstance(value, Path) else value
+        return out
+
+    def config_hash(self) -> str:
+        """A short, stable fingerprint of the redacted configuration, for run metadata."""
+        blob = json.dumps(self.redacted(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SECRET_FIELDS = {"fal_key", "replicate_api_token", "kie_api_key", "alert_webhook_url"}
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password hidden."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class Problem:
+    variable: str
+    message: str
+    fix: str
+    fatal: bool = True  # False: the run can go on without it (e.g. one vendor's secret)
+
+    def __str__(self) -> str:
+        return f"{self.variable} {self.message}: {self.fix}"
+
+
+class ConfigError(Exception):
+    """Raised when the environment cannot make a valid configuration; lists every problem."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"reconcile is misconfigured ({len(problems)} problem(s)):\n{lines}\n"
+            "Run `reconcile check-config` to see the whole configuration."
+        )
+
+
+def _field_by_alias() -> dict[str, str]:
+    return {f.alias: name for name, f in Settings.model_fields.items() if f.alias}
+
+
+def _raw_from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    raw = {}
+    for alias in _field_by_alias():
+        value = environ.get(alias)
+        # An empty variable is treated as unset: `FAL_KEY=` must not count as a configured secret.
+        if value is not None and value.strip() != "":
+            raw[alias] = value.strip()
+    return raw
+
+
+def _default_hint(alias: str) -> str:
+    field = Settings.model_fields[_field_by_alias()[alias]]
+    if field.default is None:
+        return f"export {alias}=..."
+    return f"export {alias}=<valid value> (or unset it for the default {field.default})"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from the environment; raise ConfigError listing every invalid value."""
+    env = os.environ if environ is None else environ
+    raw = _raw_from_env(env)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            alias = str(err["loc"][0]) if err["loc"] else "configuration"
+            shown = "<hidden>" if alias in _SECRET_ALIASES else repr(raw.get(alias, ""))[:80]
+            reason = err["msg"].removeprefix("Value error, ")
+            problems.append(Problem(alias, f"is {shown}, which is invalid ({reason})", _default_hint(alias)))
+        raise ConfigError(problems) from None
+
+
+_SECRET_ALIASES = {Settings.model_fields[n].alias for n in _SECRET_FIELDS}
+
+
+def missing_secret_problems(environ: Mapping[str, str] | None = None) -> list[Problem]:
+    """One non-fatal problem per vendor whose secret is unset: its jobs cannot be reconciled."""
+    raw = _raw_from_env(os.environ if environ is None else environ)
+    problems = []
+    for vendor, names in VENDOR_ENV.items():
+        if names.secret_var not in raw:
+            problems.append(
+                Problem(
+                    names.secret_var,
+                    "is not set",
+                    f"export {names.secret_var}=... ({vendor} jobs cannot be reconciled)",
+                    fatal=False,
+                )
+            )
+    return problems

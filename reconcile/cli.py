@@ -49,5 +49,34 @@ def check_config() -> None:
     sys.exit(1)
 
 
+def _report_missing_secrets() -> None:
+    for problem in missing_secret_problems():
+        click.echo(f"warning: {problem}", err=True)
+
+
+def _print_outcome(outcome) -> None:
+    if outcome.success:
+        click.echo(f"pass {outcome.run_id}: succeeded")
+        return
+    click.echo(f"pass {outcome.run_id}: FAILED", err=True)
+    for failure in outcome.failures:
+        click.echo(f"  - {failure}", err=True)
+    click.echo("See the run in the UI (`make ui`) or re-run with --verbose for every log line.", err=True)
+
+
+@main.command("run")
+@click.option("--full-audit", is_flag=True, help="Scan the whole ledger for leakage, not only what changed.")
+@click.option("--verbose", "-v", is_flag=True, help="Show every Dagster log line.")
+def run(full_audit: bool, verbose: bool) -> None:
+    """One full reconciliation pass against the configured database; exit 0 when it succeeded."""
+    _load_or_exit()
+    _report_missing_secrets()
+    from assets.runner import execute_pass
+
+    outcome = execute_pass(full_audit=full_audit, verbose=verbose)
+    _print_outcome(outcome)
+    sys.exit(0 if outcome.success else 1)
+
+
 if __name__ == "__main__":
     main()

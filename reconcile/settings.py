@@ -38,9 +38,7 @@ class VendorEnv:
 
 VENDOR_ENV: dict[str, VendorEnv] = {
     "fal": VendorEnv("fal", "FAL_QUEUE_URL", "https://queue.fal.run", "FAL_KEY"),
-    "replicate": VendorEnv(
-        "replicate", "REPLICATE_API_URL", "https://api.replicate.com", "REPLICATE_API_TOKEN"
-    ),
+    "replicate": VendorEnv("replicate", "REPLICATE_API_URL", "https://api.replicate.com", "REPLICATE_API_TOKEN"),
     "kie": VendorEnv("kie", "KIE_API_URL", "https://api.kie.ai", "KIE_API_KEY"),
 }
 
@@ -73,14 +71,10 @@ class Settings(BaseModel):
     alert_webhook_url: SecretStr | None = Field(None, alias="RECONCILE_ALERT_WEBHOOK_URL")
 
     vendor_concurrency: int = Field(32, alias="RECONCILE_VENDOR_CONCURRENCY", gt=0, le=1024)
-    vendor_rate_limit_per_second: float = Field(
-        50.0, alias="RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND", gt=0, le=100_000
-    )
+    vendor_rate_limit_per_second: float = Field(50.0, alias="RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND", gt=0, le=100_000)
     vendor_timeout_seconds: float = Field(10.0, alias="RECONCILE_VENDOR_TIMEOUT_SECONDS", gt=0, le=600)
     vendor_max_attempts: int = Field(4, alias="RECONCILE_VENDOR_MAX_ATTEMPTS", gt=0, le=20)
-    vendor_time_budget_seconds: float = Field(
-        300.0, alias="RECONCILE_VENDOR_TIME_BUDGET_SECONDS", gt=0, le=3600
-    )
+    vendor_time_budget_seconds: float = Field(300.0, alias="RECONCILE_VENDOR_TIME_BUDGET_SECONDS", gt=0, le=3600)
     vendor_outage_error_share: float = Field(0.5, alias="RECONCILE_VENDOR_OUTAGE_ERROR_SHARE", gt=0, le=1)
 
     fal_queue_url: str = Field(VENDOR_ENV["fal"].default_url, alias="FAL_QUEUE_URL")

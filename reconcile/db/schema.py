@@ -174,6 +174,7 @@ PLATFORM_INDEXES_SQL = (
     # Incremental leakage and refund scans look at recently changed jobs only.
     "CREATE INDEX IF NOT EXISTS recon_ix_generations_updated_at ON ai_generations (updated_at)",
     "CREATE INDEX IF NOT EXISTS recon_ix_transactions_job_id ON credit_transactions (job_id)",
+    "CREATE INDEX IF NOT EXISTS recon_ix_transactions_created_at ON credit_transactions (created_at)",
 )
 
 

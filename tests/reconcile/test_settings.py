@@ -90,16 +90,12 @@ def test_empty_secret_counts_as_unset() -> None:
     settings = load_settings({"FAL_KEY": "   "})
     assert settings.vendor_secret("fal") is None
     problems = missing_secret_problems({"FAL_KEY": "", "REPLICATE_API_TOKEN": "t", "KIE_API_KEY": "k"})
-    assert [str(p) for p in problems] == [
-        "FAL_KEY is not set: export FAL_KEY=... (fal jobs cannot be reconciled)"
-    ]
+    assert [str(p) for p in problems] == ["FAL_KEY is not set: export FAL_KEY=... (fal jobs cannot be reconciled)"]
     assert not problems[0].fatal
 
 
 def test_secrets_never_show(caplog: pytest.LogCaptureFixture) -> None:
-    settings = load_settings(
-        {"FAL_KEY": SECRET, "RECONCILE_ALERT_WEBHOOK_URL": f"https://hooks.example/{SECRET}"}
-    )
+    settings = load_settings({"FAL_KEY": SECRET, "RECONCILE_ALERT_WEBHOOK_URL": f"https://hooks.example/{SECRET}"})
     logging.getLogger("test").warning("settings: %s %r", settings, settings)
     shown = [str(settings), repr(settings), str(settings.redacted()), caplog.text, settings.config_hash()]
     assert all(SECRET not in text for text in shown)
@@ -123,10 +119,7 @@ def test_config_hash_changes_with_configuration_not_with_secret_value() -> None:
     base = load_settings({"FAL_KEY": "a"})
     assert base.config_hash() == load_settings({"FAL_KEY": "b"}).config_hash()
     assert base.config_hash() != load_settings({}).config_hash()
-    assert (
-        base.config_hash()
-        != load_settings({"FAL_KEY": "a", "RECONCILE_STUCK_AFTER_MINUTES": "31"}).config_hash()
-    )
+    assert base.config_hash() != load_settings({"FAL_KEY": "a", "RECONCILE_STUCK_AFTER_MINUTES": "31"}).config_hash()
 
 
 def test_settings_are_immutable() -> None:
@@ -136,9 +129,7 @@ def test_settings_are_immutable() -> None:
 
 
 def _check_config(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    clean = {
-        k: v for k, v in os.environ.items() if not k.startswith(("RECONCILE_", "FAL_", "REPLICATE_", "KIE_"))
-    }
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILE_", "FAL_", "REPLICATE_", "KIE_"))}
     return subprocess.run(
         [sys.executable, "-m", "reconcile.cli", "check-config"],
         env={**clean, **env},

@@ -83,6 +83,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for name in (
+        "recon_ix_transactions_created_at",
         "recon_ix_transactions_job_id",
         "recon_ix_generations_updated_at",
         "recon_ix_generations_stuck",

@@ -1,0 +1,216 @@
+"""Data-quality checks on every stage, run with Great Expectations suites from `reconcile.quality`.
+
+Blocking checks guard the money: a failed one stops the assets downstream of it (no sync on bad
+vendor answers, no refund from a bad plan) and fails the run.
+"""
+
+import pandas as pd
+from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetIn, MetadataValue, asset_check
+from sqlalchemy import select
+
+from assets.reconciliation import (
+    SyncOutcome,
+    VendorTruth,
+    credit_leakage,
+    job_status_sync,
+    refund_plan,
+    refunds,
+    stuck_jobs,
+    vendor_statuses,
+)
+from assets.resources import ReconcileResource
+from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, credit_transactions, recon_refunds
+from reconcile.leakage import CATEGORIES
+from reconcile.models import VendorState
+from reconcile.quality import Expect, QualityResult, validate
+from reconcile.refunds import NEVER_DISPATCHED, VENDOR_FAILED
+from reconcile.settings import VENDORS
+from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING, Classified
+
+
+def _result(quality: QualityResult) -> AssetCheckResult:
+    return AssetCheckResult(
+        passed=quality.success,
+        description=quality.describe(),
+        metadata={
+            "rows": quality.rows,
+            "unexpected_count": quality.unexpected_count,
+            "expectations": MetadataValue.json(
+                [
+                    {
+                        "expectation": o.expectation,
+                        "column": o.column,
+                        "success": o.success,
+                        "unexpected_count": o.unexpected_count,
+                        "sample": [str(v)[:200] for v in o.sample],
+                    }
+                    for o in quality.outcomes
+                ]
+            ),
+        },
+    )
+
+
+@asset_check(
+    asset=stuck_jobs, description="Stuck job ids unique; processable rows have a known vendor and credits >= 0."
+)
+def stuck_jobs_are_well_formed(stuck_jobs: Classified) -> AssetCheckResult:
+    jobs = stuck_jobs.jobs
+    processable = jobs[jobs["category"] != INVALID] if not jobs.empty else jobs
+    categories = [DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING]
+    whole = validate(
+        "stuck_jobs",
+        jobs,
+        [
+            Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+            Expect("ExpectColumnValuesToNotBeNull", column="job_id"),
+            Expect("ExpectColumnValuesToBeInSet", column="category", value_set=categories),
+            Expect("ExpectColumnValuesToBeInSet", column="status", value_set=list(NON_TERMINAL_STATUSES)),
+        ],
+    )
+    valid = validate(
+        "stuck_jobs_processable",
+        processable,
+        [
+            Expect("ExpectColumnValuesToBeBetween", column="credits_charged", min_value=0),
+            Expect("ExpectColumnValuesToBeInSet", column="vendor", value_set=list(VENDORS)),
+        ],
+    )
+    return _result(QualityResult("stuck_jobs", whole.rows, whole.outcomes + valid.outcomes))
+
+
+@asset_check(
+    asset=vendor_statuses,
+    additional_ins={"stuck_jobs": AssetIn("stuck_jobs")},
+    blocking=True,
+    description="Exactly one vendor answer per dispatched stuck job, every state canonical (blocks the sync).",
+)
+def one_canonical_answer_per_job(stuck_jobs: Classified, vendor_statuses: VendorTruth) -> AssetCheckResult:
+    answers = vendor_statuses.answers
+    asked = stuck_jobs.of(DISPATCHED)[["job_id"]]
+    per_job = answers.groupby("job_id").size().rename("answers").reset_index() if not answers.empty else None
+    coverage = asked.merge(per_job, on="job_id", how="outer") if per_job is not None else asked.assign(answers=0)
+    coverage["answers"] = coverage["answers"].fillna(0).astype("int64")
+    coverage["was_asked"] = coverage["job_id"].isin(asked["job_id"])
+    states = [s.value for s in VendorState]
+    quality = validate(
+        "vendor_answer_coverage",
+        coverage,
+        [
+            Expect("ExpectColumnValuesToBeBetween", column="answers", min_value=1, max_value=1),
+            Expect("ExpectColumnValuesToBeInSet", column="was_asked", value_set=[True]),
+        ],
+    )
+    states_quality = validate(
+        "vendor_answers", answers, [Expect("ExpectColumnValuesToBeInSet", column="state", value_set=states)]
+    )
+    return _result(QualityResult("vendor_statuses", len(answers), quality.outcomes + states_quality.outcomes))
+
+
+@asset_check(
+    asset=job_status_sync,
+    additional_ins={"stuck_jobs": AssetIn("stuck_jobs")},
+    blocking=True,
+    description="Sync changed only non-terminal jobs, only to completed or failed (blocks refunds).",
+)
+def sync_changed_only_stuck_jobs(stuck_jobs: Classified, job_status_sync: SyncOutcome) -> AssetCheckResult:
+    applied = job_status_sync.applied.copy()
+    applied["was_stuck"] = applied["job_id"].isin(stuck_jobs.jobs["job_id"]) if not applied.empty else []
+    quality = validate(
+        "status_changes",
+        applied,
+        [
+            Expect("ExpectColumnValuesToBeInSet", column="from_status", value_set=list(NON_TERMINAL_STATUSES)),
+            Expect("ExpectColumnValuesToBeInSet", column="to_status", value_set=["completed", "failed"]),
+            Expect("ExpectColumnValuesToBeInSet", column="was_stuck", value_set=[True]),
+            Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+        ],
+    )
+    return _result(quality)
+
+
+@asset_check(
+    asset=refund_plan,
+    blocking=True,
+    description="Refund plan: credits > 0 and <= what the ledger charged, one per job, only failed jobs "
+    "(blocks every refund).",
+)
+def refund_plan_is_safe(reconcile: ReconcileResource, refund_plan: pd.DataFrame) -> AssetCheckResult:
+    plan = refund_plan.copy()
+    g = ai_generations.c
+    with reconcile.engine().connect() as conn:
+        ids = plan["job_id"].tolist()
+        status = {}
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            status.update(dict(conn.execute(select(g.id, g.status).where(g.id.in_(chunk))).all()))
+    plan["job_status"] = plan["job_id"].map(status)
+    plan["owed"] = plan["charged"] - plan["refunded"]
+    plan["over_owed"] = plan["credits"] > plan["owed"]
+    quality = validate(
+        "refund_plan",
+        plan,
+        [
+            Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+            Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
+            Expect("ExpectColumnValuesToBeInSet", column="over_owed", value_set=[False]),
+            Expect("ExpectColumnValuesToBeInSet", column="job_status", value_set=["failed"]),
+            Expect("ExpectColumnValuesToBeInSet", column="reason", value_set=[VENDOR_FAILED, NEVER_DISPATCHED]),
+        ],
+    )
+    return _result(quality)
+
+
+@asset_check(asset=refunds, description="Each refund written: one ledger row 'refund:<job>' of the same amount.")
+def refunds_match_the_ledger(
+    context: AssetCheckExecutionContext, reconcile: ReconcileResource, refunds: pd.DataFrame
+) -> AssetCheckResult:
+    r, t = recon_refunds.c, credit_transactions.c
+    query = (
+        select(r.job_id, r.credits, t.amount, t.idempotency_key)
+        .select_from(recon_refunds.outerjoin(credit_transactions, t.idempotency_key == "refund:" + r.job_id))
+        .where(r.run_id == context.run_id)
+    )
+    with reconcile.engine().connect() as conn:
+        rows = pd.DataFrame(conn.execute(query).all(), columns=["job_id", "credits", "amount", "key"])
+    rows["amount_matches"] = rows["credits"] == rows["amount"]
+    quality = validate(
+        "refunds",
+        rows,
+        [
+            Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+            Expect("ExpectColumnValuesToNotBeNull", column="key"),
+            Expect("ExpectColumnValuesToBeInSet", column="amount_matches", value_set=[True]),
+            Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
+        ],
+    )
+    if len(rows) != len(refunds):
+        return AssetCheckResult(
+            passed=False,
+            description=f"{len(refunds)} refunds reported written, {len(rows)} recorded in recon_refunds",
+        )
+    return _result(quality)
+
+
+@asset_check(asset=credit_leakage, description="Findings have a known category and credits >= 0.")
+def findings_are_valid(credit_leakage: pd.DataFrame) -> AssetCheckResult:
+    quality = validate(
+        "leakage_findings",
+        credit_leakage,
+        [
+            Expect("ExpectColumnValuesToBeInSet", column="category", value_set=list(CATEGORIES)),
+            Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=0),
+            Expect("ExpectColumnValuesToNotBeNull", column="detail"),
+        ],
+    )
+    return _result(quality)
+
+
+ALL_CHECKS = [
+    stuck_jobs_are_well_formed,
+    one_canonical_answer_per_job,
+    sync_changed_only_stuck_jobs,
+    refund_plan_is_safe,
+    refunds_match_the_ledger,
+    findings_are_valid,
+]

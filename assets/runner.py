@@ -1,0 +1,104 @@
+"""Run one full pass in-process against the Dagster instance in DAGSTER_HOME (used by the CLI)."""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dagster import DagsterEventType, DagsterInstance, logger
+
+from reconcile.settings import STATE_DIR
+
+DEFAULT_DAGSTER_HOME = STATE_DIR / "dagster_home"
+# reconcile's own loggers (e.g. the vendor layer's request lines) go into Dagster's event log.
+_INSTANCE_YAML = """\
+# Written by `reconcile run` for the embedded default; see deploy/dagster.yaml for PostgreSQL.
+telemetry:
+  enabled: false
+python_logs:
+  managed_python_loggers:
+    - reconcile
+  python_log_level: INFO
+run_coordinator:
+  module: dagster._core.run_coordinator.queued_run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 4
+    tag_concurrency_limits:
+      - key: reconcile/pass
+        limit: 1
+"""
+
+
+def ensure_dagster_home() -> Path:
+    """DAGSTER_HOME, defaulting to a SQLite-backed instance under .reconcile/ (created on first use)."""
+    home = Path(os.environ.get("DAGSTER_HOME") or DEFAULT_DAGSTER_HOME)
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists() and home == DEFAULT_DAGSTER_HOME:
+        config.write_text(_INSTANCE_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+@logger(description="One line per stage message, for a person at a terminal.")
+def progress_logger(_init_context) -> logging.Logger:
+    """Shows what the pass's steps say (counts, warnings), not Dagster's own event chatter."""
+    log = logging.getLogger("reconcile.progress")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(_user_messages_only)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def _user_messages_only(record: logging.LogRecord) -> bool:
+    meta: dict[str, Any] = getattr(record, "dagster_meta", {}) or {}
+    event = meta.get("dagster_event")
+    if event is not None and record.levelno < logging.ERROR:
+        return False
+    step = meta.get("step_key") or "run"
+    text = meta.get("orig_message") or record.getMessage()
+    record.msg, record.args = f"  [{step}] {text}", ()
+    return True
+
+
+@dataclass
+class PassOutcome:
+    run_id: str
+    success: bool
+    failures: list[str] = field(default_factory=list)
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # asset name -> metadata values
+
+
+def execute_pass(*, full_audit: bool = False, verbose: bool = False) -> PassOutcome:
+    """One reconciliation pass (every asset and check, as the schedule runs it), in this process."""
+    from reconcile.definitions import defs
+
+    ensure_dagster_home()
+    job = defs.resolve_job_def("reconcile_pass")
+    loggers = {"console": {"config": {"log_level": "DEBUG"}}} if verbose else {"progress": {}}
+    run_config = {"loggers": loggers, "ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
+    job = job.with_logger_defs({**job.loggers, "progress": progress_logger}) if not verbose else job
+    with DagsterInstance.get() as instance:
+        result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+        outcome = PassOutcome(run_id=result.run_id, success=result.success)
+        for event in result.all_events:
+            if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+                materialization = event.event_specific_data.materialization
+                outcome.metadata[materialization.asset_key.to_user_string()] = {
+                    k: v.value for k, v in materialization.metadata.items()
+                }
+            elif event.event_type == DagsterEventType.STEP_FAILURE:
+                error = event.event_specific_data.error
+                outcome.failures.append(f"{event.step_key}: {error.message.strip() if error else event.message}")
+            elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+                evaluation = event.event_specific_data
+                if not evaluation.passed:
+                    outcome.failures.append(f"check {evaluation.check_name} failed: {evaluation.description}")
+    return outcome

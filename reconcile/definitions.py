@@ -1,0 +1,55 @@
+"""The one Definitions object of reconcile (named by workspace.yaml and pyproject's [tool.dagster]).
+
+This is the only module of the `reconcile` package that imports Dagster: it assembles the thin layer
+in `assets/` and `sensors/` around the domain library.
+"""
+
+from __future__ import annotations
+
+from dagster import (
+    AssetSelection,
+    DefaultScheduleStatus,
+    Definitions,
+    ScheduleDefinition,
+    define_asset_job,
+)
+
+from assets.checks import ALL_CHECKS
+from assets.reconciliation import (
+    GROUP,
+    credit_leakage,
+    job_status_sync,
+    refund_plan,
+    refunds,
+    stuck_jobs,
+    vendor_statuses,
+)
+from assets.resources import ReconcileResource
+from sensors.run_failures import reconcile_pass_failed
+
+PASS_TAG = "reconcile/pass"
+
+reconcile_pass = define_asset_job(
+    "reconcile_pass",
+    selection=AssetSelection.groups(GROUP),
+    description="One full reconciliation pass: every asset and check, as the schedule runs it.",
+    # The run coordinator's tag_concurrency_limits (deploy/dagster.yaml) keep one pass at a time.
+    tags={PASS_TAG: "true"},
+)
+
+every_15_minutes = ScheduleDefinition(
+    name="reconcile_every_15_minutes",
+    job=reconcile_pass,
+    cron_schedule="*/15 * * * *",
+    execution_timezone="UTC",
+    default_status=DefaultScheduleStatus.RUNNING,
+)
+
+defs = Definitions(
+    assets=[stuck_jobs, vendor_statuses, job_status_sync, refund_plan, refunds, credit_leakage],
+    asset_checks=ALL_CHECKS,
+    jobs=[reconcile_pass],
+    schedules=[every_15_minutes],
+    sensors=[reconcile_pass_failed],
+    resources={"reconcile": ReconcileResource()},
+)

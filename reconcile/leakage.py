@@ -1,0 +1,294 @@
+"""Stage 6: credit leakage findings, one row per finding per run, for finance.
+
+A full scan looks at every job and ledger row. The 15-minute pass is incremental: it recomputes the
+findings of the jobs that changed since the last successful pass (jobs updated since it started,
+ledger rows written since its watermark) and carries the previous pass's open findings forward for
+the rest, so every run still holds the complete picture without rescanning the ledger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import pandas as pd
+from sqlalchemy import and_, case, func, insert, or_, select, union
+from sqlalchemy.engine import Connection
+
+from reconcile.db.schema import (
+    NON_TERMINAL_STATUSES,
+    ai_generations,
+    credit_transactions,
+    recon_leakage_findings,
+)
+
+CATEGORIES = (
+    "stuck_unresolved",
+    "failed_unrefunded",
+    "duplicate_charge",
+    "duplicate_refund",
+    "refund_on_completed",
+    "charge_mismatch",
+    "missing_charge",
+    "orphan_transaction",
+    "invalid_job",
+)
+FINDING_COLUMNS = ["category", "job_id", "user_id", "credits", "detail"]
+# Categories recomputed from the stuck set every run, whatever the scan mode.
+ALWAYS_RECOMPUTED = ("stuck_unresolved", "invalid_job")
+# How far before the last pass's start an incremental scan reaches back: covers transactions that
+# committed late with an id below the watermark, and clock skew between the platform and reconcile.
+INCREMENTAL_OVERLAP = timedelta(minutes=10)
+DETAIL_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a leakage scan looks at: everything, or what changed since the last successful pass."""
+
+    full: bool
+    since: datetime | None = None  # the last successful pass's start
+    ledger_watermark: int = 0  # the highest credit_transactions.id that pass had seen
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.full else "incremental"
+
+
+def _changed_job_ids(scope: Scope):
+    g, t = ai_generations.c, credit_transactions.c
+    since = scope.since - INCREMENTAL_OVERLAP
+    return union(
+        select(g.id.label("job_id")).where(g.updated_at >= since),
+        select(t.job_id).where(t.job_id.is_not(None), or_(t.id > scope.ledger_watermark, t.created_at >= since)),
+    )
+
+
+def _ledger_by_job(scope: Scope):
+    t = credit_transactions.c
+    is_charge = and_(t.kind == "charge", t.amount < 0)
+    is_refund = and_(t.kind == "refund", t.amount > 0)
+    query = select(
+        t.job_id,
+        func.count(case((t.kind == "charge", 1))).label("charge_rows"),
+        func.coalesce(func.sum(case((is_charge, -t.amount), else_=0)), 0).label("charged"),
+        func.coalesce(func.max(case((is_charge, -t.amount), else_=0)), 0).label("largest_charge"),
+        func.count(case((and_(t.kind == "charge", t.amount >= 0), 1))).label("bad_sign_charges"),
+        func.count(case((t.kind == "refund", 1))).label("refund_rows"),
+        func.coalesce(func.sum(case((is_refund, t.amount), else_=0)), 0).label("refunded"),
+    ).where(t.kind.in_(("charge", "refund")), t.job_id.is_not(None))
+    if not scope.full:
+        query = query.where(t.job_id.in_(_changed_job_ids(scope)))
+    return query.group_by(t.job_id).subquery("ledger")
+
+
+def _job_findings(conn: Connection, scope: Scope) -> pd.DataFrame:
+    """Per-job ledger findings (every category but orphans, stuck and invalid) within the scope."""
+    g = ai_generations.c
+    ledger = _ledger_by_job(scope)
+    charged = func.coalesce(ledger.c.charged, 0)
+    refunded = func.coalesce(ledger.c.refunded, 0)
+    charge_rows = func.coalesce(ledger.c.charge_rows, 0)
+    suspicious = or_(
+        and_(g.status == "failed", charged - refunded > 0),
+        charge_rows > 1,
+        refunded > charged,
+        and_(g.status == "completed", refunded > 0),
+        and_(charge_rows == 1, charged != g.credits_charged),
+        func.coalesce(ledger.c.bad_sign_charges, 0) > 0,
+        and_(g.status == "completed", g.credits_charged > 0, charge_rows == 0),
+    )
+    query = (
+        select(
+            g.id.label("job_id"),
+            g.user_id,
+            g.status,
+            g.credits_charged,
+            charged.label("charged"),
+            func.coalesce(ledger.c.largest_charge, 0).label("largest_charge"),
+            charge_rows.label("charge_rows"),
+            func.coalesce(ledger.c.bad_sign_charges, 0).label("bad_sign_charges"),
+            refunded.label("refunded"),
+        )
+        .select_from(ai_generations.outerjoin(ledger, ledger.c.job_id == g.id))
+        .where(suspicious)
+    )
+    if not scope.full:
+        query = query.where(g.id.in_(_changed_job_ids(scope)))
+    jobs = pd.DataFrame(conn.execute(query).all(), columns=list(query.selected_columns.keys()))
+    return _categorise(jobs)
+
+
+def _categorise(jobs: pd.DataFrame) -> pd.DataFrame:
+    out: list[dict] = []
+    for j in jobs.itertuples(index=False):
+        owed = int(j.charged) - int(j.refunded)
+
+        def add(category: str, credits: int, detail: str, job=j) -> None:
+            out.append(
+                {"category": category, "job_id": job.job_id, "user_id": job.user_id,
+                 "credits": max(int(credits), 0), "detail": detail[:DETAIL_LIMIT]}
+            )  # fmt: skip
+
+        if j.status == "failed" and owed > 0:
+            add("failed_unrefunded", owed, f"failed, charged {j.charged}, refunded {j.refunded}")
+        if j.charge_rows > 1:
+            extra = int(j.charged) - int(j.largest_charge)
+            add("duplicate_charge", extra, f"{j.charge_rows} charge rows totalling {j.charged}")
+        if j.refunded > j.charged:
+            add(
+                "duplicate_refund",
+                int(j.refunded) - int(j.charged),
+                f"refunded {j.refunded} > charged {j.charged}",
+            )
+        if j.status == "completed" and j.refunded > 0:
+            add("refund_on_completed", j.refunded, f"completed job refunded {j.refunded}")
+        if j.charge_rows == 1 and j.charged != j.credits_charged:
+            diff = abs(int(j.charged) - int(j.credits_charged))
+            add("charge_mismatch", diff, f"ledger charged {j.charged}, job says {j.credits_charged}")
+        if j.bad_sign_charges > 0:
+            add("charge_mismatch", 0, f"{j.bad_sign_charges} charge row(s) with a non-negative amount")
+        if j.status == "completed" and j.credits_charged > 0 and j.charge_rows == 0:
+            add(
+                "missing_charge",
+                j.credits_charged,
+                f"completed, credits_charged {j.credits_charged}, no charge row",
+            )
+    return pd.DataFrame(out, columns=FINDING_COLUMNS)
+
+
+def _orphan_findings(conn: Connection, scope: Scope) -> pd.DataFrame:
+    g, t = ai_generations.c, credit_transactions.c
+    query = (
+        select(t.id, t.job_id, t.user_id, t.kind, t.amount)
+        .select_from(credit_transactions.outerjoin(ai_generations, g.id == t.job_id))
+        .where(t.kind.in_(("charge", "refund")), g.id.is_(None))
+    )
+    if not scope.full:
+        since = scope.since - INCREMENTAL_OVERLAP
+        query = query.where(or_(t.id > scope.ledger_watermark, t.created_at >= since))
+    rows = conn.execute(query).all()
+    return pd.DataFrame(
+        [
+            {
+                "category": "orphan_transaction",
+                "job_id": r.job_id,
+                "user_id": r.user_id,
+                "credits": abs(int(r.amount)),
+                "detail": f"{r.kind} transaction id={r.id} for a job that does not exist"[:DETAIL_LIMIT],
+            }
+            for r in rows
+        ],
+        columns=FINDING_COLUMNS,
+    )
+
+
+def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -> pd.DataFrame:
+    """Charged jobs still not terminal (after this run's sync) and not refunded."""
+    g, t = ai_generations.c, credit_transactions.c
+    cutoff = now - timedelta(minutes=stuck_after_minutes)
+    stuck_ids = select(g.id).where(g.status.in_(NON_TERMINAL_STATUSES), g.updated_at < cutoff)
+    net = func.sum(
+        case(
+            (and_(t.kind == "charge", t.amount < 0), -t.amount),
+            (and_(t.kind == "refund", t.amount > 0), -t.amount),
+            else_=0,
+        )
+    )
+    query = (
+        select(g.id, g.user_id, g.status, g.updated_at, net.label("owed"))
+        .select_from(ai_generations.join(credit_transactions, t.job_id == g.id))
+        .where(g.id.in_(stuck_ids))
+        .group_by(g.id, g.user_id, g.status, g.updated_at)
+        .having(net > 0)
+    )
+    rows = conn.execute(query).all()
+    return pd.DataFrame(
+        [
+            {
+                "category": "stuck_unresolved",
+                "job_id": r.id,
+                "user_id": r.user_id,
+                "credits": int(r.owed),
+                "detail": f"{r.status} since {r.updated_at:%Y-%m-%d %H:%M} UTC, charged, not refunded",
+            }
+            for r in rows
+        ],
+        columns=FINDING_COLUMNS,
+    )
+
+
+def invalid_job_findings(invalid: pd.DataFrame) -> pd.DataFrame:
+    """Findings for the stuck rows reconcile could not process (from stage 1)."""
+    if invalid.empty:
+        return pd.DataFrame(columns=FINDING_COLUMNS)
+    return pd.DataFrame(
+        {
+            "category": "invalid_job",
+            "job_id": invalid["job_id"].values,
+            "user_id": invalid["user_id"].values,
+            "credits": invalid["credits_charged"].clip(lower=0).astype("int64").values,
+            "detail": invalid["invalid_reason"].astype(str).str[:DETAIL_LIMIT].values,
+        },
+        columns=FINDING_COLUMNS,
+    )
+
+
+def previous_findings(conn: Connection, run_id: str) -> pd.DataFrame:
+    f = recon_leakage_findings.c
+    query = select(f.category, f.job_id, f.user_id, f.credits, f.detail).where(f.run_id == run_id)
+    return pd.DataFrame(conn.execute(query).all(), columns=FINDING_COLUMNS)
+
+
+def detect_leakage(
+    conn: Connection,
+    scope: Scope,
+    now: datetime,
+    stuck_after_minutes: int,
+    invalid: pd.DataFrame,
+    previous: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Every finding of this run: recomputed within the scope, carried forward outside it."""
+    fresh = [
+        _job_findings(conn, scope),
+        _orphan_findings(conn, scope),
+        _stuck_findings(conn, now, stuck_after_minutes),
+        invalid_job_findings(invalid),
+    ]
+    if not scope.full and previous is not None and not previous.empty:
+        fresh.append(_carried_forward(conn, scope, previous))
+    frames = [f for f in fresh if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=FINDING_COLUMNS).astype({"credits": "int64"})
+    findings = pd.concat(frames, ignore_index=True).astype({"credits": "int64"})
+    # An orphan row in the overlap window is both recomputed and carried forward: keep it once.
+    return findings.drop_duplicates(subset=["category", "job_id", "detail"], ignore_index=True)
+
+
+def _carried_forward(conn: Connection, scope: Scope, previous: pd.DataFrame) -> pd.DataFrame:
+    """Previous findings of jobs outside this scan's scope: nothing about them changed."""
+    changed = set(conn.execute(_changed_job_ids(scope)).scalars())
+    keep = ~previous["category"].isin(ALWAYS_RECOMPUTED)
+    keep &= ~previous["job_id"].isin(changed)
+    return previous[keep]
+
+
+def write_findings(conn: Connection, findings: pd.DataFrame, run_id: str, now: datetime) -> None:
+    f = recon_leakage_findings.c
+    conn.execute(recon_leakage_findings.delete().where(f.run_id == run_id))  # a retried step rewrites
+    if findings.empty:
+        return
+    rows = [
+        {
+            "run_id": run_id,
+            "category": r.category,
+            "job_id": None if pd.isna(r.job_id) else r.job_id,
+            "user_id": None if pd.isna(r.user_id) else r.user_id,
+            "credits": int(r.credits),
+            "detail": r.detail,
+            "detected_at": now,
+        }
+        for r in findings.itertuples(index=False)
+    ]
+    for start in range(0, len(rows), 5000):
+        conn.execute(insert(recon_leakage_findings), rows[start : start + 5000])

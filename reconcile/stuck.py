@@ -1,0 +1,119 @@
+"""Stage 1: find the stuck jobs, and sort them into what can be asked, what waits, what is invalid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import pandas as pd
+from sqlalchemy import Text, select, type_coerce
+from sqlalchemy.engine import Connection
+
+from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations
+from reconcile.models import JobRef
+from reconcile.settings import VENDORS
+
+STUCK_COLUMNS = [
+    "job_id",
+    "user_id",
+    "type",
+    "model",
+    "vendor",
+    "vendor_task_id",
+    "status",
+    "credits_charged",
+    "created_at",
+    "updated_at",
+    "version",  # the row's updated_at as stored: the compare-and-set token of the sync
+]
+
+# What a stuck job is waiting for, once classified.
+DISPATCHED = "dispatched"  # has a vendor_task_id: ask its vendor
+UNDISPATCHED_WAITING = "undispatched_waiting"  # never reached a vendor, not old enough to fail
+UNDISPATCHED_DUE = "undispatched_due"  # never reached a vendor, past the fail threshold
+INVALID = "invalid"  # cannot be processed: becomes an invalid_job finding
+
+
+def stuck_jobs_query(now: datetime, stuck_after_minutes: int):
+    """Non-terminal jobs untouched for `stuck_after_minutes`; served by recon_ix_generations_stuck."""
+    g = ai_generations.c
+    cutoff = now - timedelta(minutes=stuck_after_minutes)
+    return (
+        select(
+            g.id.label("job_id"),
+            g.user_id,
+            g.type,
+            g.model,
+            g.vendor,
+            g.vendor_task_id,
+            g.status,
+            g.credits_charged,
+            g.created_at,
+            g.updated_at,
+            # On SQLite the raw stored text, on PostgreSQL the timestamptz itself: either compares
+            # exactly equal to what is in the row, whatever format the platform wrote.
+            type_coerce(g.updated_at, Text).label("version"),
+        )
+        .where(g.status.in_(NON_TERMINAL_STATUSES), g.updated_at < cutoff)
+        .order_by(g.updated_at, g.id)
+    )
+
+
+def fetch_stuck_jobs(conn: Connection, now: datetime, stuck_after_minutes: int) -> pd.DataFrame:
+    rows = conn.execute(stuck_jobs_query(now, stuck_after_minutes)).all()
+    frame = pd.DataFrame(rows, columns=STUCK_COLUMNS)
+    return frame.astype({"credits_charged": "int64"}) if not frame.empty else frame
+
+
+def invalid_reasons(jobs: pd.DataFrame) -> pd.Series:
+    """Why each stuck row cannot be processed (None where it can); the first rule that fits wins."""
+    blank_task = _blank(jobs["vendor_task_id"])
+    rules = [
+        (~jobs["vendor"].isin(VENDORS), "unknown vendor " + jobs["vendor"].astype(str).str[:60].map(repr)),
+        (jobs["credits_charged"] < 0, "negative credits_charged " + jobs["credits_charged"].astype(str)),
+        ((jobs["status"] == "processing") & blank_task, "processing without a vendor_task_id"),
+        (~blank_task & _blank(jobs["model"]), "no model to ask the vendor about"),
+    ]
+    reasons = pd.Series(None, index=jobs.index, dtype="object")
+    for applies, reason in reversed(rules):
+        reasons = reasons.mask(applies, reason)
+    return reasons
+
+
+def _blank(values: pd.Series) -> pd.Series:
+    return values.isna() | (values.astype(str).str.strip() == "")
+
+
+@dataclass(frozen=True)
+class Classified:
+    jobs: pd.DataFrame  # the stuck jobs with `category` and `invalid_reason` columns added
+
+    def of(self, category: str) -> pd.DataFrame:
+        return self.jobs[self.jobs["category"] == category]
+
+    def job_refs(self) -> list[JobRef]:
+        dispatched = self.of(DISPATCHED)
+        return [
+            JobRef(job_id=r.job_id, vendor=r.vendor, model=r.model, vendor_task_id=r.vendor_task_id)
+            for r in dispatched.itertuples(index=False)
+        ]
+
+
+def classify_stuck_jobs(stuck: pd.DataFrame, now: datetime, undispatched_fail_after_minutes: int) -> Classified:
+    """Tag each stuck job: dispatched, undispatched (waiting or due to fail), or invalid."""
+    jobs = stuck.copy()
+    if jobs.empty:
+        jobs["category"] = pd.Series(dtype="object")
+        jobs["invalid_reason"] = pd.Series(dtype="object")
+        return Classified(jobs)
+    reasons = invalid_reasons(jobs)
+    undispatched = _blank(jobs["vendor_task_id"])
+    # Measured from the last touch, like "stuck": a job the platform touched recently is not failed.
+    due = jobs["updated_at"] < now - timedelta(minutes=undispatched_fail_after_minutes)
+    category = pd.Series(DISPATCHED, index=jobs.index, dtype="object")
+    category[undispatched & due] = UNDISPATCHED_DUE
+    category[undispatched & ~due] = UNDISPATCHED_WAITING
+    category[reasons.notna()] = INVALID
+    jobs["category"] = category
+    jobs["invalid_reason"] = reasons
+    return Classified(jobs)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import pandas as pd
-from sqlalchemy import Text, bindparam, insert, type_coerce, update
+from sqlalchemy import DateTime, Text, bindparam, insert, type_coerce, update
 from sqlalchemy.engine import Engine
 
 from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, recon_status_changes
@@ -122,22 +122,30 @@ def _change(job, to_status: str, vendor_state: str, url, message, evidence: str)
     }
 
 
-_g = ai_generations.c
-_CAS_UPDATE = (
-    update(ai_generations)
-    .where(
-        _g.id == bindparam("b_job_id"),
-        _g.status == bindparam("b_from_status"),
-        _g.status.in_(NON_TERMINAL_STATUSES),
-        type_coerce(_g.updated_at, Text) == bindparam("b_version", type_=Text),
+def _cas_update(dialect: str):
+    g = ai_generations.c
+    # The version token is the stored updated_at: raw text on SQLite (whatever format the platform
+    # wrote), the timestamptz itself on PostgreSQL.
+    version = (
+        type_coerce(g.updated_at, Text) == bindparam("b_version", type_=Text)
+        if dialect == "sqlite"
+        else g.updated_at == bindparam("b_version", type_=DateTime(timezone=True))
     )
-    .values(
-        status=bindparam("b_to_status"),
-        result_url=bindparam("b_result_url"),
-        error_message=bindparam("b_error_message"),
-        updated_at=bindparam("b_now", type_=ai_generations.c.updated_at.type),
+    return (
+        update(ai_generations)
+        .where(
+            g.id == bindparam("b_job_id"),
+            g.status == bindparam("b_from_status"),
+            g.status.in_(NON_TERMINAL_STATUSES),
+            version,
+        )
+        .values(
+            status=bindparam("b_to_status"),
+            result_url=bindparam("b_result_url"),
+            error_message=bindparam("b_error_message"),
+            updated_at=bindparam("b_now", type_=g.updated_at.type),
+        )
     )
-)
 
 
 @dataclass(frozen=True)
@@ -155,9 +163,10 @@ def apply_status_changes(
         chunk = changes.iloc[start : start + chunk_size]
         audit = []
         with engine.begin() as conn:
+            statement = _cas_update(conn.dialect.name)
             for idx, change in chunk.iterrows():
                 result = conn.execute(
-                    _CAS_UPDATE,
+                    statement,
                     {
                         "b_job_id": change["job_id"],
                         "b_from_status": change["from_status"],

@@ -1,0 +1,101 @@
+"""A tiny builder of platform rows for tests that need exact, hand-made situations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import Engine
+
+from reconcile.db.schema import ai_generations, credit_balances, credit_transactions
+
+NOW = datetime.now(UTC)
+
+
+class Platform:
+    """Writes rows the way the platform does: a job, its charge row, and the balance change."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def job(
+        self,
+        job_id: str,
+        *,
+        user_id: str = "u1",
+        vendor: str = "fal",
+        model: str = "fal-ai/flux/dev",
+        status: str = "processing",
+        vendor_task_id: str | None = "task",
+        credits: int = 10,
+        age_minutes: float = 60,
+        charge: bool = True,
+        error_message: str | None = None,
+    ) -> None:
+        at = NOW - timedelta(minutes=age_minutes)
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(ai_generations).values(
+                    id=job_id,
+                    user_id=user_id,
+                    type="image",
+                    model=model,
+                    vendor=vendor,
+                    vendor_task_id=vendor_task_id,
+                    status=status,
+                    credits_charged=credits,
+                    error_message=error_message,
+                    result_url=None,
+                    created_at=at,
+                    updated_at=at,
+                )
+            )
+        if charge:
+            self.ledger(user_id, job_id, "charge", -credits, f"charge:{job_id}", at)
+
+    def ledger(
+        self, user_id: str, job_id: str | None, kind: str, amount: int, key: str, at: datetime | None = None
+    ) -> None:
+        """A ledger row and its balance change, in one transaction (as the platform writes them)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(credit_transactions).values(
+                    user_id=user_id, job_id=job_id, kind=kind, amount=amount, idempotency_key=key,
+                    created_at=at or NOW,
+                )
+            )  # fmt: skip
+            updated = conn.execute(
+                update(credit_balances)
+                .where(credit_balances.c.user_id == user_id)
+                .values(balance=credit_balances.c.balance + amount)
+            ).rowcount
+            if not updated:
+                conn.execute(insert(credit_balances).values(user_id=user_id, balance=amount))
+
+    def webhook(self, job_id: str, status: str, *, result_url: str | None = None, error: str | None = None) -> None:
+        """A vendor webhook landing: the platform sets the terminal status."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(ai_generations)
+                .where(ai_generations.c.id == job_id)
+                .values(status=status, result_url=result_url, error_message=error, updated_at=datetime.now(UTC))
+            )
+
+    def status(self, job_id: str) -> str:
+        with self.engine.connect() as conn:
+            return conn.execute(select(ai_generations.c.status).where(ai_generations.c.id == job_id)).scalar_one()
+
+    def refunds_of(self, job_id: str) -> list[int]:
+        t = credit_transactions.c
+        with self.engine.connect() as conn:
+            query = select(t.amount).where(t.job_id == job_id, t.kind == "refund")
+            return [int(a) for a in conn.execute(query).scalars()]
+
+
+def assert_ledger_invariants(engine: Engine) -> None:
+    """Balance = sum of the ledger for every user; at most one refund:<job> per job (unique key)."""
+    t, b = credit_transactions.c, credit_balances.c
+    with engine.connect() as conn:
+        sums = dict(conn.execute(select(t.user_id, func.sum(t.amount)).group_by(t.user_id)).all())
+        balances = dict(conn.execute(select(b.user_id, b.balance)).all())
+    assert {u: int(v) for u, v in sums.items()} == {u: int(v) for u, v in balances.items() if u in sums}

@@ -1,0 +1,107 @@
+"""Leakage: every contract category found with its credits; incremental scans keep the full picture."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pandas as pd
+
+from reconcile.db.schema import utcnow
+from reconcile.leakage import CATEGORIES, Scope, detect_leakage, previous_findings, write_findings
+from reconcile.runs import ledger_watermark
+from tests.platform import Platform
+
+STUCK_AFTER = 30
+
+
+def _detect(db, scope: Scope, invalid: pd.DataFrame | None = None, previous=None) -> pd.DataFrame:
+    with db.engine.connect() as conn:
+        return detect_leakage(conn, scope, utcnow(), STUCK_AFTER, invalid if invalid is not None else
+                              pd.DataFrame(), previous)  # fmt: skip
+
+
+def _by_category(findings: pd.DataFrame) -> dict[str, list[tuple[str, int]]]:
+    out: dict[str, list[tuple[str, int]]] = {}
+    for f in findings.sort_values(["category", "job_id"]).itertuples():
+        out.setdefault(f.category, []).append((f.job_id, int(f.credits)))
+    return out
+
+
+def _ledger_zoo(p: Platform) -> None:
+    p.job("clean-completed", status="completed", credits=5)
+    p.job("stuck", status="processing", credits=8, age_minutes=90)
+    p.job("failed-unrefunded", status="failed", credits=6)
+    p.job("dup-charge", status="completed", credits=4)
+    p.ledger("u1", "dup-charge", "charge", -4, "charge:dup-charge:again")
+    p.job("dup-refund", status="failed", credits=5)
+    p.ledger("u1", "dup-refund", "refund", 5, "refund:dup-refund")
+    p.ledger("u1", "dup-refund", "refund", 5, "refund:dup-refund:manual")
+    p.job("refund-on-completed", status="completed", credits=3)
+    p.ledger("u1", "refund-on-completed", "refund", 3, "refund:refund-on-completed")
+    p.job("mismatch", status="completed", credits=10, charge=False)
+    p.ledger("u1", "mismatch", "charge", -7, "charge:mismatch")
+    p.job("missing-charge", status="completed", credits=9, charge=False)
+    p.ledger("u9", "no-such-job", "charge", -11, "charge:no-such-job")
+
+
+def test_every_ledger_category_is_found_with_its_credits(db) -> None:
+    _ledger_zoo(Platform(db.engine))
+    invalid = pd.DataFrame(
+        [{"job_id": "bad-vendor", "user_id": "u1", "credits_charged": 12, "invalid_reason": "unknown vendor 'x'"}]
+    )
+    found = _by_category(_detect(db, Scope(full=True), invalid))
+    assert found == {
+        "stuck_unresolved": [("stuck", 8)],
+        "failed_unrefunded": [("failed-unrefunded", 6)],
+        "duplicate_charge": [("dup-charge", 4)],
+        "duplicate_refund": [("dup-refund", 5)],
+        "refund_on_completed": [("refund-on-completed", 3)],
+        "charge_mismatch": [("mismatch", 3)],
+        "missing_charge": [("missing-charge", 9)],
+        "orphan_transaction": [("no-such-job", 11)],
+        "invalid_job": [("bad-vendor", 12)],
+    }
+    assert set(found) == set(CATEGORIES)
+
+
+def test_clean_platform_has_no_findings(db) -> None:
+    p = Platform(db.engine)
+    p.job("done", status="completed", credits=5)
+    p.job("failed-refunded", status="failed", credits=5)
+    p.ledger("u1", "failed-refunded", "refund", 5, "refund:failed-refunded")
+    p.job("young", status="processing", credits=5, age_minutes=5)
+    assert _detect(db, Scope(full=True)).empty
+
+
+def test_incremental_scan_recomputes_changes_and_carries_the_rest(db) -> None:
+    p = Platform(db.engine)
+    _ledger_zoo(p)
+    started = utcnow()
+    with db.engine.begin() as conn:
+        watermark = ledger_watermark(conn)
+        full = detect_leakage(conn, Scope(full=True), started, STUCK_AFTER, pd.DataFrame())
+        write_findings(conn, full, "run-1", started)
+    # Between passes: the platform refunds the unrefunded failed job, and a new double charge lands.
+    p.ledger("u1", "failed-unrefunded", "refund", 6, "refund:failed-unrefunded")
+    p.job("new-dup", status="completed", credits=2, age_minutes=1)
+    p.ledger("u1", "new-dup", "charge", -2, "charge:new-dup:again")
+    with db.engine.connect() as conn:
+        prior = previous_findings(conn, "run-1")
+    scope = Scope(full=False, since=started + timedelta(minutes=1), ledger_watermark=watermark)
+    incremental = _detect(db, scope, previous=prior)
+    expected = _detect(db, Scope(full=True))
+    key = ["category", "job_id", "credits"]
+    assert incremental[key].sort_values(key).values.tolist() == expected[key].sort_values(key).values.tolist()
+    assert "failed-unrefunded" not in incremental["job_id"].tolist()
+    assert ("duplicate_charge", "new-dup") in set(zip(incremental["category"], incremental["job_id"], strict=True))
+
+
+def test_hostile_strings_are_findings_not_crashes(db) -> None:
+    p = Platform(db.engine)
+    hostile = "x'); DROP TABLE credit_transactions; --\u202e../../etc/passwd" + "z" * 10_000
+    p.job(hostile, status="failed", credits=3, user_id=hostile)
+    found = _detect(db, Scope(full=True))
+    assert found["job_id"].tolist() == [hostile]
+    with db.engine.begin() as conn:
+        write_findings(conn, found, "run-h", utcnow())
+        assert previous_findings(conn, "run-h")["job_id"].tolist() == [hostile]

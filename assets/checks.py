@@ -169,7 +169,7 @@ def refunds_match_the_ledger(
     query = (
         select(r.job_id, r.credits, t.amount, t.idempotency_key)
         .select_from(recon_refunds.outerjoin(credit_transactions, t.idempotency_key == "refund:" + r.job_id))
-        .where(r.run_id == context.run_id)
+        .where(r.run_id == context.run.run_id)
     )
     with reconcile.engine().connect() as conn:
         rows = pd.DataFrame(conn.execute(query).all(), columns=["job_id", "credits", "amount", "key"])

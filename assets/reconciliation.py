@@ -78,13 +78,13 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
     settings = reconcile.settings()
     engine = reconcile.engine()
     now = utcnow()
-    acquire_lease(engine, context.run_id, now, settings.lease_seconds)
+    acquire_lease(engine, context.run.run_id, now, settings.lease_seconds)
     with engine.connect() as conn:
         scope = choose_scope(conn, now, settings.full_audit_every_hours, config.full_audit)
         watermark = ledger_watermark(conn)
         stuck = fetch_stuck_jobs(conn, now, settings.stuck_after_minutes)
-    record_run_start(engine, context.run_id, now, scope, watermark, settings.config_hash())
-    context.instance.add_run_tags(context.run_id, {"reconcile/config_hash": settings.config_hash()})
+    record_run_start(engine, context.run.run_id, now, scope, watermark, settings.config_hash())
+    context.instance.add_run_tags(context.run.run_id, {"reconcile/config_hash": settings.config_hash()})
     classified = classify_stuck_jobs(stuck, now, settings.undispatched_fail_after_minutes)
     jobs = classified.jobs
 
@@ -127,7 +127,7 @@ def vendor_statuses(
 ) -> MaterializeResult:
     """The vendors' true status of every dispatched stuck job, asked concurrently and politely."""
     settings = reconcile.settings()
-    result = fetch_vendor_truth(stuck_jobs.job_refs(), settings, context.run_id)
+    result = fetch_vendor_truth(stuck_jobs.job_refs(), settings, context.run.run_id)
     answers = pd.DataFrame([a.__dict__ for a in result.answers], columns=ANSWER_COLUMNS)
     answers["state"] = answers["state"].astype(str)
     health = {vendor: str(h) for vendor, h in result.health.items()}
@@ -162,11 +162,11 @@ def job_status_sync(
     settings = reconcile.settings()
     engine = reconcile.engine()
     now = utcnow()
-    check_lease(engine, context.run_id, now)
+    check_lease(engine, context.run.run_id, now)
     plan: SyncPlan = plan_status_changes(
         stuck_jobs, vendor_statuses.answers, vendor_statuses.health, settings.undispatched_fail_after_minutes
     )
-    result = apply_status_changes(engine, plan.changes, context.run_id, now)
+    result = apply_status_changes(engine, plan.changes, context.run.run_id, now)
     if not result.lost_race.empty:
         context.log.info(f"{len(result.lost_race)} job(s) changed since read (e.g. a webhook): left to it")
     applied = result.applied
@@ -213,8 +213,8 @@ def refunds(
     refund exactly once whatever retries, crashes or concurrent passes happen."""
     engine = reconcile.engine()
     now = utcnow()
-    check_lease(engine, context.run_id, now)
-    result = apply_refunds(engine, refund_plan, context.run_id, now)
+    check_lease(engine, context.run.run_id, now)
+    result = apply_refunds(engine, refund_plan, context.run.run_id, now)
     written = result.written
     if not result.skipped.empty:
         context.log.info(f"{len(result.skipped)} planned refund(s) already existed or the job left 'failed'")
@@ -239,7 +239,7 @@ def credit_leakage(
     engine = reconcile.engine()
     now = utcnow()
     with engine.connect() as conn:
-        scope = run_scope(conn, context.run_id)
+        scope = run_scope(conn, context.run.run_id)
         previous = last_successful_run(conn)
         prior = previous_findings(conn, previous.run_id) if previous else None
         findings = detect_leakage(conn, scope, now, settings.stuck_after_minutes, stuck_jobs.of(INVALID), prior)
@@ -251,9 +251,9 @@ def credit_leakage(
         "credits_at_stake": int(findings["credits"].sum()),
     }
     with engine.begin() as conn:
-        write_findings(conn, findings, context.run_id, now)
-        record_run_end(conn, context.run_id, now, "succeeded", summary)
-    release_lease(engine, context.run_id)
+        write_findings(conn, findings, context.run.run_id, now)
+        record_run_end(conn, context.run.run_id, now, "succeeded", summary)
+    release_lease(engine, context.run.run_id)
     by_category = markdown.counts(findings, ["category"], "credits")
     return MaterializeResult(
         value=findings,

@@ -7,7 +7,14 @@ import sys
 import click
 
 from reconcile.db.engine import database_problems
-from reconcile.settings import ConfigError, Problem, Settings, load_settings, missing_secret_problems
+from reconcile.settings import (
+    DEFAULT_DATABASE_URL,
+    ConfigError,
+    Problem,
+    Settings,
+    load_settings,
+    missing_secret_problems,
+)
 
 
 def _load_or_exit() -> Settings:
@@ -75,6 +82,26 @@ def run(full_audit: bool, verbose: bool) -> None:
 
     outcome = execute_pass(full_audit=full_audit, verbose=verbose)
     _print_outcome(outcome)
+    sys.exit(0 if outcome.success else 1)
+
+
+@main.command("demo")
+@click.option("--size", default=500, show_default=True, help="Jobs in the generated platform.")
+@click.option("--seed", default=42, show_default=True, help="Seed of the generated platform.")
+@click.option("--verbose", "-v", is_flag=True, help="Show every Dagster log line.")
+def demo(size: int, seed: int, verbose: bool) -> None:
+    """The embedded default: a fresh SQLite platform with every failure mode, the vendor simulator, one pass."""
+    from assets.runner import execute_pass
+    from reconcile.demo import prepare_demo, summarise
+
+    click.echo(f"demo: generating {size} jobs (seed {seed}) into {DEFAULT_DATABASE_URL} ...")
+    with prepare_demo(size, seed) as world:
+        click.echo(f"demo: vendor simulator on {world.simulator_url}; running one pass")
+        outcome = execute_pass(verbose=verbose)
+    _print_outcome(outcome)
+    if outcome.success:
+        click.echo(summarise(world.engine, outcome.run_id, outcome.metadata))
+    world.engine.dispose()
     sys.exit(0 if outcome.success else 1)
 
 

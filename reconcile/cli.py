@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import click
 
 from reconcile.db.engine import database_problems
 from reconcile.settings import (
     DEFAULT_DATABASE_URL,
+    PROJECT_ROOT,
     ConfigError,
     Problem,
     Settings,
@@ -25,7 +29,7 @@ def _load_or_exit() -> Settings:
         sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 120, "max_content_width": 120})
 def main() -> None:
     """reconcile: find stuck AI-generation jobs, sync the vendors' truth, refund exactly once,
     and report credit leakage."""
@@ -103,6 +107,58 @@ def demo(size: int, seed: int, verbose: bool) -> None:
         click.echo(summarise(world.engine, outcome.run_id, outcome.metadata))
     world.engine.dispose()
     sys.exit(0 if outcome.success else 1)
+
+
+@main.command("simulator")
+@click.option(
+    "--truth",
+    "truth_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Truth file (default: the one `reconcile demo` wrote).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8787, show_default=True, help="0 picks a free port.")
+@click.option("--knobs", default=None, help="JSON {vendor: {knob: value}} or @file.json (faults, latency, limits).")
+def simulator(truth_path: str | None, host: str, port: int, knobs: str | None) -> None:
+    """Serve the fal, Replicate and KIE status APIs on loopback from a ground-truth file."""
+    from reconcile.demo import DEMO_TRUTH_PATH
+    from reconcile.simulator.app import knobs_from_json
+    from reconcile.simulator.server import base_urls_for, env_for, serve
+
+    path = truth_path or DEMO_TRUTH_PATH
+    if not Path(path).exists():
+        click.echo(f"no truth file at {path}: run `reconcile demo` first, or pass --truth PATH", err=True)
+        sys.exit(2)
+
+    def announce(bound: int) -> None:
+        urls = base_urls_for(host, bound)
+        click.echo(f"vendor simulator listening on {host}:{bound}; point reconcile at it with:")
+        for name, value in env_for(urls, {}).items():
+            if name.endswith("_URL"):
+                click.echo(f"  export {name}={value}")
+
+    serve(host, port, path, knobs_from_json(knobs), on_ready=announce)
+
+
+@main.command("ui")
+@click.option("--port", default=3000, show_default=True, help="Port of the Dagster UI on 127.0.0.1.")
+def ui(port: int) -> None:
+    """The Dagster UI and daemon on the embedded demo, simulator running, schedule on."""
+    from assets.runner import ensure_dagster_home
+    from reconcile.demo import DEMO_TRUTH_PATH
+    from reconcile.simulator.server import SimulatorProcess
+
+    if not DEMO_TRUTH_PATH.exists():
+        click.echo("no embedded demo yet: run `make demo` (or `reconcile demo`) first", err=True)
+        sys.exit(2)
+    ensure_dagster_home()
+    with SimulatorProcess(DEMO_TRUTH_PATH) as sim:
+        env = {**os.environ, **sim.env(), "RECONCILE_DATABASE_URL": DEFAULT_DATABASE_URL}
+        click.echo(f"Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops it and the simulator)")
+        command = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
+                   "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+        sys.exit(subprocess.call(command, env=env, cwd=PROJECT_ROOT))
 
 
 if __name__ == "__main__":

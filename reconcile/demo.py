@@ -20,7 +20,9 @@ from reconcile.db.schema import (
     recon_status_changes,
     utcnow,
 )
-from reconcile.settings import DEFAULT_DATABASE_URL, VENDOR_ENV
+from reconcile.settings import DEFAULT_DATABASE_URL, STATE_DIR, VENDOR_ENV
+
+DEMO_TRUTH_PATH = STATE_DIR / "simulator_truth.sqlite"
 
 # The demo's vendors answer on loopback without real-world limits.
 DEMO_ENV = {
@@ -41,6 +43,7 @@ def prepare_demo(size: int, seed: int) -> Iterator[DemoWorld]:
     simulator serving its vendors' truth; this process's environment points at both meanwhile."""
     from reconcile.simulator.population import generate_population, write_population
     from reconcile.simulator.server import SimulatorThread
+    from reconcile.simulator.truth import save_truth
 
     database = Path(make_url(DEFAULT_DATABASE_URL).database or "")
     for leftover in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
@@ -51,6 +54,7 @@ def prepare_demo(size: int, seed: int) -> Iterator[DemoWorld]:
     upgrade_schema(engine)
     population = generate_population(size, seed=seed, now=utcnow())
     write_population(engine, population)
+    save_truth(DEMO_TRUTH_PATH, population.truth)  # for `reconcile ui`'s simulator
 
     names = ["RECONCILE_DATABASE_URL", *DEMO_ENV, *(v.url_var for v in VENDOR_ENV.values()),
              *(v.secret_var for v in VENDOR_ENV.values())]  # fmt: skip

@@ -6,7 +6,7 @@ VENV := $(ROOT).venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format ui clean
+.PHONY: install demo test format ui clean
 
 # The install is reproducible: constraints.txt pins every package of the tested set.
 $(STAMP): $(ROOT)pyproject.toml $(ROOT)constraints.txt
@@ -24,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	cd $(ROOT) && $(BIN)/ruff check . && $(BIN)/ruff format --check .
 	cd $(ROOT) && $(BIN)/pytest
+
+ui: $(STAMP)
+	@test -f $(ROOT).reconcile/simulator_truth.sqlite || $(BIN)/reconcile demo
+	$(BIN)/reconcile ui
 
 format: $(STAMP)
 	cd $(ROOT) && $(BIN)/ruff check --fix . && $(BIN)/ruff format .

@@ -76,6 +76,15 @@ class PassOutcome:
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # asset name -> metadata values
 
 
+def _root_cause(error, fallback: str | None) -> str:
+    """The user's own exception message, not Dagster's 'Error occurred while executing op' wrapper."""
+    if error is None:
+        return fallback or "unknown error"
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
+
+
 def execute_pass(*, full_audit: bool = False, verbose: bool = False) -> PassOutcome:
     """One reconciliation pass (every asset and check, as the schedule runs it), in this process."""
     from reconcile.definitions import defs
@@ -95,8 +104,9 @@ def execute_pass(*, full_audit: bool = False, verbose: bool = False) -> PassOutc
                     k: v.value for k, v in materialization.metadata.items()
                 }
             elif event.event_type == DagsterEventType.STEP_FAILURE:
-                error = event.event_specific_data.error
-                outcome.failures.append(f"{event.step_key}: {error.message.strip() if error else event.message}")
+                outcome.failures.append(
+                    f"{event.step_key}: {_root_cause(event.event_specific_data.error, event.message)}"
+                )
             elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
                 evaluation = event.event_specific_data
                 if not evaluation.passed:

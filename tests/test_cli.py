@@ -1,0 +1,95 @@
+"""`reconcile run` as a black box: a subprocess against tables made by the contract's DDL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from reconcile.db.schema import ai_generations, credit_transactions, recon_refunds, utcnow
+from reconcile.simulator.population import generate_population, write_population
+from reconcile.simulator.server import SimulatorThread
+from tests.platform import assert_ledger_invariants
+
+pytestmark = pytest.mark.slow
+OURS = ("RECONCILE_", "FAL_", "REPLICATE_", "KIE_", "DAGSTER_HOME")
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(OURS)}
+    return {**env, "DAGSTER_HOME": str(tmp_path / "dagster_home"), **extra}
+
+
+def _reconcile(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "reconcile.cli", *args],
+        env=env,
+        cwd="/",  # commands work from any directory
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_run_reconciles_a_platform_made_by_the_contract_ddl(db, tmp_path: Path) -> None:
+    population = generate_population(200, seed=3, now=utcnow())
+    write_population(db.engine, population)  # db: contract DDL + reconcile's schema
+    (tmp_path / "dagster_home").mkdir()
+    with SimulatorThread(population.truth) as sim:
+        env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, **sim.env())
+        proc = _reconcile(env, "run")
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "succeeded" in out
+    assert "[stuck_jobs] stuck jobs:" in err  # progress by stage, not Dagster's debug lines
+    assert "STEP_START" not in err
+    g = ai_generations.c
+    with db.engine.connect() as conn:
+        statuses = dict(conn.execute(select(g.id, g.status)).all())
+        refunds = dict(conn.execute(select(recon_refunds.c.job_id, recon_refunds.c.credits)).all())
+    expected = {j: e.final_status for j, e in population.expected.items() if e.final_status}
+    assert {j: statuses[j] for j in expected} == expected
+    assert refunds == {j: e.refund_credits for j, e in population.expected.items() if e.refund_credits}
+    secrets = [v for k, v in sim.env().items() if k.endswith(("_KEY", "_TOKEN"))]
+    assert not any(secret in out + err for secret in secrets)
+
+
+def test_run_with_bad_configuration_stops_before_touching_anything(tmp_path: Path) -> None:
+    env = _env(tmp_path, RECONCILE_STUCK_AFTER_MINUTES="0", RECONCILE_DATABASE_URL=f"sqlite:///{tmp_path}/x.db")
+    proc = _reconcile(env, "run")
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "RECONCILE_STUCK_AFTER_MINUTES is '0', which is invalid" in err
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_two_runs_at_the_same_moment_never_double_process(db, tmp_path: Path) -> None:
+    population = generate_population(200, seed=5, now=utcnow())
+    write_population(db.engine, population)
+    refunds_before = sum(1 for row in population.transactions if row["kind"] == "refund")
+    (tmp_path / "dagster_home").mkdir()
+    with SimulatorThread(population.truth) as sim:
+        for vendor in ("fal", "replicate", "kie"):
+            sim.set_knobs(vendor, latency_ms=30)
+        env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, RECONCILE_VENDOR_CONCURRENCY="2", **sim.env())
+        procs = [_reconcile(env, "run") for _ in range(2)]
+        results = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+        results = [(code, out, err) for out, err, code in results]
+    codes = sorted(code for code, _, _ in results)
+    if codes == [0, 1]:  # they overlapped: the loser said why and touched nothing
+        loser = next(err for code, _, err in results if code == 1)
+        assert "holds the lease" in loser
+    else:
+        assert codes == [0, 0]  # one finished before the other started
+    t = credit_transactions.c
+    with db.engine.connect() as conn:
+        refund_rows = conn.execute(select(func.count()).where(t.kind == "refund")).scalar_one()
+        written = dict(conn.execute(select(recon_refunds.c.job_id, recon_refunds.c.credits)).all())
+    expected = {j: e.refund_credits for j, e in population.expected.items() if e.refund_credits}
+    assert written == expected
+    assert refund_rows == refunds_before + len(expected)  # no refund row beyond reconcile's one per job
+    assert_ledger_invariants(db.engine)

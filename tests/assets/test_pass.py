@@ -114,3 +114,32 @@ def test_pass_metadata_tells_the_story(world) -> None:
     assert meta["refunds"]["refunds_written"].value > 0
     assert "| reason | vendor |" in meta["refunds"]["by_reason_and_vendor"].value
     assert meta["credit_leakage"]["findings"].value > 0
+
+
+def test_webhook_landing_while_the_vendor_answers_wins(db, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vendor says 'failed' while the platform's webhook says 'completed' at the same moment."""
+    from reconcile.simulator.truth import Outcome
+    from tests.platform import Platform
+
+    population = generate_population(200, seed=13, now=utcnow())
+    write_population(db.engine, population)
+    by_task = {(row["vendor"], row["vendor_task_id"]): row["id"] for row in population.generations}
+    failing = {t.key for t in population.truth if t.outcome == Outcome.FAILED}
+    platform = Platform(db.engine)
+    raced: list[str] = []
+
+    def webhook_lands(vendor: str, task_id: str) -> None:
+        job_id = by_task.get((vendor, task_id))
+        if (vendor, task_id) in failing and job_id and len(raced) < 5:
+            platform.webhook(job_id, "completed", result_url=f"https://cdn.example/{len(raced)}.png")
+            raced.append(job_id)
+
+    with SimulatorThread(population.truth, on_request=webhook_lands) as sim:
+        for name, value in {**sim.env(), **FAST_VENDORS, "RECONCILE_DATABASE_URL": db.url}.items():
+            monkeypatch.setenv(name, value)
+        with DagsterInstance.ephemeral() as instance:
+            assert run_pass(instance).success
+    assert raced, "the population has no vendor-failed jobs to race"
+    jobs, refunded, _ = _state(db)
+    assert all(jobs[job_id][0] == "completed" for job_id in raced)
+    assert not set(raced) & set(refunded)

@@ -1,0 +1,537 @@
+"""The simulator's ASGI app: the three vendor status APIs under /fal, /replicate and /kie, plus /_admin.
+
+Vendor requests are parsed from the *raw* path: the server's decoded `path` has already turned a
+task id's `%2F` into `/`, which would make `a/b` and `a%2Fb` the same request. Each segment is
+percent-decoded on its own, so a task id may hold '/', '?', '#', '%', spaces or any unicode.
+
+The hot path avoids Starlette's Request/Response objects (a few microseconds each, at thousands
+of requests a second) and speaks ASGI directly; Starlette routes to it and serves the admin API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import random
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote_to_bytes
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match, NoMatchFound, Route
+from starlette.types import Receive, Scope, Send
+
+from reconcile.settings import VENDORS
+from reconcile.simulator import render
+from reconcile.simulator.knobs import KnobsArg, VendorKnobs, build_knobs
+from reconcile.simulator.truth import TaskTruth, TruthStore, open_truth
+
+log = logging.getLogger(__name__)
+
+# Called when a vendor is about to answer from the truth (thread mode): e.g. a test lands a webhook
+# in the platform database at that very moment. It may return a TaskTruth to answer with instead.
+RequestHook = Callable[[str, str], "TaskTruth | Awaitable[TaskTruth | None] | None"]
+
+COUNTERS = (
+    "requests",  # every request under the vendor's prefix
+    "answered",  # status answers rendered from the truth (incl. the unknown-status knob)
+    "not_found",  # 404 for an id the truth does not hold
+    "result_requests",  # fal result requests (also counted in `requests`)
+    "rate_limited",  # 429s sent
+    "server_errors",  # 5xx sent (kie: code 500 envelopes), including `down` 503s
+    "timeouts",  # requests held past the client's timeout
+    "garbage",  # unparseable bodies sent
+    "unknown_status",  # answers with an injected unknown status word
+    "down",  # requests refused by the `down` knob (503 or reset)
+    "resets",  # connections reset
+    "wrong_path",  # 404s of the wrong-path knob
+    "unrouted",  # requests whose path or method matches no vendor route
+    "unauthorized",  # 401s (missing or wrong secret, or the unauthorized knob)
+    "missing_request_id",  # requests without an X-Request-Id header
+    "hook_errors",  # on_request hooks that raised
+)
+
+
+@dataclass
+class VendorStats:
+    """What one vendor saw; `tasks` and friends are keyed by the decoded vendor task id."""
+
+    counters: Counter[str] = field(default_factory=Counter)
+    tasks: Counter[str] = field(default_factory=Counter)  # status requests per task id
+    answered_tasks: Counter[str] = field(default_factory=Counter)  # truth answers per task id
+    result_tasks: Counter[str] = field(default_factory=Counter)  # fal result requests per task id
+    request_ids: Counter[str] = field(default_factory=Counter)  # X-Request-Id values seen
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    def snapshot(self, with_tasks: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {name: self.counters.get(name, 0) for name in COUNTERS}
+        out["max_in_flight"] = self.max_in_flight
+        out["in_flight"] = self.in_flight
+        out["request_ids"] = dict(self.request_ids)
+        if with_tasks:
+            out["tasks"] = dict(self.tasks)
+            out["answered_tasks"] = dict(self.answered_tasks)
+            out["result_tasks"] = dict(self.result_tasks)
+        return out
+
+
+class _TokenBucket:
+    def __init__(self, knobs: VendorKnobs) -> None:
+        self.knobs = knobs  # the knobs it was made for: a knob change makes a fresh bucket
+        self.rate = knobs.rate_limit_per_second or 0.0
+        self.capacity = knobs.bucket_size()
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class SimulatorState:
+    """Truth, knobs and stats of one simulator; shared by the server loop and the controlling thread."""
+
+    def __init__(
+        self,
+        truth: TruthStore,
+        knobs: KnobsArg = None,
+        *,
+        seed: int = 0,
+        track_tasks: bool = True,
+        on_request: RequestHook | None = None,
+    ) -> None:
+        self.truth = truth
+        self.seed = seed
+        self.track_tasks = track_tasks
+        self.on_request = on_request
+        self.initial_knobs = build_knobs(knobs)
+        self.knobs: dict[str, VendorKnobs] = dict(self.initial_knobs)
+        self._rngs = {vendor: random.Random(f"{seed}:{vendor}") for vendor in VENDORS}
+        self._buckets: dict[str, _TokenBucket] = {}
+        # Guards the stats against a snapshot taken from another thread while the loop counts.
+        self.lock = threading.Lock()
+        self.stats: dict[str, VendorStats] = {vendor: VendorStats() for vendor in VENDORS}
+        # Set by the runner: lets the `reset` down mode find the connection behind a request.
+        self.server_state: Any = None
+
+    # --- control (any thread) ------------------------------------------------------------------
+
+    def set_knobs(self, vendor: str, **changes: Any) -> VendorKnobs:
+        if vendor not in self.knobs:
+            raise ValueError(f"unknown vendor {vendor!r}; vendors: {VENDORS}")
+        new = self.knobs[vendor].with_changes(**changes)
+        self.knobs[vendor] = new
+        return new
+
+    def reset_knobs(self) -> None:
+        self.knobs = dict(self.initial_knobs)
+
+    def snapshot(self, with_tasks: bool = True) -> dict[str, dict[str, Any]]:
+        with self.lock:
+            return {vendor: stats.snapshot(with_tasks) for vendor, stats in self.stats.items()}
+
+    def reset_stats(self) -> None:
+        with self.lock:
+            self.stats = {vendor: VendorStats() for vendor in VENDORS}
+
+    def knobs_dict(self) -> dict[str, dict[str, Any]]:
+        return {vendor: knobs.to_dict() for vendor, knobs in self.knobs.items()}
+
+    # --- helpers for the loop ------------------------------------------------------------------
+
+    def count(self, vendor: str, name: str) -> None:
+        with self.lock:
+            self.stats[vendor].counters[name] += 1
+
+    def bucket_allows(self, vendor: str, knobs: VendorKnobs) -> bool:
+        if knobs.rate_limit_per_second is None:
+            return True
+        bucket = self._buckets.get(vendor)
+        if bucket is None or bucket.knobs is not knobs:
+            bucket = self._buckets[vendor] = _TokenBucket(knobs)
+        return bucket.take()
+
+    def rng(self, vendor: str) -> random.Random:
+        return self._rngs[vendor]
+
+
+# --- ASGI helpers ------------------------------------------------------------------------------
+
+
+async def _send(send: Send, answer: render.Answer, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    status, body, content_type = answer
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _decode_segment(raw: bytes) -> str:
+    return unquote_to_bytes(raw).decode("utf-8", errors="replace")
+
+
+def _origin(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"host":
+            return f"http://{value.decode('latin-1')}"
+    host, port = scope.get("server") or ("127.0.0.1", 80)
+    return f"http://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    task_id: str
+    kind: str  # 'status' | 'result'
+    fal_model: str = ""  # fal: owner/name from the path
+
+
+def _parse(vendor: str, scope: Scope) -> _Parsed | None:
+    """The task a vendor request names, or None when the path is no route of that vendor."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    parts = raw.split(b"/")  # b'/fal/a/b' -> ['', 'fal', 'a', 'b']
+    if vendor == "fal":
+        # /fal/{owner}/{name}/requests/{id}[/status]
+        if len(parts) in (6, 7) and parts[4] == b"requests" and all(parts[2:6]):
+            if len(parts) == 7 and parts[6] != b"status":
+                return None
+            model = f"{_decode_segment(parts[2])}/{_decode_segment(parts[3])}"
+            kind = "status" if len(parts) == 7 else "result"
+            return _Parsed(_decode_segment(parts[5]), kind, model)
+        return None
+    if vendor == "replicate":
+        # /replicate/v1/predictions/{id}
+        if len(parts) == 5 and parts[2] == b"v1" and parts[3] == b"predictions" and parts[4]:
+            return _Parsed(_decode_segment(parts[4]), "status")
+        return None
+    # /kie/api/v1/jobs/recordInfo?taskId=...
+    if raw != b"/kie/api/v1/jobs/recordInfo":
+        return None
+    query = scope.get("query_string", b"").decode("utf-8", errors="replace")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "taskId":
+            return _Parsed(value, "status")
+    return _Parsed("", "status")  # a kie route without taskId: kie answers with an error envelope
+
+
+def _reset_connection(state: SimulatorState, scope: Scope) -> bool:
+    """Abort the request's TCP connection with an RST; False if its transport cannot be found."""
+    server_state = state.server_state
+    client = scope.get("client")
+    if server_state is None or client is None:
+        return False
+    for protocol in list(server_state.connections):
+        transport = getattr(protocol, "transport", None)
+        if transport is None or tuple(getattr(protocol, "client", None) or ()) != tuple(client):
+            continue
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: close() sends an RST instead of a FIN, which clients see as "connection reset".
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        return True
+    return False
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _VendorRoute(BaseRoute):
+    """Matches every request under one vendor's prefix, on the raw path (see the module docstring)."""
+
+    def __init__(self, vendor: str, handler: Callable[[str, Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.vendor = vendor
+        self.prefix = f"/{vendor}/".encode()
+        self.handler = handler
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http":
+            raw: bytes = scope.get("raw_path") or scope["path"].encode()
+            if raw.startswith(self.prefix):
+                return Match.FULL, {}
+        return Match.NONE, {}
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> Any:
+        raise NoMatchFound(name, path_params)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(self.vendor, scope, receive, send)
+
+
+class VendorHandler:
+    """Answers one vendor request: knobs first (faults), then the truth."""
+
+    def __init__(self, state: SimulatorState) -> None:
+        self.state = state
+
+    async def __call__(self, vendor: str, scope: Scope, receive: Receive, send: Send) -> None:
+        state = self.state
+        with state.lock:
+            stats = state.stats[vendor]
+            stats.counters["requests"] += 1
+            stats.in_flight += 1
+            stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        try:
+            await self._handle(vendor, scope, receive, send, stats)
+        finally:
+            with state.lock:
+                stats.in_flight -= 1
+
+    async def _handle(self, vendor: str, scope: Scope, receive: Receive, send: Send, stats: VendorStats) -> None:
+        state = self.state
+        knobs = state.knobs[vendor]
+        authorization = request_id = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"x-request-id":
+                request_id = value.decode("latin-1")
+
+        if knobs.down:
+            state.count(vendor, "down")
+            if knobs.down_mode == "reset" and _reset_connection(state, scope):
+                state.count(vendor, "resets")
+                await asyncio.sleep(0)  # let the transport report the loss before the app returns
+                return
+            state.count(vendor, "server_errors")
+            await _send(send, render.unavailable())
+            return
+        if knobs.wrong_path:
+            state.count(vendor, "wrong_path")
+            await _send(send, render.wrong_path())
+            return
+        parsed = _parse(vendor, scope) if scope["method"] == "GET" else None
+        if parsed is None:
+            state.count(vendor, "unrouted")
+            await _send(send, render.wrong_path())
+            return
+
+        with state.lock:
+            if parsed.kind == "result":
+                stats.counters["result_requests"] += 1
+                if state.track_tasks:
+                    stats.result_tasks[parsed.task_id] += 1
+            elif state.track_tasks:
+                stats.tasks[parsed.task_id] += 1
+            if request_id is None:
+                stats.counters["missing_request_id"] += 1
+            else:
+                stats.request_ids[request_id] += 1
+
+        scheme = b"Key " if vendor == "fal" else b"Bearer "
+        if knobs.unauthorized or authorization != scheme + knobs.secret_for(vendor).encode():
+            state.count(vendor, "unauthorized")
+            await _send(send, render.unauthorized(vendor))
+            return
+
+        if not state.bucket_allows(vendor, knobs):
+            state.count(vendor, "rate_limited")
+            extra = None
+            if knobs.retry_after is not None:
+                value = knobs.retry_after
+                extra = [(b"retry-after", (str(int(value)) if value == int(value) else str(value)).encode())]
+            await self._latency(vendor, knobs)
+            await _send(send, render.throttled(vendor), extra)
+            return
+
+        # One uniform draw split into the shares: exact proportions, never two faults at once.
+        rng = state.rng(vendor)
+        draw = rng.random()
+        fault = None
+        edge = 0.0
+        for name in ("error_share", "timeout_share", "garbage_share", "unknown_status_share"):
+            edge += getattr(knobs, name)
+            if draw < edge:
+                fault = name
+                break
+
+        await self._latency(vendor, knobs)
+        if fault == "error_share":
+            state.count(vendor, "server_errors")
+            await _send(send, render.server_error(vendor, rng.choice(knobs.error_statuses)))
+            return
+        if fault == "timeout_share":
+            state.count(vendor, "timeouts")
+            try:
+                # Hang, but stop as soon as the client gives up: a hung handler must not pile up.
+                await asyncio.wait_for(_wait_disconnect(receive), knobs.timeout_seconds)
+                return
+            except TimeoutError:
+                pass  # the client is still there: a very slow answer, then the real one
+
+        if vendor == "kie" and not parsed.task_id:
+            await _send(send, render.kie_error(422, "taskId is required"))
+            return
+
+        task = state.truth.get(vendor, parsed.task_id)
+        if state.on_request is not None and parsed.kind == "status":
+            task = await self._run_hook(vendor, parsed.task_id, task)
+        if vendor == "fal" and task is not None and render.fal_model_path(task.model) != parsed.fal_model:
+            # fal scopes request ids to the app: asking under another model path finds nothing.
+            task = None
+        if task is None:
+            state.count(vendor, "not_found")
+            await _send(send, render.not_found(vendor))
+            return
+
+        if parsed.kind == "result":
+            await _send(send, render.fal_result(task))
+            return
+
+        origin = _origin(scope)
+        if fault == "garbage_share":
+            state.count(vendor, "garbage")
+            await _send(send, self._garbage(rng, render.status_answer(task, origin)))
+            return
+        word = None
+        if fault == "unknown_status_share":
+            state.count(vendor, "unknown_status")
+            word = rng.choice(render.UNKNOWN_STATUS_WORDS[vendor])
+        with state.lock:
+            stats.counters["answered"] += 1
+            if state.track_tasks:
+                stats.answered_tasks[parsed.task_id] += 1
+        await _send(send, render.status_answer(task, origin, word))
+
+    async def _latency(self, vendor: str, knobs: VendorKnobs) -> None:
+        if knobs.latency_ms <= 0 and knobs.jitter_ms <= 0:
+            return
+        low = knobs.latency_ms - knobs.jitter_ms
+        high = knobs.latency_ms + knobs.jitter_ms
+        delay = max(0.0, self.state.rng(vendor).uniform(low, high)) / 1000.0
+        if delay:
+            await asyncio.sleep(delay)
+
+    async def _run_hook(self, vendor: str, task_id: str, task: TaskTruth | None) -> TaskTruth | None:
+        hook = self.state.on_request
+        assert hook is not None
+        try:
+            if inspect.iscoroutinefunction(hook):
+                replaced = await hook(vendor, task_id)
+            else:
+                # In a worker thread: a hook that writes to a database must not stall other requests.
+                replaced = await asyncio.to_thread(hook, vendor, task_id)
+                if inspect.isawaitable(replaced):
+                    replaced = await replaced
+        except Exception:
+            log.exception("simulator on_request hook failed for %s %r", vendor, task_id)
+            self.state.count(vendor, "hook_errors")
+            return task
+        return replaced if isinstance(replaced, TaskTruth) else task
+
+    @staticmethod
+    def _garbage(rng: random.Random, real: render.Answer) -> render.Answer:
+        kind = rng.randrange(3)
+        if kind == 0:
+            return 200, render.BAD_GATEWAY_BODY, render.JSON  # HTML labelled as JSON
+        if kind == 1:
+            body = real[1]
+            return 200, body[: max(1, len(body) // 2)], render.JSON  # truncated JSON
+        return 200, b"", render.JSON
+
+
+# --- admin API ---------------------------------------------------------------------------------
+
+
+def _admin_routes(state: SimulatorState) -> list[BaseRoute]:
+    async def health(_: Request) -> JSONResponse:
+        return JSONResponse({"ok": True, "tasks": len(state.truth)})
+
+    async def get_knobs(_: Request) -> JSONResponse:
+        return JSONResponse(state.knobs_dict())
+
+    async def post_knobs(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object {vendor: {knob: value}}")
+            for vendor, changes in body.items():
+                if not isinstance(changes, dict):
+                    raise ValueError(f"knobs of {vendor!r} must be a JSON object")
+                state.set_knobs(vendor, **changes)
+        except (ValueError, TypeError) as exc:  # json errors are ValueErrors too
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(state.knobs_dict())
+
+    async def reset_knobs(_: Request) -> JSONResponse:
+        state.reset_knobs()
+        return JSONResponse(state.knobs_dict())
+
+    async def stats(request: Request) -> JSONResponse:
+        with_tasks = request.query_params.get("tasks", "1") not in ("0", "false", "no")
+        return JSONResponse(state.snapshot(with_tasks))
+
+    async def reset_stats(_: Request) -> JSONResponse:
+        state.reset_stats()
+        return JSONResponse({"ok": True})
+
+    async def put_tasks(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+            tasks = [TaskTruth(**item) for item in body]
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        for task in tasks:
+            state.truth.put(task)
+        return JSONResponse({"ok": True, "count": len(tasks)})
+
+    return [
+        Route("/_admin/health", health, methods=["GET"]),
+        Route("/_admin/knobs", get_knobs, methods=["GET"]),
+        Route("/_admin/knobs", post_knobs, methods=["POST"]),
+        Route("/_admin/reset_knobs", reset_knobs, methods=["POST"]),
+        Route("/_admin/stats", stats, methods=["GET"]),
+        Route("/_admin/reset_stats", reset_stats, methods=["POST"]),
+        Route("/_admin/tasks", put_tasks, methods=["POST"]),
+    ]
+
+
+def create_app(
+    truth: Any,
+    knobs: KnobsArg = None,
+    *,
+    seed: int = 0,
+    track_tasks: bool = True,
+    on_request: RequestHook | None = None,
+) -> Starlette:
+    """The simulator app; its SimulatorState is `app.state.sim`. `truth`: a path, tasks, or a store."""
+    state = SimulatorState(open_truth(truth), knobs, seed=seed, track_tasks=track_tasks, on_request=on_request)
+    handler = VendorHandler(state)
+    routes: list[BaseRoute] = [_VendorRoute(vendor, handler) for vendor in VENDORS]
+    routes.extend(_admin_routes(state))
+    app = Starlette(routes=routes)
+    app.state.sim = state
+    return app
+
+
+def knobs_from_json(text: str | None) -> Mapping[str, Mapping[str, Any]] | None:
+    """Knobs given on a command line: JSON text, or @path to a JSON file."""
+    if not text:
+        return None
+    if text.startswith("@"):
+        with open(text[1:], encoding="utf-8") as handle:
+            text = handle.read()
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("knobs must be a JSON object {vendor: {knob: value}}")
+    return value

@@ -1,0 +1,84 @@
+"""The population's truth, served by the simulator, tells a client exactly what `Expected` promises.
+
+A small independent client (contract vocabulary -> canonical state) asks about every job the
+population says a pass must query, hostile ids included, over real loopback HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from urllib.parse import quote
+
+import httpx
+
+from reconcile.simulator import DEFAULT_SECRETS, SimulatorThread, generate_population
+
+FAILED, COMPLETED, OPEN, UNKNOWN = "failed", "completed", "open", "unknown"
+
+
+def ask(http: httpx.Client, sim: SimulatorThread, vendor: str, model: str, task_id: str) -> tuple[str, str | None]:
+    """(canonical state, result URL) of one task, read the way the contract describes each vendor."""
+    base, encoded = sim.base_urls[vendor], quote(task_id, safe="")
+    if vendor == "fal":
+        app = "/".join(model.split("/")[:2])
+        headers = {"Authorization": f"Key {DEFAULT_SECRETS['fal']}", "X-Request-Id": "accept"}
+        response = http.get(f"{base}/{app}/requests/{encoded}/status", headers=headers)
+        if response.status_code == 404:
+            return UNKNOWN, None
+        body = response.json()
+        if body["status"] == "COMPLETED":
+            if "error" in body:
+                return FAILED, None
+            result = http.get(f"{base}/{app}/requests/{encoded}", headers=headers).json()
+            url = (
+                (result.get("images") or [{}])[0].get("url")
+                if "images" in result
+                else (result.get("video") or {}).get("url")
+            )
+            return COMPLETED, url
+        return (OPEN, None) if body["status"] in ("IN_QUEUE", "IN_PROGRESS") else (UNKNOWN, None)
+    headers = {"Authorization": f"Bearer {DEFAULT_SECRETS[vendor]}", "X-Request-Id": "accept"}
+    if vendor == "replicate":
+        response = http.get(f"{base}/v1/predictions/{encoded}", headers=headers)
+        if response.status_code == 404:
+            return UNKNOWN, None
+        body = response.json()
+        if body["status"] == "succeeded":
+            output = body["output"]
+            return COMPLETED, output[0] if isinstance(output, list) else output
+        if body["status"] in ("failed", "canceled", "aborted"):
+            return FAILED, None
+        return (OPEN, None) if body["status"] in ("starting", "processing") else (UNKNOWN, None)
+    envelope = http.get(f"{base}/api/v1/jobs/recordInfo", params={"taskId": task_id}, headers=headers).json()
+    if envelope["code"] != 200:
+        return UNKNOWN, None
+    data = envelope["data"]
+    if data["state"] == "success":
+        urls = json.loads(data["resultJson"])["resultUrls"]
+        return COMPLETED, urls[0] if urls else None
+    if data["state"] == "fail":
+        return FAILED, None
+    return (OPEN, None) if data["state"] in ("waiting", "queuing", "generating") else (UNKNOWN, None)
+
+
+def test_served_truth_matches_every_expected_outcome() -> None:
+    population = generate_population(400, seed=21, now=datetime.now(UTC))
+    queried = [job_id for job_id, e in population.expected.items() if e.queried]
+    assert len(queried) > 100
+    refunded = {t["job_id"] for t in population.transactions if t["kind"] == "refund"}
+    with SimulatorThread(population.truth) as sim, httpx.Client(trust_env=False, timeout=5) as http:
+        for job_id in queried:
+            row, expected = population.job(job_id), population.expected[job_id]
+            state, url = ask(http, sim, row["vendor"], row["model"], row["vendor_task_id"])
+            final = {COMPLETED: "completed", FAILED: "failed"}.get(state, row["status"])
+            assert final == expected.final_status, (expected.case, state)
+            if state == COMPLETED:
+                assert url == expected.result_url, expected.case
+            owed = state == FAILED and row["credits_charged"] > 0 and job_id not in refunded
+            assert (expected.refund_credits > 0) == owed, expected.case
+        stats = sim.stats()
+    served = {(vendor, task_id): n for vendor, s in stats.items() for task_id, n in s["tasks"].items()}
+    asked = {(population.job(j)["vendor"], population.job(j)["vendor_task_id"]) for j in queried}
+    assert served == dict.fromkeys(asked, 1)  # each hostile id reached exactly its own task, once
+    assert all(s["request_ids"] == {"accept": s["requests"]} for s in stats.values() if s["requests"])

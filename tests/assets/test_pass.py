@@ -143,3 +143,24 @@ def test_webhook_landing_while_the_vendor_answers_wins(db, monkeypatch: pytest.M
     jobs, refunded, _ = _state(db)
     assert all(jobs[job_id][0] == "completed" for job_id in raced)
     assert not set(raced) & set(refunded)
+
+
+def test_a_bad_refund_plan_blocks_every_refund(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A planning bug (here: amounts doubled) must be caught by the blocking check before money moves."""
+    import assets.reconciliation as stage
+    from reconcile.refunds import plan_refunds
+
+    def doubled(conn, now, lookback_hours):
+        plan = plan_refunds(conn, now, lookback_hours)
+        return plan.assign(credits=plan["credits"] * 2)
+
+    monkeypatch.setattr(stage, "plan_refunds", doubled)
+    db, _population, _sim = world
+    with DagsterInstance.ephemeral() as instance:
+        result = run_pass(instance)
+    assert not result.success
+    failed = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert any(c.check_name == "refund_plan_is_safe" and not c.passed for c in failed)
+    _jobs, refunded, _ledger = _state(db)
+    assert refunded == {}
+    assert_ledger_invariants(db.engine)

@@ -266,3 +266,6 @@ def credit_leakage(
             "top_findings": MetadataValue.md(markdown.table(findings.sort_values("credits", ascending=False))),
         },
     )
+
+
+PASS_ASSETS = [stuck_jobs, vendor_statuses, job_status_sync, refund_plan, refunds, credit_leakage]

@@ -15,15 +15,7 @@ from dagster import (
 )
 
 from assets.checks import ALL_CHECKS
-from assets.reconciliation import (
-    GROUP,
-    credit_leakage,
-    job_status_sync,
-    refund_plan,
-    refunds,
-    stuck_jobs,
-    vendor_statuses,
-)
+from assets.reconciliation import GROUP, PASS_ASSETS
 from assets.resources import ReconcileResource
 from sensors.run_failures import reconcile_pass_failed
 
@@ -46,7 +38,7 @@ every_15_minutes = ScheduleDefinition(
 )
 
 defs = Definitions(
-    assets=[stuck_jobs, vendor_statuses, job_status_sync, refund_plan, refunds, credit_leakage],
+    assets=PASS_ASSETS,
     asset_checks=ALL_CHECKS,
     jobs=[reconcile_pass],
     schedules=[every_15_minutes],

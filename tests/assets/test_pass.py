@@ -9,21 +9,14 @@ from dagster import DagsterInstance, materialize
 from sqlalchemy import select
 
 from assets.checks import ALL_CHECKS
-from assets.reconciliation import (
-    credit_leakage,
-    job_status_sync,
-    refund_plan,
-    refunds,
-    stuck_jobs,
-    vendor_statuses,
-)
+from assets.reconciliation import PASS_ASSETS as STAGES
 from assets.resources import ReconcileResource
 from reconcile.db.schema import ai_generations, credit_transactions, recon_leakage_findings, recon_refunds, utcnow
 from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from tests.platform import assert_ledger_invariants
 
-PASS_ASSETS = [stuck_jobs, vendor_statuses, job_status_sync, refund_plan, refunds, credit_leakage, *ALL_CHECKS]
+PASS_ASSETS = [*STAGES, *ALL_CHECKS]
 FAST_VENDORS = {
     "RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND": "5000",
     "RECONCILE_VENDOR_CONCURRENCY": "32",

@@ -19,7 +19,6 @@ from reconcile.models import VendorAnswer
 from reconcile.refunds import apply_refunds, plan_refunds
 from reconcile.runs import (
     acquire_lease,
-    check_lease,
     choose_scope,
     last_successful_run,
     ledger_watermark,
@@ -127,7 +126,9 @@ def vendor_statuses(
 ) -> MaterializeResult:
     """The vendors' true status of every dispatched stuck job, asked concurrently and politely."""
     settings = reconcile.settings()
-    result = fetch_vendor_truth(stuck_jobs.job_refs(), settings, context.run.run_id)
+    refs = stuck_jobs.job_refs()
+    context.log.info(f"asking the vendors about {len(refs)} dispatched stuck job(s)")
+    result = fetch_vendor_truth(refs, settings, context.run.run_id)
     answers = pd.DataFrame([a.__dict__ for a in result.answers], columns=ANSWER_COLUMNS)
     answers["state"] = answers["state"].astype(str)
     health = {vendor: str(h) for vendor, h in result.health.items()}
@@ -162,10 +163,11 @@ def job_status_sync(
     settings = reconcile.settings()
     engine = reconcile.engine()
     now = utcnow()
-    check_lease(engine, context.run.run_id, now)
+    acquire_lease(engine, context.run.run_id, now, settings.lease_seconds)  # renew: still ours
     plan: SyncPlan = plan_status_changes(
         stuck_jobs, vendor_statuses.answers, vendor_statuses.health, settings.undispatched_fail_after_minutes
     )
+    context.log.info(f"syncing {len(plan.changes)} status change(s) by compare-and-set")
     result = apply_status_changes(engine, plan.changes, context.run.run_id, now)
     if not result.lost_race.empty:
         context.log.info(f"{len(result.lost_race)} job(s) changed since read (e.g. a webhook): left to it")
@@ -213,7 +215,8 @@ def refunds(
     refund exactly once whatever retries, crashes or concurrent passes happen."""
     engine = reconcile.engine()
     now = utcnow()
-    check_lease(engine, context.run.run_id, now)
+    acquire_lease(engine, context.run.run_id, now, reconcile.settings().lease_seconds)  # renew: still ours
+    context.log.info(f"applying {len(refund_plan)} refund(s)")
     result = apply_refunds(engine, refund_plan, context.run.run_id, now)
     written = result.written
     if not result.skipped.empty:

@@ -50,15 +50,6 @@ def acquire_lease(engine: Engine, holder: str, now: datetime, ttl_seconds: int) 
     )
 
 
-def check_lease(engine: Engine, holder: str, now: datetime) -> None:
-    """Raise LeaseHeld unless `holder` still holds an unexpired lease (before moving money)."""
-    lease = recon_lease.c
-    with engine.connect() as conn:
-        row = conn.execute(select(recon_lease).where(lease.name == LEASE_NAME)).first()
-    if row is None or row.holder != holder or row.expires_at < now:
-        raise LeaseHeld(f"pass {holder} no longer holds the lease (expired or taken over); stopping")
-
-
 def release_lease(engine: Engine, holder: str) -> bool:
     with engine.begin() as conn:
         released = conn.execute(

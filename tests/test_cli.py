@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,4 +93,39 @@ def test_two_runs_at_the_same_moment_never_double_process(db, tmp_path: Path) ->
     expected = {j: e.refund_credits for j, e in population.expected.items() if e.refund_credits}
     assert written == expected
     assert refund_rows == refunds_before + len(expected)  # no refund row beyond reconcile's one per job
+    assert_ledger_invariants(db.engine)
+
+
+@pytest.mark.parametrize("kill_at", ["[vendor_statuses] asking", "[job_status_sync] syncing", "[refunds] applying"])
+def test_kill_9_mid_pass_then_a_normal_pass_ends_right(db, tmp_path: Path, kill_at: str) -> None:
+    """SIGKILL a pass when a stage starts; after its lease expires, a normal pass finishes the job."""
+    population = generate_population(300, seed=17, now=utcnow())
+    write_population(db.engine, population)
+    refunds_before = sum(1 for row in population.transactions if row["kind"] == "refund")
+    (tmp_path / "dagster_home").mkdir()
+    with SimulatorThread(population.truth) as sim:
+        env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, RECONCILE_LEASE_SECONDS="3", **sim.env())
+        victim = _reconcile(env, "run")
+        seen = []
+        for line in victim.stderr:  # progress lines arrive as each stage speaks
+            seen.append(line)
+            if kill_at in line:
+                victim.kill()
+                break
+        victim.wait(timeout=60)
+        assert victim.returncode == -9, f"never reached {kill_at!r}: {''.join(seen)[-2000:]}"
+        time.sleep(3.5)  # the killed pass's lease expires
+        survivor = _reconcile(env, "run")
+        _out, err = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, err
+    g, t = ai_generations.c, credit_transactions.c
+    with db.engine.connect() as conn:
+        statuses = dict(conn.execute(select(g.id, g.status)).all())
+        written = dict(conn.execute(select(recon_refunds.c.job_id, recon_refunds.c.credits)).all())
+        refund_rows = conn.execute(select(func.count()).where(t.kind == "refund")).scalar_one()
+    expected = {j: e.final_status for j, e in population.expected.items() if e.final_status}
+    assert {j: statuses[j] for j in expected} == expected
+    owed = {j: e.refund_credits for j, e in population.expected.items() if e.refund_credits}
+    assert written == owed
+    assert refund_rows == refunds_before + len(owed)
     assert_ledger_invariants(db.engine)

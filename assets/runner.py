@@ -1,8 +1,11 @@
 """Run one full pass in-process against the Dagster instance in DAGSTER_HOME (used by the CLI)."""
 
+import fcntl
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,21 @@ class PassOutcome:
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # asset name -> metadata values
 
 
+@contextmanager
+def _instance() -> Iterator[DagsterInstance]:
+    """The DAGSTER_HOME instance; its storage is created under a file lock, because two passes starting
+    at the same moment on a fresh SQLite-backed home would both try to create Dagster's own schema."""
+    home = ensure_dagster_home()
+    with open(home / ".reconcile-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            instance = DagsterInstance.get()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    with instance:
+        yield instance
+
+
 def _root_cause(error, fallback: str | None) -> str:
     """The user's own exception message, not Dagster's 'Error occurred while executing op' wrapper."""
     if error is None:
@@ -89,12 +107,11 @@ def execute_pass(*, full_audit: bool = False, verbose: bool = False) -> PassOutc
     """One reconciliation pass (every asset and check, as the schedule runs it), in this process."""
     from reconcile.definitions import defs
 
-    ensure_dagster_home()
     job = defs.resolve_job_def("reconcile_pass")
     loggers = {"console": {"config": {"log_level": "DEBUG"}}} if verbose else {"progress": {}}
     run_config = {"loggers": loggers, "ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
     job = job.with_logger_defs({**job.loggers, "progress": progress_logger}) if not verbose else job
-    with DagsterInstance.get() as instance:
+    with _instance() as instance:
         result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
         outcome = PassOutcome(run_id=result.run_id, success=result.success)
         for event in result.all_events:

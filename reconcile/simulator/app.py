@@ -44,7 +44,7 @@ RequestHook = Callable[[str, str], "TaskTruth | Awaitable[TaskTruth | None] | No
 
 COUNTERS = (
     "requests",  # every request under the vendor's prefix
-    "answered",  # status answers rendered from the truth (incl. the unknown-status knob)
+    "answered",  # status answers rendered from the truth (incl. the unknown-status knob; not garbage)
     "not_found",  # 404 for an id the truth does not hold
     "result_requests",  # fal result requests (also counted in `requests`)
     "rate_limited",  # 429s sent
@@ -67,7 +67,7 @@ class VendorStats:
     """What one vendor saw; `tasks` and friends are keyed by the decoded vendor task id."""
 
     counters: Counter[str] = field(default_factory=Counter)
-    tasks: Counter[str] = field(default_factory=Counter)  # status requests per task id
+    tasks: Counter[str] = field(default_factory=Counter)  # status requests per task id, whatever the answer
     answered_tasks: Counter[str] = field(default_factory=Counter)  # truth answers per task id
     result_tasks: Counter[str] = field(default_factory=Counter)  # fal result requests per task id
     request_ids: Counter[str] = field(default_factory=Counter)  # X-Request-Id values seen
@@ -379,10 +379,26 @@ class VendorHandler:
             except TimeoutError:
                 pass  # the client is still there: a very slow answer, then the real one
 
-        if vendor == "kie" and not parsed.task_id:
-            await _send(send, render.kie_error(422, "taskId is required"))
+        answer, answered = await self._answer(vendor, parsed, scope, fault, rng)
+        if fault == "garbage_share":
+            # Whatever the answer would have been (a status, a 404, a result) arrives mangled.
+            state.count(vendor, "garbage")
+            await _send(send, self._garbage(rng, answer))
             return
+        if answered:
+            with state.lock:
+                stats.counters["answered"] += 1
+                if state.track_tasks:
+                    stats.answered_tasks[parsed.task_id] += 1
+        await _send(send, answer)
 
+    async def _answer(
+        self, vendor: str, parsed: _Parsed, scope: Scope, fault: str | None, rng: random.Random
+    ) -> tuple[render.Answer, bool]:
+        """The truth's answer to a request, and whether it counts as a status answer."""
+        state = self.state
+        if vendor == "kie" and not parsed.task_id:
+            return render.kie_error(422, "taskId is required"), False
         task = state.truth.get(vendor, parsed.task_id)
         if state.on_request is not None and parsed.kind == "status":
             task = await self._run_hook(vendor, parsed.task_id, task)
@@ -391,27 +407,14 @@ class VendorHandler:
             task = None
         if task is None:
             state.count(vendor, "not_found")
-            await _send(send, render.not_found(vendor))
-            return
-
+            return render.not_found(vendor), False
         if parsed.kind == "result":
-            await _send(send, render.fal_result(task))
-            return
-
-        origin = _origin(scope)
-        if fault == "garbage_share":
-            state.count(vendor, "garbage")
-            await _send(send, self._garbage(rng, render.status_answer(task, origin)))
-            return
+            return render.fal_result(task), False
         word = None
         if fault == "unknown_status_share":
             state.count(vendor, "unknown_status")
             word = rng.choice(render.UNKNOWN_STATUS_WORDS[vendor])
-        with state.lock:
-            stats.counters["answered"] += 1
-            if state.track_tasks:
-                stats.answered_tasks[parsed.task_id] += 1
-        await _send(send, render.status_answer(task, origin, word))
+        return render.status_answer(task, _origin(scope), word), fault != "garbage_share"
 
     async def _latency(self, vendor: str, knobs: VendorKnobs) -> None:
         if knobs.latency_ms <= 0 and knobs.jitter_ms <= 0:

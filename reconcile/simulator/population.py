@@ -219,6 +219,9 @@ class _Generator:
         self.lookback = timedelta(hours=lookback_hours)
         # Distance kept from every threshold: a pass may run some minutes after `now`.
         self.margin = min(timedelta(minutes=5), self.stuck / 4, (self.undispatched - self.stuck) / 4)
+        # Time from submit to the last update: small, so created_at sits on the same side of every
+        # threshold as updated_at (whichever of the two a reading of the contract ages a job by).
+        self.submit_gap = min(timedelta(seconds=120), self.margin / 2)
         # Age ranges (low, high) before `now`, each a margin away from the threshold it must respect.
         self.fresh_range = (timedelta(0), self.stuck - 2 * self.margin)
         self.stuck_range = (self.stuck + self.margin, self.stuck + timedelta(hours=24))
@@ -433,7 +436,7 @@ class _Generator:
             raise AssertionError(f"no builder for case {case!r}")
 
         updated_at = self.ago(*age_range)
-        created_at = updated_at - timedelta(seconds=rng.random() * 120 + 0.5)
+        created_at = updated_at - self.submit_gap * rng.random() - timedelta(milliseconds=500)
         if outcome is not None and task_id is not None:
             err = truth_error or (None, None)
             self.truth.append(

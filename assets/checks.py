@@ -5,10 +5,19 @@ vendor answers, no refund from a bad plan) and fails the run.
 """
 
 import pandas as pd
-from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetIn, MetadataValue, asset_check
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetIn,
+    AssetsDefinition,
+    MetadataValue,
+    asset_check,
+)
 from sqlalchemy import select
 
 from assets.reconciliation import (
+    VENDOR_STATUS_ASSETS,
     SyncOutcome,
     VendorTruth,
     credit_leakage,
@@ -16,7 +25,6 @@ from assets.reconciliation import (
     refund_plan,
     refunds,
     stuck_jobs,
-    vendor_statuses,
 )
 from assets.resources import ReconcileResource
 from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, credit_transactions, recon_refunds
@@ -79,15 +87,24 @@ def stuck_jobs_are_well_formed(stuck_jobs: Classified) -> AssetCheckResult:
     return _result(QualityResult("stuck_jobs", whole.rows, whole.outcomes + valid.outcomes))
 
 
-@asset_check(
-    asset=vendor_statuses,
-    additional_ins={"stuck_jobs": AssetIn("stuck_jobs")},
-    blocking=True,
-    description="Exactly one vendor answer per dispatched stuck job, every state canonical (blocks the sync).",
-)
-def one_canonical_answer_per_job(stuck_jobs: Classified, vendor_statuses: VendorTruth) -> AssetCheckResult:
-    answers = vendor_statuses.answers
-    asked = stuck_jobs.of(DISPATCHED)[["job_id"]]
+def answer_check(vendor: str, vendor_asset: AssetsDefinition) -> AssetChecksDefinition:
+    @asset_check(
+        asset=vendor_asset,
+        name="one_canonical_answer_per_job",
+        additional_ins={"stuck_jobs": AssetIn("stuck_jobs")},
+        blocking=True,
+        description=f"Exactly one answer per dispatched stuck {vendor} job, every state canonical (blocks the sync).",
+    )
+    def _check(stuck_jobs: Classified, **answers: VendorTruth) -> AssetCheckResult:
+        (truth,) = answers.values()
+        dispatched = stuck_jobs.of(DISPATCHED)
+        return _answer_quality(dispatched[dispatched["vendor"] == vendor], truth.answers)
+
+    return _check
+
+
+def _answer_quality(dispatched: pd.DataFrame, answers: pd.DataFrame) -> AssetCheckResult:
+    asked = dispatched[["job_id"]]
     per_job = answers.groupby("job_id").size().rename("answers").reset_index() if not answers.empty else None
     coverage = asked.merge(per_job, on="job_id", how="outer") if per_job is not None else asked.assign(answers=0)
     coverage["answers"] = coverage["answers"].fillna(0).astype("int64")
@@ -208,7 +225,7 @@ def findings_are_valid(credit_leakage: pd.DataFrame) -> AssetCheckResult:
 
 ALL_CHECKS = [
     stuck_jobs_are_well_formed,
-    one_canonical_answer_per_job,
+    *(answer_check(vendor, asset) for vendor, asset in VENDOR_STATUS_ASSETS.items()),
     sync_changed_only_stuck_jobs,
     refund_plan_is_safe,
     refunds_match_the_ledger,

@@ -1,6 +1,6 @@
 """The reconciliation pass as software-defined assets:
 
-stuck_jobs -> vendor_statuses -> job_status_sync -> refund_plan -> refunds -> credit_leakage
+stuck_jobs -> vendor_statuses_{fal,replicate,kie} -> job_status_sync -> refund_plan -> refunds -> credit_leakage
 
 Each asset is thin: it calls `reconcile` and describes what happened in its metadata.
 """
@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetsDefinition,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from assets.resources import ReconcileResource
 from reconcile import markdown
@@ -27,6 +35,7 @@ from reconcile.runs import (
     release_lease,
     run_scope,
 )
+from reconcile.settings import VENDORS
 from reconcile.stuck import (
     DISPATCHED,
     INVALID,
@@ -120,46 +129,78 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
     )
 
 
-@asset(group_name=GROUP, kinds={"python", "pandas"})
-def vendor_statuses(
-    context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: Classified
-) -> MaterializeResult:
-    """The vendors' true status of every dispatched stuck job, asked concurrently and politely."""
-    settings = reconcile.settings()
-    refs = stuck_jobs.job_refs()
-    context.log.info(f"asking the vendors about {len(refs)} dispatched stuck job(s)")
-    result = fetch_vendor_truth(refs, settings, context.run.run_id)
-    answers = pd.DataFrame([a.__dict__ for a in result.answers], columns=ANSWER_COLUMNS)
-    answers["state"] = answers["state"].astype(str)
-    health = {vendor: str(h) for vendor, h in result.health.items()}
-    for vendor, status in health.items():
-        if status != "ok":
-            context.log.error(f"vendor {vendor}: {status}: {result.health_detail.get(vendor, '')}")
-    truth = VendorTruth(answers, health, dict(result.health_detail), result.stats)
-    by_state = markdown.counts(answers, ["vendor", "state"])
-    return MaterializeResult(
-        value=truth,
-        metadata={
-            "answers": len(answers),
-            "unknown": int((answers["state"] == "unknown").sum()),
-            "answers_by_vendor_and_state": MetadataValue.md(markdown.table(by_state, 30)),
-            "vendor_health": MetadataValue.json(
-                {v: {"health": h, "detail": result.health_detail.get(v, "")} for v, h in health.items()}
-            ),
-            "requests": MetadataValue.json(result.stats),
-            "unknown_reasons": _counts_md(answers[answers["state"] == "unknown"], ["vendor", "reason"], limit=20),
-        },
+def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
+    """The vendor stage of one vendor: its own step (own process or pod under a distributed executor),
+    so one vendor's outage or slowness never delays another."""
+
+    @asset(
+        name=f"vendor_statuses_{vendor}",
+        group_name=GROUP,
+        kinds={"python", "pandas"},
+        ins={"stuck_jobs": AssetIn("stuck_jobs")},
+        description=f"{vendor}'s true status of every dispatched stuck {vendor} job, asked concurrently and "
+        "politely (rate limit, Retry-After, bounded retries); the vendor's health for the run.",
     )
+    def _vendor_statuses(
+        context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: Classified
+    ) -> MaterializeResult:
+        refs = [ref for ref in stuck_jobs.job_refs() if ref.vendor == vendor]
+        context.log.info(f"asking {vendor} about {len(refs)} dispatched stuck job(s)")
+        result = fetch_vendor_truth(refs, reconcile.settings(), context.run.run_id)
+        answers = pd.DataFrame([a.__dict__ for a in result.answers], columns=ANSWER_COLUMNS)
+        answers["state"] = answers["state"].astype(str)
+        health = {v: str(h) for v, h in result.health.items()}
+        for name, status in health.items():
+            if status != "ok":
+                context.log.error(f"vendor {name}: {status}: {result.health_detail.get(name, '')}")
+        unknown = answers[answers["state"] == "unknown"]
+        return MaterializeResult(
+            value=VendorTruth(answers, health, dict(result.health_detail), result.stats),
+            metadata={
+                "answers": len(answers),
+                "unknown": len(unknown),
+                "health": health.get(vendor, "ok"),
+                "answers_by_state": _counts_md(answers, ["state"]),
+                "vendor_health": MetadataValue.json(
+                    {v: {"health": h, "detail": result.health_detail.get(v, "")} for v, h in health.items()}
+                ),
+                "requests": MetadataValue.json(result.stats),
+                "unknown_reasons": _counts_md(unknown, ["reason"]),
+            },
+        )
+
+    return _vendor_statuses
 
 
-@asset(group_name=GROUP, kinds={"sql"})
+VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in VENDORS}
+
+
+def combine_vendor_truths(truths: list[VendorTruth]) -> VendorTruth:
+    frames = [t.answers for t in truths if not t.answers.empty]
+    answers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ANSWER_COLUMNS)
+    combined = VendorTruth(answers)
+    for truth in truths:
+        combined.health.update(truth.health)
+        combined.health_detail.update(truth.health_detail)
+        combined.stats.update(truth.stats)
+    return combined
+
+
+@asset(
+    group_name=GROUP,
+    kinds={"sql"},
+    ins={f"vendor_statuses_{vendor}": AssetIn(f"vendor_statuses_{vendor}") for vendor in VENDORS},
+)
 def job_status_sync(
     context: AssetExecutionContext,
     reconcile: ReconcileResource,
     stuck_jobs: Classified,
-    vendor_statuses: VendorTruth,
+    vendor_statuses_fal: VendorTruth,
+    vendor_statuses_replicate: VendorTruth,
+    vendor_statuses_kie: VendorTruth,
 ) -> MaterializeResult:
     """The vendors' terminal answers written back by compare-and-set: a late webhook always wins."""
+    vendor_statuses = combine_vendor_truths([vendor_statuses_fal, vendor_statuses_replicate, vendor_statuses_kie])
     settings = reconcile.settings()
     engine = reconcile.engine()
     now = utcnow()
@@ -271,4 +312,4 @@ def credit_leakage(
     )
 
 
-PASS_ASSETS = [stuck_jobs, vendor_statuses, job_status_sync, refund_plan, refunds, credit_leakage]
+PASS_ASSETS = [stuck_jobs, *VENDOR_STATUS_ASSETS.values(), job_status_sync, refund_plan, refunds, credit_leakage]

@@ -74,7 +74,7 @@ def prepare_demo(size: int, seed: int) -> Iterator[DemoWorld]:
 def summarise(engine: Engine, run_id: str, metadata: dict[str, dict[str, Any]]) -> str:
     """The demo's closing summary: what the pass found, asked, changed, refunded and reported."""
     stuck = metadata.get("stuck_jobs", {})
-    answers = metadata.get("vendor_statuses", {})
+    vendors = {k.removeprefix("vendor_statuses_"): v for k, v in metadata.items() if k.startswith("vendor_statuses_")}
     c, r, f = recon_status_changes.c, recon_refunds.c, recon_leakage_findings.c
     with engine.connect() as conn:
         changes = conn.execute(select(c.to_status, func.count()).where(c.run_id == run_id).group_by(c.to_status)).all()
@@ -93,10 +93,16 @@ def summarise(engine: Engine, run_id: str, metadata: dict[str, dict[str, Any]]) 
         f"stuck jobs found        {stuck.get('stuck', 0):>6}   (dispatched {stuck.get('dispatched', 0)}, "
         f"never dispatched {stuck.get('undispatched_waiting', 0) + stuck.get('undispatched_due', 0)}, "
         f"invalid {stuck.get('invalid', 0)})",
-        f"vendor answers          {answers.get('answers', 0):>6}   (unknown {answers.get('unknown', 0)})",
-        "",
-        "answers per vendor and state:",
-        str(answers.get("answers_by_vendor_and_state", "")),
+        f"vendor answers          {sum(v.get('answers', 0) for v in vendors.values()):>6}   "
+        f"(unknown {sum(v.get('unknown', 0) for v in vendors.values())})",
+    ]
+    for vendor, meta in sorted(vendors.items()):
+        lines += [
+            "",
+            f"{vendor} (health {meta.get('health', '?')}): answers by state",
+            str(meta.get("answers_by_state", "")),
+        ]
+    lines += [
         "",
         "status changes:  " + (", ".join(f"{n} -> {status}" for status, n in changes) or "none"),
         "refunds:         "

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, logger
+from dagster import DagsterEventType, DagsterInstance, JobDefinition, execute_job, logger, reconstructable
 
 from reconcile.settings import STATE_DIR
 
@@ -103,16 +103,34 @@ def _root_cause(error, fallback: str | None) -> str:
     return error.message.strip()
 
 
-def execute_pass(*, full_audit: bool = False, verbose: bool = False) -> PassOutcome:
-    """One reconciliation pass (every asset and check, as the schedule runs it), in this process."""
+def pass_job() -> JobDefinition:
+    """The pass's job, importable by name so that other processes can rebuild it (multiprocess)."""
     from reconcile.definitions import defs
 
-    job = defs.resolve_job_def("reconcile_pass")
-    loggers = {"console": {"config": {"log_level": "DEBUG"}}} if verbose else {"progress": {}}
-    run_config = {"loggers": loggers, "ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
-    job = job.with_logger_defs({**job.loggers, "progress": progress_logger}) if not verbose else job
+    return defs.resolve_job_def("reconcile_pass")
+
+
+def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: int = 1) -> PassOutcome:
+    """One reconciliation pass (every asset and check, as the schedule runs it).
+
+    processes=1: in this process. processes>1: Dagster's multiprocess executor, each step (e.g. each
+    vendor's stage) in its own process, at most `processes` at once.
+    """
+    run_config: dict[str, Any] = {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
     with _instance() as instance:
-        result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+        if processes > 1:
+            level = "DEBUG" if verbose else "INFO"
+            run_config["loggers"] = {"console": {"config": {"log_level": level}}}
+            run_config["execution"] = {"config": {"multiprocess": {"max_concurrent": processes}}}
+            result = execute_job(reconstructable(pass_job), instance=instance, run_config=run_config)
+        else:
+            job = pass_job()
+            if verbose:
+                run_config["loggers"] = {"console": {"config": {"log_level": "DEBUG"}}}
+            else:
+                run_config["loggers"] = {"progress": {}}
+                job = job.with_logger_defs({**job.loggers, "progress": progress_logger})
+            result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
         outcome = PassOutcome(run_id=result.run_id, success=result.success)
         for event in result.all_events:
             if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:

@@ -78,13 +78,20 @@ def _print_outcome(outcome) -> None:
 @main.command("run")
 @click.option("--full-audit", is_flag=True, help="Scan the whole ledger for leakage, not only what changed.")
 @click.option("--verbose", "-v", is_flag=True, help="Show every Dagster log line.")
-def run(full_audit: bool, verbose: bool) -> None:
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Steps run in this many processes at once (Dagster's multiprocess executor); 1 runs in-process.",
+)
+def run(full_audit: bool, verbose: bool, processes: int) -> None:
     """One full reconciliation pass against the configured database; exit 0 when it succeeded."""
     _load_or_exit()
     _report_missing_secrets()
     from assets.runner import execute_pass
 
-    outcome = execute_pass(full_audit=full_audit, verbose=verbose)
+    outcome = execute_pass(full_audit=full_audit, verbose=verbose, processes=processes)
     _print_outcome(outcome)
     sys.exit(0 if outcome.success else 1)
 
@@ -105,8 +112,68 @@ def demo(size: int, seed: int, verbose: bool) -> None:
     _print_outcome(outcome)
     if outcome.success:
         click.echo(summarise(world.engine, outcome.run_id, outcome.metadata))
+        click.echo("")
+        for path in _demo_reports(world.engine, outcome):
+            click.echo(f"report: {path}")
     world.engine.dispose()
     sys.exit(0 if outcome.success else 1)
+
+
+def _demo_reports(engine, outcome) -> list[Path]:
+    """The report files of the demo's run: the ones the `reconciliation_reports` asset wrote, or, when
+    the pass did not include it, written now (the same files: writing a run's reports is idempotent)."""
+    from reconcile.db.schema import utcnow
+    from reconcile.reports import REPORT_FILES, write_reports
+
+    written = outcome.metadata.get("reconciliation_reports", {})
+    paths = [Path(str(written[name.replace(".", "_")])) for name in REPORT_FILES if name.replace(".", "_") in written]
+    if len(paths) == len(REPORT_FILES) and all(path.exists() for path in paths):
+        return paths
+    return write_reports(engine, outcome.run_id, _load_or_exit().reports_dir, utcnow())
+
+
+@main.command("report")
+@click.option("--run-id", default=None, help="The pass to report on (default: the last successful one).")
+def report(run_id: str | None) -> None:
+    """Write the refund and leakage reports (CSV and offline HTML) of a pass again, from the database."""
+    from reconcile.db.engine import make_engine
+    from reconcile.db.schema import utcnow
+    from reconcile.reports import UnknownRun, last_successful_run_id, write_reports
+
+    settings = _load_or_exit()
+    problems = database_problems(settings.database_url)
+    if problems:
+        for problem in problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(2)
+    engine = make_engine(settings.database_url)
+    try:
+        if not _has_reconcile_tables(engine):
+            click.echo(
+                "error: no reconcile pass has run against this database yet: run `reconcile run` first", err=True
+            )
+            sys.exit(1)
+        run_id = run_id or last_successful_run_id(engine)
+        if run_id is None:
+            click.echo("error: no successful pass recorded yet: run `reconcile run`, or pass --run-id", err=True)
+            sys.exit(1)
+        try:
+            paths = write_reports(engine, run_id, settings.reports_dir, utcnow())
+        except UnknownRun as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+    finally:
+        engine.dispose()
+    for path in paths:
+        click.echo(f"report: {path}")
+
+
+def _has_reconcile_tables(engine) -> bool:
+    from sqlalchemy import inspect
+
+    with engine.connect() as conn:
+        names = set(inspect(conn).get_table_names())
+    return {"recon_runs", "recon_refunds", "recon_leakage_findings", "recon_status_changes"} <= names
 
 
 @main.command("simulator")

@@ -43,6 +43,7 @@ from reconcile.stuck import (
     UNDISPATCHED_WAITING,
     Classified,
     classify_stuck_jobs,
+    count_stuck_jobs,
     fetch_stuck_jobs,
 )
 from reconcile.sync import SyncPlan, apply_status_changes, plan_status_changes
@@ -90,7 +91,12 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
     with engine.connect() as conn:
         scope = choose_scope(conn, now, settings.full_audit_every_hours, config.full_audit)
         watermark = ledger_watermark(conn)
-        stuck = fetch_stuck_jobs(conn, now, settings.stuck_after_minutes)
+        stuck = fetch_stuck_jobs(conn, now, settings.stuck_after_minutes, limit=settings.max_jobs_per_pass)
+        stuck_total = (
+            count_stuck_jobs(conn, now, settings.stuck_after_minutes)
+            if len(stuck) == settings.max_jobs_per_pass
+            else len(stuck)
+        )
     record_run_start(engine, context.run.run_id, now, scope, watermark, settings.config_hash())
     context.instance.add_run_tags(context.run.run_id, {"reconcile/config_hash": settings.config_hash()})
     classified = classify_stuck_jobs(stuck, now, settings.undispatched_fail_after_minutes)
@@ -106,11 +112,17 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
             f"deployed without its secrets? {count(UNDISPATCHED_DUE)} are past "
             f"RECONCILE_UNDISPATCHED_FAIL_AFTER_MINUTES and will be failed and refunded."
         )
+    if stuck_total > len(jobs):
+        context.log.warning(
+            f"{stuck_total} jobs are stuck; this pass takes the oldest {len(jobs)} "
+            "(RECONCILE_MAX_JOBS_PER_PASS), the next passes the rest"
+        )
     context.log.info(f"stuck jobs: {len(jobs)} ({count(DISPATCHED)} dispatched, {count(INVALID)} invalid)")
     return MaterializeResult(
         value=classified,
         metadata={
             "stuck": len(jobs),
+            "stuck_total": stuck_total,
             "dispatched": count(DISPATCHED),
             "undispatched_waiting": count(UNDISPATCHED_WAITING),
             "undispatched_due": count(UNDISPATCHED_DUE),

@@ -67,6 +67,8 @@ class Settings(BaseModel):
     refund_lookback_hours: int = Field(24 * 7, alias="RECONCILE_REFUND_LOOKBACK_HOURS", gt=0)
     full_audit_every_hours: int = Field(24, alias="RECONCILE_FULL_AUDIT_EVERY_HOURS", gt=0)
     lease_seconds: int = Field(900, alias="RECONCILE_LEASE_SECONDS", gt=0)
+    # Bounds one pass's memory and vendor calls after an incident; the oldest stuck jobs go first.
+    max_jobs_per_pass: int = Field(50_000, alias="RECONCILE_MAX_JOBS_PER_PASS", gt=0)
     reports_dir: Path = Field(DEFAULT_REPORTS_DIR, alias="RECONCILE_REPORTS_DIR")
     alert_webhook_url: SecretStr | None = Field(None, alias="RECONCILE_ALERT_WEBHOOK_URL")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import Text, select, type_coerce
+from sqlalchemy import Text, func, select, type_coerce
 from sqlalchemy.engine import Connection
 
 from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations
@@ -59,10 +59,21 @@ def stuck_jobs_query(now: datetime, stuck_after_minutes: int):
     )
 
 
-def fetch_stuck_jobs(conn: Connection, now: datetime, stuck_after_minutes: int) -> pd.DataFrame:
-    rows = conn.execute(stuck_jobs_query(now, stuck_after_minutes)).all()
+def fetch_stuck_jobs(
+    conn: Connection, now: datetime, stuck_after_minutes: int, limit: int | None = None
+) -> pd.DataFrame:
+    """The stuck jobs, oldest first; at most `limit` of them (the rest wait for the next pass)."""
+    query = stuck_jobs_query(now, stuck_after_minutes)
+    rows = conn.execute(query if limit is None else query.limit(limit)).all()
     frame = pd.DataFrame(rows, columns=STUCK_COLUMNS)
     return frame.astype({"credits_charged": "int64"}) if not frame.empty else frame
+
+
+def count_stuck_jobs(conn: Connection, now: datetime, stuck_after_minutes: int) -> int:
+    g = ai_generations.c
+    cutoff = now - timedelta(minutes=stuck_after_minutes)
+    query = select(func.count()).where(g.status.in_(NON_TERMINAL_STATUSES), g.updated_at < cutoff)
+    return int(conn.execute(query).scalar_one())
 
 
 def invalid_reasons(jobs: pd.DataFrame) -> pd.Series:

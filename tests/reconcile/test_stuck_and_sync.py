@@ -15,6 +15,7 @@ from reconcile.stuck import (
     UNDISPATCHED_DUE,
     UNDISPATCHED_WAITING,
     classify_stuck_jobs,
+    count_stuck_jobs,
     fetch_stuck_jobs,
 )
 from reconcile.sync import apply_status_changes, plan_status_changes
@@ -147,3 +148,15 @@ def test_sqlite_version_token_survives_other_timestamp_formats(db) -> None:
     plan = plan_status_changes(classified, answers, {"fal": "ok"}, UNDISPATCHED_AFTER)
     result = apply_status_changes(db.engine, plan.changes, "run-1", utcnow())
     assert result.applied["job_id"].tolist() == ["odd"]
+
+
+def test_a_capped_pass_takes_the_oldest_stuck_jobs_first(db) -> None:
+    p = Platform(db.engine)
+    for age in (40, 300, 90, 1000, 60):
+        p.job(f"age-{age}", age_minutes=age)
+    now = utcnow()
+    with db.engine.connect() as conn:
+        capped = fetch_stuck_jobs(conn, now, STUCK_AFTER, limit=2)
+        total = count_stuck_jobs(conn, now, STUCK_AFTER)
+    assert capped["job_id"].tolist() == ["age-1000", "age-300"]
+    assert total == 5

@@ -6,7 +6,7 @@ VENV := $(ROOT).venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test format ui clean
+.PHONY: install demo test format ui screenshot clean
 
 # The install is reproducible: constraints.txt pins every package of the tested set.
 $(STAMP): $(ROOT)pyproject.toml $(ROOT)constraints.txt
@@ -28,6 +28,10 @@ test: $(STAMP)
 ui: $(STAMP)
 	@test -f $(ROOT).reconcile/simulator_truth.sqlite || $(BIN)/reconcile demo
 	$(BIN)/reconcile ui
+
+screenshot: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c $(ROOT)constraints.txt -e "$(ROOT)[docs]"
+	$(BIN)/python $(ROOT)scripts/screenshot.py
 
 format: $(STAMP)
 	cd $(ROOT) && $(BIN)/ruff check --fix . && $(BIN)/ruff format .

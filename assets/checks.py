@@ -14,7 +14,7 @@ from dagster import (
     MetadataValue,
     asset_check,
 )
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from assets.reconciliation import (
     VENDOR_STATUS_ASSETS,
@@ -154,15 +154,23 @@ def sync_changed_only_stuck_jobs(stuck_jobs: Classified, job_status_sync: SyncOu
 )
 def refund_plan_is_safe(reconcile: ReconcileResource, refund_plan: pd.DataFrame) -> AssetCheckResult:
     plan = refund_plan.copy()
-    g = ai_generations.c
+    g, t = ai_generations.c, credit_transactions.c
+    # Re-read the ledger independently of the planner: a planning bug must not vouch for itself.
+    charged = func.coalesce(func.sum(-t.amount).filter(t.kind == "charge", t.amount < 0, t.user_id == g.user_id), 0)
+    refunded = func.coalesce(func.sum(t.amount).filter(t.kind == "refund", t.amount > 0), 0)
+    ledger_query = (
+        select(g.id, g.status, (charged - refunded).label("owed"))
+        .select_from(ai_generations.outerjoin(credit_transactions, t.job_id == g.id))
+        .group_by(g.id, g.status)
+    )
+    ledger: dict[str, tuple[str, int]] = {}
     with reconcile.engine().connect() as conn:
         ids = plan["job_id"].tolist()
-        status = {}
         for start in range(0, len(ids), 1000):
-            chunk = ids[start : start + 1000]
-            status.update(dict(conn.execute(select(g.id, g.status).where(g.id.in_(chunk))).all()))
-    plan["job_status"] = plan["job_id"].map(status)
-    plan["owed"] = plan["charged"] - plan["refunded"]
+            chunk = ledger_query.where(g.id.in_(ids[start : start + 1000]))
+            ledger.update({row.id: (row.status, int(row.owed)) for row in conn.execute(chunk)})
+    plan["job_status"] = plan["job_id"].map(lambda job: ledger.get(job, (None, 0))[0])
+    plan["owed"] = plan["job_id"].map(lambda job: ledger.get(job, (None, 0))[1])
     plan["over_owed"] = plan["credits"] > plan["owed"]
     quality = validate(
         "refund_plan",

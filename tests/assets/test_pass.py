@@ -145,7 +145,8 @@ def test_a_bad_refund_plan_blocks_every_refund(world, monkeypatch: pytest.Monkey
 
     def doubled(conn, now, lookback_hours):
         plan = plan_refunds(conn, now, lookback_hours)
-        return plan.assign(credits=plan["credits"] * 2)
+        # The bug also inflates its own "charged" column: the check must not trust the planner.
+        return plan.assign(credits=plan["credits"] * 2, charged=plan["charged"] * 2)
 
     monkeypatch.setattr(stage, "plan_refunds", doubled)
     db, _population, _sim = world

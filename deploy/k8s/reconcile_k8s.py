@@ -1,0 +1,49 @@
+"""reconcile's code location on Kubernetes: the Definitions of `reconcile.definitions`, unchanged, with
+every step of a run in its own pod.
+
+The image (deploy/Dockerfile) copies this file and run_config.yaml beside each other and serves it:
+`dagster code-server start -m reconcile_k8s -a defs`. On top of `reconcile.definitions.defs` it adds:
+
+- the executor: dagster-k8s's `k8s_job_executor`, configured with the `execution` section of
+  run_config.yaml (one Kubernetes Job per step, each vendor's step sized on its own), for every run of
+  the location, the schedule's included;
+- the IO manager: Dagster's filesystem IO manager on the directory RECONCILE_IO_DIR, a ReadWriteMany
+  volume that the code location, the run pods and the step pods all mount, because each step reads its
+  inputs (the stuck jobs, the vendors' answers) from the step before it, in another pod. A run whose
+  pods lack RECONCILE_IO_DIR fails at its first step, naming the variable.
+
+Local runs (`make demo`, `reconcile run`, `make ui`) do not use this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dagster import Definitions, EnvVar, ExecutorDefinition, FilesystemIOManager
+from dagster_k8s import k8s_job_executor
+
+from reconcile.definitions import defs as reconcile_defs
+
+RUN_CONFIG_PATH = Path(__file__).resolve().with_name("run_config.yaml")
+IO_DIR_ENV = "RECONCILE_IO_DIR"
+
+
+def executor_config(path: Path = RUN_CONFIG_PATH) -> dict[str, Any]:
+    """The k8s_job_executor configuration: run_config.yaml's `execution.config`."""
+    return yaml.safe_load(path.read_text())["execution"]["config"]
+
+
+def build_defs(executor: ExecutorDefinition) -> Definitions:
+    """reconcile's Definitions run by `executor`, with step outputs on the shared IO volume."""
+    return Definitions.merge(
+        reconcile_defs,
+        Definitions(
+            executor=executor,
+            resources={"io_manager": FilesystemIOManager(base_dir=EnvVar(IO_DIR_ENV))},
+        ),
+    )
+
+
+defs = build_defs(k8s_job_executor.configured(executor_config()))

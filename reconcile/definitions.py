@@ -16,6 +16,7 @@ from dagster import (
 
 from assets.checks import ALL_CHECKS
 from assets.reconciliation import GROUP, PASS_ASSETS
+from assets.reports import REPORT_ASSETS
 from assets.resources import ReconcileResource
 from sensors.run_failures import reconcile_pass_failed
 
@@ -38,7 +39,7 @@ every_15_minutes = ScheduleDefinition(
 )
 
 defs = Definitions(
-    assets=PASS_ASSETS,
+    assets=[*PASS_ASSETS, *REPORT_ASSETS],
     asset_checks=ALL_CHECKS,
     jobs=[reconcile_pass],
     schedules=[every_15_minutes],

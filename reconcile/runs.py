@@ -117,8 +117,10 @@ def record_run_start(
 
 
 def record_run_end(conn: Connection, run_id: str, now: datetime, status: str, summary: dict) -> None:
+    """Close a pass's record once: a pass already recorded as ended (e.g. succeeded, then a later
+    report step failed) keeps its outcome and summary."""
     conn.execute(
         update(recon_runs)
-        .where(recon_runs.c.run_id == run_id)
+        .where(recon_runs.c.run_id == run_id, recon_runs.c.status == "running")
         .values(status=status, finished_at=now, summary=json.dumps(summary, default=str))
     )

@@ -42,6 +42,7 @@ def test_pass_runs_on_a_postgres_backed_instance(db, tmp_path: Path, monkeypatch
         shutil.copy(DEPLOY / "dagster.yaml", home / "dagster.yaml")
         for name, value in {
             "DAGSTER_HOME": str(home),
+            "RECONCILE_REPORTS_DIR": str(tmp_path / "reports"),
             "DAGSTER_PG_HOST": url.host,
             "DAGSTER_PG_PORT": str(url.port or 5432),
             "DAGSTER_PG_DB": url.database,

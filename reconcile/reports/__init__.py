@@ -1,0 +1,130 @@
+"""Per-run reports for finance and analysts: refunds and credit leakage, as CSV and as one
+self-contained HTML page each (opens offline: inline CSS, inline SVG charts, no script).
+
+    write_reports(engine, run_id, reports_dir, now) -> [refunds.csv, refunds.html, leakage.csv, leakage.html]
+
+Files go to `reports_dir/<run start, UTC>_<run id>/`; writing the reports of a run again rewrites the
+same folder (each file replaced atomically), so `reconcile report` and a retried step are idempotent.
+No Dagster here: the asset in `assets/reports.py` and the CLI both call this.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from reconcile.reports.data import NEW, PERSISTING, RESOLVED, ReportData, load_report_data, run_exists
+from reconcile.reports.render import leakage_csv, leakage_html, refunds_csv, refunds_html
+
+__all__ = [
+    "REPORT_FILES",
+    "ReportSet",
+    "UnknownRun",
+    "generate_reports",
+    "last_successful_run_id",
+    "report_folder",
+    "write_reports",
+]
+
+REPORT_FILES = ("refunds.csv", "refunds.html", "leakage.csv", "leakage.html")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class UnknownRun(LookupError):
+    """reconcile has no record of this run id."""
+
+
+@dataclass(frozen=True)
+class ReportSet:
+    """The files written for one run, and the figures they show."""
+
+    run_id: str
+    folder: Path
+    paths: list[Path]
+    data: ReportData
+
+    @property
+    def refunds(self) -> int:
+        return len(self.data.refunds)
+
+    @property
+    def credits_refunded(self) -> int:
+        return sum(r.credits for r in self.data.refunds)
+
+    @property
+    def findings(self) -> int:
+        return len(self.data.findings)
+
+    @property
+    def credits_at_stake(self) -> int:
+        return sum(f.credits for f in self.data.findings)
+
+    def changes(self) -> dict[str, int]:
+        rows = [*self.data.findings, *self.data.resolved]
+        return {change: sum(1 for f in rows if f.change == change) for change in (NEW, PERSISTING, RESOLVED)}
+
+
+def _safe_run_id(run_id: str) -> str:
+    # Dagster run ids are UUIDs; anything else (a hand-typed --run-id) must not escape reports_dir.
+    return _UNSAFE.sub("-", run_id).strip(".-")[:100] or "run"
+
+
+def report_folder(reports_dir: Path, run_id: str, started_at: datetime) -> Path:
+    """The run's folder: an existing one for this run id (rewritten in place), else named by its start."""
+    suffix = f"_{_safe_run_id(run_id)}"
+    if reports_dir.is_dir():
+        existing = sorted(p for p in reports_dir.iterdir() if p.is_dir() and p.name.endswith(suffix))
+        if existing:
+            return existing[-1]
+    return reports_dir / f"{started_at:%Y%m%dT%H%M%SZ}{suffix}"
+
+
+def _write_atomically(path: Path, text: str, encoding: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding=encoding, newline="") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def generate_reports(engine: Engine, run_id: str, reports_dir: Path | str, now: datetime) -> ReportSet:
+    """Read everything about `run_id` and write its four report files; raise UnknownRun if there is
+    nothing recorded for it."""
+    with engine.connect() as conn:
+        if not run_exists(conn, run_id):
+            raise UnknownRun(f"no reconcile run {run_id!r} in this database (see recon_runs)")
+        data = load_report_data(conn, run_id)
+    folder = report_folder(Path(reports_dir).resolve(), run_id, data.run.started_at or now)
+    folder.mkdir(parents=True, exist_ok=True)
+    # CSV with a BOM: spreadsheets then read it as UTF-8 (names in any script survive the round trip).
+    contents = {
+        "refunds.csv": (refunds_csv(data), "utf-8-sig"),
+        "refunds.html": (refunds_html(data, now), "utf-8"),
+        "leakage.csv": (leakage_csv(data), "utf-8-sig"),
+        "leakage.html": (leakage_html(data, now), "utf-8"),
+    }
+    paths = []
+    for name in REPORT_FILES:
+        text, encoding = contents[name]
+        _write_atomically(folder / name, text, encoding)
+        paths.append(folder / name)
+    return ReportSet(run_id, folder, paths, data)
+
+
+def write_reports(engine: Engine, run_id: str, reports_dir: Path | str, now: datetime) -> list[Path]:
+    """Write the reports of `run_id` under `reports_dir/<UTC time>_<run_id>/`; return the file paths."""
+    return generate_reports(engine, run_id, reports_dir, now).paths
+
+
+def last_successful_run_id(engine: Engine) -> str | None:
+    from reconcile.runs import last_successful_run
+
+    with engine.connect() as conn:
+        run = last_successful_run(conn)
+    return run.run_id if run else None

@@ -1,0 +1,380 @@
+"""The report files: CSV rows for spreadsheets, one self-contained HTML page for people.
+
+Every total in a page is computed from exactly the rows written to its CSV, so the two always agree.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from reconcile.leakage import CATEGORIES
+from reconcile.reports.data import NEW, PERSISTING, RESOLVED, FindingRow, RefundRow, ReportData
+from reconcile.reports.safe import Markup, csv_cell, el, esc, visible
+from reconcile.reports.svg import PALETTE, bar_chart, line_chart
+
+# Pages list at most this many rows (the CSV always has every row; the totals always count them all).
+HTML_ROW_LIMIT = 5_000
+ID_CHARS = 120  # longest id shown in a page cell
+TEXT_CHARS = 400  # longest detail or evidence shown in a page cell
+
+REFUND_COLUMNS = [
+    "run_id", "job_id", "user_id", "vendor", "model", "type", "credits", "reason",
+    "vendor_state", "error_message", "evidence", "refunded_at",
+]  # fmt: skip
+LEAKAGE_COLUMNS = ["run_id", "category", "job_id", "user_id", "vendor", "credits", "change", "detail", "detected_at"]
+
+CATEGORY_MEANING = {
+    "stuck_unresolved": "charged, still not finished, not refunded",
+    "failed_unrefunded": "failed and charged, no refund at the end of the run",
+    "duplicate_charge": "more than one charge row for one job",
+    "duplicate_refund": "refunds exceed the charge",
+    "refund_on_completed": "a completed job was refunded",
+    "charge_mismatch": "the charge row differs from the job's credits_charged",
+    "missing_charge": "completed, credits_charged > 0, no charge row",
+    "orphan_transaction": "a charge or refund whose job does not exist",
+    "invalid_job": "a row reconcile could not process (unknown vendor, negative charge, ...)",
+}
+NO_VENDOR = "(no job)"
+
+
+def timestamp(value: datetime | None) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --- totals ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Total:
+    key: str  # the CSV cell value of the grouping column (what the page's data-key holds)
+    label: str  # what the page shows
+    rows: int
+    credits: int
+
+
+def totals_by(rows: Iterable, key: Callable[[object], str | None], order: Sequence[str] = ()) -> list[Total]:
+    """Row count and credits per value of `key` (the CSV cell), `order` first (even when zero)."""
+    sums: dict[str, list[int]] = {k: [0, 0] for k in order}
+    labels: dict[str, str] = {}
+    for row in rows:
+        raw = key(row)
+        cell = str(csv_cell(raw))
+        labels.setdefault(cell, NO_VENDOR if raw is None else str(raw))
+        entry = sums.setdefault(cell, [0, 0])
+        entry[0] += 1
+        entry[1] += int(row.credits)
+    listed = [k for k in order] + sorted((k for k in sums if k not in order), key=lambda k: (-sums[k][1], k))
+    return [Total(k, labels.get(k, k), sums[k][0], sums[k][1]) for k in listed]
+
+
+def grand_total(rows: Sequence) -> Total:
+    return Total("", "total", len(rows), sum(int(r.credits) for r in rows))
+
+
+# --- CSV -------------------------------------------------------------------------------------------
+
+
+def refunds_csv(data: ReportData) -> str:
+    return _csv(
+        REFUND_COLUMNS,
+        (
+            [data.run.run_id, r.job_id, r.user_id, r.vendor, r.model, r.type, r.credits, r.reason,
+             r.vendor_state, r.error_message, r.evidence, timestamp(r.refunded_at)]
+            for r in data.refunds
+        ),
+    )  # fmt: skip
+
+
+def leakage_csv(data: ReportData) -> str:
+    return _csv(
+        LEAKAGE_COLUMNS,
+        (
+            [data.run.run_id, f.category, f.job_id, f.user_id, f.vendor, f.credits, f.change, f.detail,
+             timestamp(f.detected_at)]
+            for f in data.findings
+        ),
+    )  # fmt: skip
+
+
+def _csv(header: list[str], rows: Iterable[list[object]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([csv_cell(v) for v in row])
+    return out.getvalue()
+
+
+# --- HTML ------------------------------------------------------------------------------------------
+
+CSS = """
+:root { color-scheme: light; --ink: #1d2330; --muted: #5d6675; --line: #d9dde3; --band: #f4f6f8; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       color: var(--ink); margin: 0; padding: 24px 32px 48px; max-width: 1400px; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; }
+p.meta, .muted { color: var(--muted); fill: var(--muted); }
+code { font: 12px/1.3 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.cards { display: flex; gap: 12px; flex-wrap: wrap; margin: 16px 0; }
+.card { border: 1px solid var(--line); border-radius: 6px; padding: 10px 16px; min-width: 150px; }
+.card b { display: block; font-size: 22px; font-variant-numeric: tabular-nums; }
+.charts { display: flex; gap: 24px; flex-wrap: wrap; }
+figure { margin: 0; } figcaption { font-weight: 600; margin: 8px 0 4px; }
+svg.chart { max-width: 100%; height: auto; font-size: 12px; }
+svg.chart text { fill: var(--ink); } svg.chart text.muted { fill: var(--muted); }
+svg.chart line.grid { stroke: var(--line); }
+table { border-collapse: collapse; margin: 4px 0 8px; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top;
+         unicode-bidi: isolate; }
+th { background: var(--band); position: sticky; top: 0; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tfoot td { font-weight: 700; border-top: 2px solid var(--ink); }
+td.text { min-width: 24ch; max-width: 420px; overflow-wrap: anywhere; }
+td.id { min-width: 14ch; max-width: 260px; overflow-wrap: anywhere;
+        font-family: ui-monospace, Menlo, Consolas, monospace;
+        font-size: 12px; }
+.tag { border-radius: 3px; padding: 0 5px; font-size: 12px; }
+.tag.new { background: #fde2e1; } .tag.persisting { background: #fff1cc; } .tag.resolved { background: #dff3e4; }
+.note { color: var(--muted); font-size: 12px; }
+@media print { th { position: static; } }
+"""
+
+# Nothing may load from anywhere: no script, no remote style, font or image (the page opens offline,
+# and a value that escaped its cell could still not run or call home).
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
+
+
+def _page(title: str, heading: str, data: ReportData, generated_at: datetime, body: list[Markup]) -> str:
+    run = data.run
+    meta = [
+        "run ", el("code", run.run_id), f" · status {run.status}",
+        f" · scan {run.scan_mode}" if run.scan_mode else "",
+        f" · started {timestamp(run.started_at)}" if run.started_at else "",
+        f" · finished {timestamp(run.finished_at)}" if run.finished_at else "",
+        f" · generated {timestamp(generated_at)}",
+    ]  # fmt: skip
+    head = Markup(
+        '<meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta name="referrer" content="no-referrer">'
+        f"{el('title', title)}<style>{CSS}</style>"
+    )
+    page = el(
+        "html",
+        Markup(f"<head>{head}</head>"),
+        el("body", el("h1", heading), el("p", *meta, class_="meta"), *body),
+        lang="en",
+    )
+    return "<!DOCTYPE html>\n" + page + "\n"
+
+
+def _cards(items: list[tuple[str, int]]) -> Markup:
+    return el(
+        "div", *(el("div", el("b", f"{value:,}"), label, class_="card") for label, value in items), class_="cards"
+    )
+
+
+def _figure(caption: str, chart: Markup) -> Markup:
+    return el("figure", el("figcaption", caption), chart)
+
+
+def _totals_table(table_id: str, what: str, totals: list[Total], total: Total, meaning: dict | None = None) -> Markup:
+    """A totals table the tests parse: one row per group with data-key = the CSV cell it groups by."""
+    header = [el("th", what), el("th", "rows", class_="num"), el("th", "credits", class_="num")]
+    if meaning is not None:
+        header.append(el("th", "meaning"))
+    rows = []
+    for t in totals:
+        cells = [
+            el("td", visible(t.label, ID_CHARS), class_="id" if t.label != NO_VENDOR else "muted"),
+            el("td", f"{t.rows:,}", class_="num"),
+            el("td", f"{t.credits:,}", class_="num"),
+        ]
+        if meaning is not None:
+            cells.append(el("td", meaning.get(t.key, ""), class_="muted"))
+        rows.append(el("tr", *cells, data_key=t.key))
+    foot = [el("td", "total"), el("td", f"{total.rows:,}", class_="num"), el("td", f"{total.credits:,}", class_="num")]
+    if meaning is not None:
+        foot.append(el("td", ""))
+    return el(
+        "table",
+        el("thead", el("tr", *header)),
+        el("tbody", *rows),
+        el("tfoot", el("tr", *foot, data_total="true")),
+        id=table_id,
+        class_="totals",
+    )
+
+
+def _rows_table(table_id: str, columns: list[tuple[str, str]], rows: list[list[object]], csv_name: str) -> Markup:
+    """Row-by-row listing; (column, kind) with kind 'id', 'text', 'num' or ''."""
+    shown = rows[:HTML_ROW_LIMIT]
+    body = []
+    for row in shown:
+        cells = []
+        for (_, kind), value in zip(columns, row, strict=True):
+            if isinstance(value, Markup):
+                cells.append(el("td", value, class_=kind or None))
+            elif kind == "num":
+                cells.append(el("td", f"{int(value):,}", class_="num"))
+            else:
+                limit = TEXT_CHARS if kind == "text" else ID_CHARS
+                cells.append(el("td", visible(value, limit), class_=kind or None))
+        body.append(el("tr", *cells))
+    table = el(
+        "table",
+        el("thead", el("tr", *(el("th", name, class_="num" if kind == "num" else None) for name, kind in columns))),
+        el("tbody", *body),
+        id=table_id,
+    )
+    note = ""
+    if len(rows) > len(shown):
+        note = el("p", f"{len(rows) - len(shown):,} more rows are in {csv_name} (the totals above count every row).",
+                  class_="note")  # fmt: skip
+    if not rows:
+        note = el("p", "none", class_="note")
+    return Markup(table + note)
+
+
+def _history(data: ReportData, metrics: list[tuple[str, str, str]]) -> list[Markup]:
+    """Line charts of (attribute, caption, unit) over the last runs."""
+    if len(data.history) == 0:
+        return [el("p", "no run history recorded", class_="note")]
+    labels = [f"{p.started_at:%m-%d %H:%M}" for p in data.history]
+    figures = [
+        _figure(caption, line_chart(caption, list(zip(labels, [getattr(p, attr) for p in data.history], strict=True)),
+                                    unit, PALETTE[i % len(PALETTE)]))
+        for i, (attr, caption, unit) in enumerate(metrics)
+    ]  # fmt: skip
+    return [
+        el("p", f"this run and the {len(data.history) - 1} successful run(s) before it, oldest first", class_="note"),
+        el("div", *figures, class_="charts"),
+    ]
+
+
+def refunds_html(data: ReportData, generated_at: datetime) -> str:
+    rows = data.refunds
+    total = grand_total(rows)
+    by_reason = totals_by(rows, lambda r: r.reason)
+    by_vendor = totals_by(rows, lambda r: r.vendor)
+    listing = [
+        [r.job_id, r.user_id, r.vendor if r.vendor is not None else NO_VENDOR, r.model, r.type, r.credits, r.reason,
+         r.vendor_state or "", _evidence(r), timestamp(r.refunded_at)]
+        for r in rows
+    ]  # fmt: skip
+    columns = [("job", "id"), ("user", "id"), ("vendor", "id"), ("model", "id"), ("type", ""), ("credits", "num"),
+               ("reason", ""), ("vendor state", ""), ("evidence", "text"), ("refunded at", "")]  # fmt: skip
+    body = [
+        _cards([("refunds", total.rows), ("credits refunded", total.credits), ("vendors", len(by_vendor))]),
+        el("div",
+           _figure("Refunded credits by vendor", bar_chart("Refunded credits by vendor", _bars(by_vendor))),
+           _figure("Refunded credits by reason", bar_chart("Refunded credits by reason", _bars(by_reason))),
+           class_="charts"),
+        el("h2", "Totals by reason"),
+        _totals_table("totals-by-reason", "reason", by_reason, total),
+        el("h2", "Totals by vendor"),
+        _totals_table("totals-by-vendor", "vendor", by_vendor, total),
+        el("h2", "Over the last runs"),
+        *_history(data, [("credits_refunded", "Credits refunded per run", "credits"),
+                         ("refunds", "Refunds per run", "refunds")]),
+        el("h2", "Every refund of the run"),
+        el("p", "Evidence: the vendor's answer reconcile acted on (state, reason, an excerpt), or the job's error "
+                "message when the job failed some other way (a webhook, the platform).", class_="note"),
+        _rows_table("refunds", columns, listing, "refunds.csv"),
+    ]  # fmt: skip
+    return _page(f"reconcile refunds · {data.run.run_id}", "Refunds", data, generated_at, body)
+
+
+def _evidence(r: RefundRow) -> str:
+    """The vendor's answer reconcile acted on, readably (the CSV has the raw JSON), else the job's error."""
+    if not r.evidence:
+        return f"error_message: {r.error_message}" if r.error_message else ""
+    try:
+        answer = json.loads(r.evidence)
+    except ValueError:
+        return r.evidence
+    if not isinstance(answer, dict):
+        return r.evidence
+    said = [str(answer[k]) for k in ("reason", "state") if answer.get(k)]
+    if answer.get("http_status") is not None:
+        said.append(f"HTTP {answer['http_status']}")
+    excerpt = answer.get("excerpt")
+    return " · ".join(said) + (f": {excerpt}" if excerpt else "")
+
+
+def leakage_html(data: ReportData, generated_at: datetime) -> str:
+    rows = data.findings
+    total = grand_total(rows)
+    by_category = totals_by(rows, lambda f: f.category, order=CATEGORIES)
+    by_vendor = totals_by(rows, lambda f: f.vendor)
+    changes = _change_totals(data)
+    listing = [_finding_cells(f) for f in rows]
+    resolved = [_finding_cells(f) for f in data.resolved]
+    columns = [("category", ""), ("job", "id"), ("user", "id"), ("vendor", "id"), ("credits at stake", "num"),
+               ("change", ""), ("detail", "text")]  # fmt: skip
+    previous = (
+        el("p", "compared with the previous successful run ", el("code", data.previous_run_id), class_="note")
+        if data.previous_run_id
+        else el("p", "no previous successful run: every finding is new", class_="note")
+    )
+    body = [
+        _cards([("findings", total.rows), ("credits at stake", total.credits),
+                ("new", changes[0].rows), ("resolved", changes[2].rows)]),
+        el("div",
+           _figure("Credits at stake by category",
+                   bar_chart("Credits at stake by category", _bars([t for t in by_category if t.credits]))),
+           _figure("Credits at stake by vendor", bar_chart("Credits at stake by vendor", _bars(by_vendor))),
+           class_="charts"),
+        el("h2", "Totals by category"),
+        _totals_table("totals-by-category", "category", by_category, total, meaning=CATEGORY_MEANING),
+        el("h2", "Totals by vendor"),
+        _totals_table("totals-by-vendor", "vendor", by_vendor, total),
+        el("h2", "Change since the previous run"),
+        previous,
+        _change_table(changes),
+        el("h2", "Stuck jobs and leakage over the last runs"),
+        *_history(data, [("stuck", "Stuck jobs per run", "stuck jobs"),
+                         ("findings", "Leakage findings per run", "findings"),
+                         ("credits_at_stake", "Credits at stake per run", "credits")]),
+        el("h2", "Every finding of the run"),
+        _rows_table("findings", columns, listing, "leakage.csv"),
+        el("h2", "Resolved since the previous run"),
+        el("p", "findings of the previous successful run that this run no longer has (credits as they were then)",
+           class_="note"),
+        _rows_table("resolved", columns, resolved, "the previous run's leakage.csv"),
+    ]  # fmt: skip
+    return _page(f"reconcile leakage · {data.run.run_id}", "Credit leakage", data, generated_at, body)
+
+
+def _finding_cells(f: FindingRow) -> list[object]:
+    tag = el("span", f.change, class_=f"tag {f.change}")
+    vendor = f.vendor if f.vendor is not None else NO_VENDOR
+    return [f.category, f.job_id or "", f.user_id or "", vendor, f.credits, tag, f.detail]
+
+
+def _change_totals(data: ReportData) -> list[Total]:
+    def total(change: str, rows: list[FindingRow]) -> Total:
+        picked = [f for f in rows if f.change == change]
+        return Total(change, change, len(picked), sum(f.credits for f in picked))
+
+    return [total(NEW, data.findings), total(PERSISTING, data.findings), total(RESOLVED, data.resolved)]
+
+
+def _change_table(changes: list[Total]) -> Markup:
+    rows = [
+        el("tr", el("td", el("span", t.label, class_=f"tag {t.key}")), el("td", f"{t.rows:,}", class_="num"),
+           el("td", f"{t.credits:,}", class_="num"), data_key=t.key)
+        for t in changes
+    ]  # fmt: skip
+    header = el("tr", el("th", "change"), el("th", "findings", class_="num"), el("th", "credits", class_="num"))
+    return el("table", el("thead", header), el("tbody", *rows), id="change-summary", class_="totals")
+
+
+def _bars(totals: list[Total]) -> list[tuple[str, int]]:
+    return [(t.label, t.credits) for t in totals]

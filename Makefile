@@ -6,7 +6,7 @@ VENV := $(ROOT).venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test format ui screenshot clean
+.PHONY: install demo test format ui screenshot report clean
 
 # The install is reproducible: constraints.txt pins every package of the tested set.
 $(STAMP): $(ROOT)pyproject.toml $(ROOT)constraints.txt
@@ -28,6 +28,9 @@ test: $(STAMP)
 ui: $(STAMP)
 	@test -f $(ROOT).reconcile/simulator_truth.sqlite || $(BIN)/reconcile demo
 	$(BIN)/reconcile ui
+
+report: $(STAMP)
+	$(BIN)/reconcile report
 
 screenshot: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c $(ROOT)constraints.txt -e "$(ROOT)[docs]"

@@ -15,9 +15,11 @@ from dagster import (
 )
 
 from assets.checks import ALL_CHECKS
+from assets.metrics import observation_metrics
 from assets.reconciliation import GROUP, PASS_ASSETS
 from assets.reports import REPORT_ASSETS
 from assets.resources import ReconcileResource
+from sensors.alerts import reconcile_alerts
 from sensors.run_failures import reconcile_pass_failed
 
 PASS_TAG = "reconcile/pass"
@@ -39,10 +41,10 @@ every_15_minutes = ScheduleDefinition(
 )
 
 defs = Definitions(
-    assets=[*PASS_ASSETS, *REPORT_ASSETS],
+    assets=[*PASS_ASSETS, *REPORT_ASSETS, observation_metrics],
     asset_checks=ALL_CHECKS,
     jobs=[reconcile_pass],
     schedules=[every_15_minutes],
-    sensors=[reconcile_pass_failed],
+    sensors=[reconcile_pass_failed, reconcile_alerts],
     resources={"reconcile": ReconcileResource()},
 )

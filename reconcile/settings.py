@@ -71,6 +71,12 @@ class Settings(BaseModel):
     max_jobs_per_pass: int = Field(50_000, alias="RECONCILE_MAX_JOBS_PER_PASS", gt=0)
     reports_dir: Path = Field(DEFAULT_REPORTS_DIR, alias="RECONCILE_REPORTS_DIR")
     alert_webhook_url: SecretStr | None = Field(None, alias="RECONCILE_ALERT_WEBHOOK_URL")
+    alert_stuck_warning_threshold: int = Field(
+        100, alias="RECONCILE_ALERT_STUCK_WARNING_THRESHOLD", gt=0, le=10_000_000
+    )
+    alert_refund_spike_factor: float = Field(5.0, alias="RECONCILE_ALERT_REFUND_SPIKE_FACTOR", gt=1, le=1000)
+    alert_refund_spike_min: int = Field(20, alias="RECONCILE_ALERT_REFUND_SPIKE_MIN", gt=0, le=10_000_000)
+    alert_metrics_stale_minutes: int = Field(60, alias="RECONCILE_ALERT_METRICS_STALE_MINUTES", gt=0, le=60 * 24 * 7)
 
     vendor_concurrency: int = Field(32, alias="RECONCILE_VENDOR_CONCURRENCY", gt=0, le=1024)
     vendor_rate_limit_per_second: float = Field(50.0, alias="RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND", gt=0, le=100_000)

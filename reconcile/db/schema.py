@@ -166,6 +166,43 @@ recon_lease = Table(
     Column("expires_at", UtcDateTime, nullable=False),
 )
 
+# Observation metrics (revision 0002). One header row per computation, so that a run whose platform
+# had nothing to count still says "all zero" rather than nothing.
+recon_metric_runs = Table(
+    "recon_metric_runs",
+    recon_metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("computed_at", UtcDateTime, nullable=False),
+    Column("stuck_after_minutes", Integer, nullable=False),
+    Column("row_count", Integer, nullable=False),
+    Index("recon_ix_metric_runs_computed_at", "computed_at"),
+)
+
+# One row per run, window and (vendor, model, type); rates in integer basis points (10000 = 100 %),
+# NULL when the window has no finished job; credits are integers like the ledger's.
+recon_metrics = Table(
+    "recon_metrics",
+    recon_metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("window_hours", Integer, primary_key=True),
+    Column("vendor", Text, primary_key=True),
+    Column("model", Text, primary_key=True),
+    Column("type", Text, primary_key=True),
+    Column("computed_at", UtcDateTime, nullable=False),
+    Column("completed", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("success_rate_bp", Integer),
+    Column("failure_rate_bp", Integer),
+    Column("stuck", Integer, nullable=False),
+    Column("undispatched", Integer, nullable=False),
+    Column("median_stuck_minutes", Integer),
+    Column("refunds", Integer, nullable=False),
+    Column("credits_refunded", BigInteger, nullable=False),
+)
+
+# The metrics read the refunds of the last 48 h by time, never the whole table (revision 0002).
+Index("recon_ix_refunds_created_at", recon_refunds.c.created_at)
+
 # Indexes reconcile adds to the platform's tables (allowed by the contract; never a column change).
 PLATFORM_INDEXES_SQL = (
     # The stuck-job query reads only non-terminal rows: a partial index keeps it small and hot.

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
+
+# NUL cannot be stored in PostgreSQL text, and a lone surrogate cannot be encoded at all (not by the
+# database driver, not by pandas' hashing in the checks): a vendor that sends either must not stop a pass.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(value: str | None) -> str | None:
+    """`value` with every character no database or encoder can take replaced by U+FFFD."""
+    return None if value is None else _UNSTORABLE.sub("\ufffd", value)
 
 
 class VendorState(StrEnum):
@@ -49,3 +59,14 @@ class VendorAnswer:
     http_status: int | None = None
     evidence: str = ""  # short, redacted excerpt of the raw answer
     attempts: int = 0
+
+    def __post_init__(self) -> None:
+        # Vendor text enters reconcile here: make it storable once, for every later stage.
+        # (job_id and vendor come from the platform's own row and must stay exactly as they are.)
+        for name in _VENDOR_TEXT:
+            value = getattr(self, name)
+            if isinstance(value, str) and _UNSTORABLE.search(value):
+                object.__setattr__(self, name, storable_text(value))
+
+
+_VENDOR_TEXT = ("result_url", "error", "reason", "evidence")

@@ -6,7 +6,7 @@ VENV := $(ROOT).venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test format ui screenshot report clean
+.PHONY: install demo test format ui screenshot report bench clean
 
 # The install is reproducible: constraints.txt pins every package of the tested set.
 $(STAMP): $(ROOT)pyproject.toml $(ROOT)constraints.txt
@@ -23,11 +23,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	cd $(ROOT) && $(BIN)/ruff check . && $(BIN)/ruff format --check .
-	cd $(ROOT) && $(BIN)/pytest
+	cd $(ROOT) && $(BIN)/pytest -n 2
 
 ui: $(STAMP)
 	@test -f $(ROOT).reconcile/simulator_truth.sqlite || $(BIN)/reconcile demo
 	$(BIN)/reconcile ui
+
+bench: $(STAMP)
+	cd $(ROOT) && $(BIN)/python bench/run.py
 
 report: $(STAMP)
 	$(BIN)/reconcile report

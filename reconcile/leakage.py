@@ -115,7 +115,8 @@ def _job_findings(conn: Connection, scope: Scope) -> pd.DataFrame:
     )
     if not scope.full:
         query = query.where(g.id.in_(_changed_job_ids(scope)))
-    jobs = pd.DataFrame(conn.execute(query).all(), columns=list(query.selected_columns.keys()))
+    # Plain tuples: pandas builds a frame from SQLAlchemy Row objects ~10x slower (profiled).
+    jobs = pd.DataFrame([tuple(r) for r in conn.execute(query)], columns=list(query.selected_columns.keys()))
     return _categorise(jobs)
 
 
@@ -187,22 +188,27 @@ def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -
     """Charged jobs still not terminal (after this run's sync) and not refunded."""
     g, t = ai_generations.c, credit_transactions.c
     cutoff = now - timedelta(minutes=stuck_after_minutes)
-    stuck_ids = select(g.id).where(g.status.in_(NON_TERMINAL_STATUSES), g.updated_at < cutoff)
-    net = func.sum(
-        case(
-            (and_(t.kind == "charge", t.amount < 0), -t.amount),
-            (and_(t.kind == "refund", t.amount > 0), -t.amount),
-            else_=0,
+    # Driven by the stuck rows (partial index recon_ix_generations_stuck), each one's ledger read
+    # through its job_id index: work in proportion to the stuck jobs. (A join + GROUP BY over
+    # credit_transactions let PostgreSQL hash-join the whole ledger: it grew with the table.)
+    net = (
+        select(
+            func.sum(
+                case(
+                    (and_(t.kind == "charge", t.amount < 0), -t.amount),
+                    (and_(t.kind == "refund", t.amount > 0), -t.amount),
+                    else_=0,
+                )
+            )
         )
+        .where(t.job_id == g.id)
+        .scalar_subquery()
     )
-    query = (
-        select(g.id, g.user_id, g.status, g.updated_at, net.label("owed"))
-        .select_from(ai_generations.join(credit_transactions, t.job_id == g.id))
-        .where(g.id.in_(stuck_ids))
-        .group_by(g.id, g.user_id, g.status, g.updated_at)
-        .having(net > 0)
+    query = select(g.id, g.user_id, g.status, g.updated_at, net.label("owed")).where(
+        g.status.in_(NON_TERMINAL_STATUSES), g.updated_at < cutoff
     )
-    rows = conn.execute(query).all()
+    # "owed > 0" is applied here rather than in SQL, where the planner would run the subquery twice.
+    rows = [r for r in conn.execute(query) if r.owed is not None and r.owed > 0]
     return pd.DataFrame(
         [
             {
@@ -237,7 +243,7 @@ def invalid_job_findings(invalid: pd.DataFrame) -> pd.DataFrame:
 def previous_findings(conn: Connection, run_id: str) -> pd.DataFrame:
     f = recon_leakage_findings.c
     query = select(f.category, f.job_id, f.user_id, f.credits, f.detail).where(f.run_id == run_id)
-    return pd.DataFrame(conn.execute(query).all(), columns=FINDING_COLUMNS)
+    return pd.DataFrame([tuple(r) for r in conn.execute(query)], columns=FINDING_COLUMNS)
 
 
 def detect_leakage(

@@ -90,7 +90,8 @@ def plan_refunds(conn: Connection, now: datetime, lookback_hours: int) -> pd.Dat
         )
         .order_by(g.id)
     )
-    frame = pd.DataFrame(conn.execute(query).all(), columns=PLAN_COLUMNS)
+    # Plain tuples: pandas builds a frame from SQLAlchemy Row objects ~10x slower (profiled).
+    frame = pd.DataFrame([tuple(r) for r in conn.execute(query)], columns=PLAN_COLUMNS)
     return frame.astype({"credits": "int64", "charged": "int64", "refunded": "int64"})
 
 
@@ -162,26 +163,27 @@ def _apply_batch(conn: Connection, batch: pd.DataFrame, run_id: str, now: dateti
     if not rows:
         return []
     t = credit_transactions.c
+    # The rows go as parameters of one cached statement (SQLAlchemy's "insertmanyvalues" renders the
+    # same multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING), not as a `.values(rows)` literal
+    # that is compiled again, bind by bind, for every batch (most of a batch's time, profiled).
     stmt = (
         _dialect_insert(conn, credit_transactions)
-        .values(rows)
         .on_conflict_do_nothing(index_elements=[t.idempotency_key])
         .returning(t.job_id, t.user_id, t.amount)
     )
-    inserted = conn.execute(stmt).all()
+    inserted = conn.execute(stmt, rows).all()
     if not inserted:
         return []
     per_user: dict[str, int] = {}
     for row in inserted:
         per_user[row.user_id] = per_user.get(row.user_id, 0) + int(row.amount)
-    balance = _dialect_insert(conn, credit_balances).values(
-        [{"user_id": user, "balance": amount} for user, amount in per_user.items()]
-    )
+    balance = _dialect_insert(conn, credit_balances)
     conn.execute(
         balance.on_conflict_do_update(
             index_elements=[credit_balances.c.user_id],
             set_={"balance": credit_balances.c.balance + balance.excluded.balance},
-        )
+        ),
+        [{"user_id": user, "balance": amount} for user, amount in per_user.items()],
     )
     reasons = dict(zip(batch["job_id"], batch["reason"], strict=True))
     conn.execute(

@@ -8,11 +8,15 @@ change is recorded in `recon_status_changes` in the same transaction.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import pandas as pd
-from sqlalchemy import DateTime, Text, bindparam, insert, type_coerce, update
+from sqlalchemy import DateTime, Text, bindparam, func, insert, type_coerce, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, recon_status_changes
@@ -48,7 +52,7 @@ def never_dispatched_message(minutes: int) -> str:
     )
 
 
-def _evidence(answer: pd.Series) -> str:
+def _evidence(answer: Mapping[str, Any]) -> str:
     return json.dumps(
         {
             "state": answer["state"],
@@ -58,6 +62,34 @@ def _evidence(answer: pd.Series) -> str:
         },
         ensure_ascii=False,
     )
+
+
+class _AnswerLookup:
+    """Each job's answer by job id: a row number over plain column lists.
+
+    Not `answers.set_index("job_id").loc[job_id]` per job, which was most of the plan's time
+    (profiled: ~0.3 ms a job, half a minute for 100,000 stuck jobs), nor a dict per answer (memory).
+    """
+
+    FIELDS = ("state", "result_url", "error", "reason", "http_status", "evidence")
+
+    def __init__(self, answers: pd.DataFrame) -> None:
+        self._row: dict[str, int] = {}
+        self._columns: dict[str, list[Any]] = {}
+        if answers.empty:
+            return
+        self._row = {job_id: i for i, job_id in enumerate(answers["job_id"].tolist())}
+        if len(self._row) != len(answers):
+            duplicated = answers.loc[answers["job_id"].duplicated(), "job_id"].astype(str).tolist()[:5]
+            raise ValueError(f"more than one vendor answer for job(s) {duplicated}")
+        self._columns = {name: answers[name].tolist() for name in self.FIELDS}
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._row
+
+    def __getitem__(self, job_id: str) -> dict[str, Any]:
+        row = self._row[job_id]
+        return {name: values[row] for name, values in self._columns.items()}
 
 
 def plan_status_changes(
@@ -70,7 +102,7 @@ def plan_status_changes(
     jobs = classified.jobs
     changes: list[dict] = []
     untouched: list[dict] = []
-    answer_by_job = answers.set_index("job_id") if not answers.empty else pd.DataFrame()
+    answer_by_job = _AnswerLookup(answers)
 
     for job in jobs.itertuples(index=False):
         base = {"job_id": job.job_id, "vendor": job.vendor}
@@ -84,10 +116,10 @@ def plan_status_changes(
                 _change(job, "failed", NEVER_DISPATCHED, None, message, json.dumps({"state": NEVER_DISPATCHED}))
             )
         elif job.category == DISPATCHED:
-            if job.job_id not in answer_by_job.index:
+            if job.job_id not in answer_by_job:
                 untouched.append({**base, "reason": "no vendor answer"})
                 continue
-            answer = answer_by_job.loc[job.job_id]
+            answer = answer_by_job[job.job_id]
             vendor_health = health.get(job.vendor, VendorHealth.OK)
             if vendor_health != VendorHealth.OK:
                 untouched.append({**base, "reason": f"vendor {vendor_health}"})
@@ -148,6 +180,65 @@ def _cas_update(dialect: str):
     )
 
 
+def _cas_update_many():
+    """PostgreSQL: the same compare-and-set as `_cas_update`, for a whole chunk in one statement.
+
+    The changes arrive as parallel arrays (one cached statement whatever the chunk size) and are
+    joined to the rows by id; each row is updated only if its status and stored updated_at are
+    still the ones read. Under READ COMMITTED a row changed by a concurrent webhook is re-checked
+    against these conditions after the webhook commits (as for the single-row statement), so the
+    webhook still wins. RETURNING names the rows that were changed.
+    """
+    g = ai_generations.c
+    text_array = postgresql.ARRAY(Text)
+    change = (
+        func.unnest(
+            bindparam("b_job_ids", type_=text_array),
+            bindparam("b_from_statuses", type_=text_array),
+            bindparam("b_versions", type_=postgresql.ARRAY(DateTime(timezone=True))),
+            bindparam("b_to_statuses", type_=text_array),
+            bindparam("b_result_urls", type_=text_array),
+            bindparam("b_error_messages", type_=text_array),
+        )
+        .table_valued("job_id", "from_status", "version", "to_status", "result_url", "error_message")
+        .render_derived(name="change")
+    )
+    return (
+        update(ai_generations)
+        .where(
+            g.id == change.c.job_id,
+            g.status == change.c.from_status,
+            g.status.in_(NON_TERMINAL_STATUSES),
+            g.updated_at == change.c.version,
+        )
+        .values(
+            status=change.c.to_status,
+            result_url=change.c.result_url,
+            error_message=change.c.error_message,
+            updated_at=bindparam("b_now", type_=g.updated_at.type),
+        )
+        .returning(g.id)
+    )
+
+
+def _or_none(value: Any) -> Any:
+    """None for a missing value: pandas 3 turns None into NaN in string columns, and NaN must never
+    reach the database as the text 'NaN'."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _params(change: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    return {
+        "b_job_id": change["job_id"],
+        "b_from_status": change["from_status"],
+        "b_version": change["version"],
+        "b_to_status": change["to_status"],
+        "b_result_url": _or_none(change["result_url"]) if change["to_status"] == "completed" else None,
+        "b_error_message": _or_none(change["error_message"]),
+        "b_now": now,
+    }
+
+
 @dataclass(frozen=True)
 class SyncResult:
     applied: pd.DataFrame  # the changes that took effect
@@ -157,40 +248,51 @@ class SyncResult:
 def apply_status_changes(
     engine: Engine, changes: pd.DataFrame, run_id: str, now: datetime, chunk_size: int = 500
 ) -> SyncResult:
-    """Apply each change by compare-and-set; audit the ones that took effect, in the same transaction."""
+    """Apply each change by compare-and-set; audit the ones that took effect, in the same transaction.
+
+    On PostgreSQL a chunk is one statement (`_cas_update_many`) instead of one round trip per job
+    (profiled: the round trips were most of the stage); SQLite, in-process, keeps one per job.
+    """
     applied_mask = pd.Series(False, index=changes.index)
+    unique_jobs = not changes["job_id"].duplicated().any() if not changes.empty else True
     for start in range(0, len(changes), chunk_size):
         chunk = changes.iloc[start : start + chunk_size]
-        audit = []
+        params = [_params(change, now) for change in chunk.to_dict("records")]
         with engine.begin() as conn:
-            statement = _cas_update(conn.dialect.name)
-            for idx, change in chunk.iterrows():
-                result = conn.execute(
-                    statement,
-                    {
-                        "b_job_id": change["job_id"],
-                        "b_from_status": change["from_status"],
-                        "b_version": change["version"],
-                        "b_to_status": change["to_status"],
-                        "b_result_url": change["result_url"] if change["to_status"] == "completed" else None,
-                        "b_error_message": change["error_message"],
-                        "b_now": now,
-                    },
-                )
-                if result.rowcount == 1:
-                    applied_mask[idx] = True
-                    audit.append(
+            if conn.dialect.name == "postgresql" and unique_jobs:
+                applied_ids = set(
+                    conn.execute(
+                        _cas_update_many(),
                         {
-                            "job_id": change["job_id"],
-                            "from_status": change["from_status"],
-                            "to_status": change["to_status"],
-                            "vendor": change["vendor"],
-                            "vendor_state": change["vendor_state"],
-                            "evidence": change["evidence"],
-                            "run_id": run_id,
-                            "changed_at": now,
-                        }
-                    )
+                            "b_job_ids": [p["b_job_id"] for p in params],
+                            "b_from_statuses": [p["b_from_status"] for p in params],
+                            "b_versions": [p["b_version"] for p in params],
+                            "b_to_statuses": [p["b_to_status"] for p in params],
+                            "b_result_urls": [p["b_result_url"] for p in params],
+                            "b_error_messages": [p["b_error_message"] for p in params],
+                            "b_now": now,
+                        },
+                    ).scalars()
+                )
+                applied = chunk["job_id"].isin(applied_ids).to_numpy()
+            else:
+                statement = _cas_update(conn.dialect.name)
+                applied = [conn.execute(statement, p).rowcount == 1 for p in params]
+            audit = [
+                {
+                    "job_id": change["job_id"],
+                    "from_status": change["from_status"],
+                    "to_status": change["to_status"],
+                    "vendor": change["vendor"],
+                    "vendor_state": change["vendor_state"],
+                    "evidence": change["evidence"],
+                    "run_id": run_id,
+                    "changed_at": now,
+                }
+                for change, took in zip(chunk.to_dict("records"), applied, strict=True)
+                if took
+            ]
             if audit:
                 conn.execute(insert(recon_status_changes), audit)
+        applied_mask.loc[chunk.index] = applied
     return SyncResult(applied=changes[applied_mask], lost_race=changes[~applied_mask])

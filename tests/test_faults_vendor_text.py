@@ -1,10 +1,11 @@
 """A vendor answer whose text no database column can hold: NUL (JSON "\\u0000") and lone surrogates.
 
 Valid JSON can carry both, so any vendor can send them in an error message or a result URL, and the
-adapters pass them through unchanged. PostgreSQL `text` rejects NUL and neither database can encode
-a lone surrogate. What reconcile must do (the issue's invariant): finish the pass; set the job to its
-vendor's truth with storable text, or leave it untouched with a recorded reason; and never let one
-such answer stop the other jobs' sync and refunds. On both databases, with a full materialized pass.
+adapters pass them through unchanged. PostgreSQL `text` rejects NUL (SQLite keeps it, which is fine)
+and neither database can encode a lone surrogate. What reconcile must do (the issue's invariant):
+finish the pass; set the job to its vendor's truth with storable text, or leave it untouched with a
+recorded reason; and never let one such answer stop the other jobs' sync and refunds. On both
+databases, with a full materialized pass. (Found by this test; fixed in VendorAnswer, abbbc42.)
 """
 
 from __future__ import annotations

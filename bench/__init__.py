@@ -1,0 +1,1 @@
+"""The benchmark (bench/run.py) and its parts; not part of the installed package."""

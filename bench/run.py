@@ -1,0 +1,315 @@
+"""reconcile's benchmark: `python bench/run.py [--quick] [--postgres-url URL]` (or `make bench`).
+
+Prints one `name: value` line per figure on stdout (progress and details go to stderr), each figure
+measured against its baseline in the same run:
+
+  vendor_rate_vs_limit      achieved request rate / the simulator's limit (3 vendors at 200 req/s,
+                            10,000 stuck jobs); the slowest vendor's own rate            goal >= 0.9
+  speedup_vs_sequential     the vendor stage vs a one-request-at-a-time loop on the same jobs and
+                            simulator (500 req/s per vendor: the ideal is 30x)           goal >= 20
+  db_scaling_ratio          the database stages (stuck query, sync, refunds, leakage) with the jobs
+                            table 10x larger and the same stuck jobs / at 1x             goal <= 1.3
+                            (1x = 100,000 jobs in quick mode, 1,000,000 in full mode)
+  refund_batch_vs_rowwise   10,000 refunds the way reconcile applies them vs a row-by-row ORM loop
+                            with the same exactly-once guarantees (per refund)           goal >= 10
+  peak_rss_mb               peak memory of a full pass (Dagster, in-process)             goal <= 500
+  pass_seconds              wall time of that full pass
+  transport_httpx_rps, transport_aiohttp_rps, transport_aiohttp_vs_httpx: the vendor stage's
+                            ceiling with each HTTP transport (one vendor, no rate limit)
+  pass_seconds_1_process, pass_seconds_<N>_processes, pass_speedup_<N>_processes: the same pass
+                            with Dagster's multiprocess executor (per-vendor steps in parallel);
+                            full mode, or --pass-processes N
+
+The full pass holds 100,000 stuck jobs in full mode; quick mode (under 5 minutes on 2 cores) runs it
+with 10,000 (at 100,000 its vendor stage alone is ~120,000 requests: minutes of CPU on this machine),
+and measures the naive loop and the row-wise refunds on a sample (both are linear: nothing overlaps).
+The machine is shared: each section prints the load average after it (`load_avg_<section>`).
+Profiling: set BENCH_PROFILE_DIR and put py-spy on PATH to record the full pass's samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import db_stages, full_pass, refunds_rowwise, vendor_stage  # noqa: E402
+from bench.common import DEFAULT_POSTGRES_URL, Databases, Report, load_average, machine, note  # noqa: E402
+
+SECTIONS = ("transport", "vendor", "speedup", "db", "refunds", "pass")
+
+QUICK = {
+    "vendor_jobs": 10_000,
+    "transport_jobs": {"httpx": 1_000, "aiohttp": 3_000},
+    "sequential_jobs": 300,
+    "per_vendor_processes": False,
+    "db_base_rows": 100_000,
+    "db_core_jobs": 30_000,
+    "db_repeats": 2,
+    "db_full_audits": False,
+    "refund_jobs": 10_000,
+    "rowwise_jobs": 1_000,
+    "pass_stuck": 10_000,
+    "pass_processes": 0,  # the multiprocess pass costs ~2.5 min of process start-up here: full mode only
+}
+FULL = {
+    "vendor_jobs": 10_000,
+    "transport_jobs": {"httpx": 3_000, "aiohttp": 3_800},
+    "sequential_jobs": 10_000,
+    "per_vendor_processes": True,
+    "db_base_rows": 1_000_000,
+    "db_core_jobs": 30_000,
+    "db_repeats": 3,
+    "db_full_audits": True,
+    "refund_jobs": 10_000,
+    "rowwise_jobs": 10_000,
+    "pass_stuck": 100_000,
+    "pass_processes": 3,
+}
+RATE_LIMIT = 200.0  # vendor_rate_vs_limit: req/s per vendor
+SPEEDUP_LIMIT = 500.0  # speedup_vs_sequential and the full pass: req/s per vendor
+
+
+def section_transport(report: Report, jobset: vendor_stage.JobSet, sizes: dict) -> None:
+    rps = vendor_stage.measure_transports(jobset, sizes["transport_jobs"])
+    report.add("transport_httpx_rps", rps["httpx"], digits=0)
+    report.add("transport_aiohttp_rps", rps["aiohttp"], digits=0)
+    report.add(
+        "transport_aiohttp_vs_httpx",
+        rps["aiohttp"] / rps["httpx"],
+        detail="one vendor, concurrency 32, 20 ms answers, no rate limit: the transport's own ceiling",
+        digits=2,
+    )
+
+
+def section_vendor(report: Report, jobset: vendor_stage.JobSet) -> None:
+    run = vendor_stage.measure_rate_vs_limit(jobset, RATE_LIMIT)
+    rates = {v: run.vendor_rate(v) for v in run.requests}
+    slowest = min(rates, key=rates.get)
+    ratio = rates[slowest] / RATE_LIMIT
+    report.add(
+        "vendor_rate_vs_limit",
+        ratio,
+        goal=">= 0.9",
+        met=ratio >= 0.9,
+        detail=(
+            f"slowest vendor {slowest}; per vendor "
+            + ", ".join(f"{v} {r:.0f} req/s" for v, r in rates.items())
+            + f" of {RATE_LIMIT:g}; {len(jobset.jobs):,} jobs, {run.total_requests:,} requests, "
+            f"{run.throttled} x 429"
+        ),
+    )
+    report.add("vendor_rate_rps", run.total_requests / run.wall, digits=0)
+    report.add("vendor_rate_http_429", run.throttled)
+    # CPU seconds the client used per second: 600 req/s at ~1.3 ms a request needs ~0.8; a low rate
+    # with a low share means the machine starved the client (other processes).
+    report.add("vendor_rate_client_cpu_share", run.cpu / run.wall, digits=2)
+
+
+def section_speedup(report: Report, jobset: vendor_stage.JobSet, sizes: dict) -> None:
+    out = vendor_stage.measure_speedup(
+        jobset, SPEEDUP_LIMIT, sizes["sequential_jobs"], per_vendor=sizes["per_vendor_processes"]
+    )
+    stage = out["stage"]
+    speedup = out["naive_total"] / stage.wall
+    report.add(
+        "speedup_vs_sequential",
+        speedup,
+        goal=">= 20",
+        met=speedup >= 20,
+        digits=1,
+        detail=(
+            f"vendor stage {stage.wall:.1f}s ({stage.total_requests / stage.wall:.0f} req/s) vs naive loop "
+            f"{out['naive_total']:.0f}s ({out['naive_rps']:.1f} req/s, measured on {out['naive_sample']} of "
+            f"{len(jobset.jobs):,} jobs); client CPU {1000 * stage.cpu / stage.total_requests:.2f} ms per request"
+        ),
+    )
+    report.add("sequential_rps", out["naive_rps"], digits=1)
+    report.add("vendor_stage_rps", stage.total_requests / stage.wall, digits=0)
+    report.add("vendor_stage_cpu_ms_per_request", 1000 * stage.cpu / stage.total_requests, digits=2)
+    report.add("vendor_stage_client_cpu_share", stage.cpu / stage.wall, digits=2)
+    if "split" in out:
+        split = out["split"]
+        report.add(
+            "speedup_vs_sequential_per_vendor_processes",
+            out["naive_total"] / split.wall,
+            digits=1,
+            detail=f"one process per vendor: {split.wall:.1f}s, {split.total_requests / split.wall:.0f} req/s",
+        )
+
+
+def section_db(report: Report, dbs: Databases, sizes: dict) -> None:
+    one, ten, stuck = db_stages.measure_scaling(
+        dbs, sizes["db_base_rows"], sizes["db_core_jobs"], sizes["db_repeats"], sizes["db_full_audits"]
+    )
+    ratio = ten.best.total / one.best.total
+    stages = ", ".join(f"{s} {one.best.seconds[s]:.2f}->{ten.best.seconds[s]:.2f}s" for s in db_stages.STAGES)
+    report.add(
+        "db_scaling_ratio",
+        ratio,
+        goal="<= 1.3",
+        met=ratio <= 1.3,
+        detail=(
+            f"{one.rows:,} vs {ten.rows:,} jobs, {stuck:,} stuck; best of {len(one.runs)}: "
+            f"{one.best.total:.2f}s vs {ten.best.total:.2f}s ({stages}); all runs "
+            f"1x {[round(r.total, 2) for r in one.runs]} 10x {[round(r.total, 2) for r in ten.runs]}"
+        ),
+    )
+    report.add("db_stages_seconds_1x", one.best.total, digits=2)
+    report.add("db_stages_seconds_10x", ten.best.total, digits=2)
+    report.add("db_stuck_jobs", stuck)
+    if one.full_audit_seconds is not None and ten.full_audit_seconds is not None:
+        report.add("db_full_audit_seconds_1x", one.full_audit_seconds, digits=2)
+        report.add(
+            "db_full_audit_seconds_10x",
+            ten.full_audit_seconds,
+            digits=2,
+            detail="the daily full audit reads the whole ledger by design: it grows with the table",
+        )
+
+
+def section_refunds(report: Report, dbs: Databases, sizes: dict) -> None:
+    out = refunds_rowwise.measure_refunds(dbs, sizes["refund_jobs"], sizes["rowwise_jobs"])
+    batch = out["batch_seconds"] / out["batch_refunds"]
+    rowwise = out["rowwise_seconds"] / out["rowwise_refunds"]
+    report.add(
+        "refund_batch_vs_rowwise",
+        rowwise / batch,
+        goal=">= 10",
+        met=rowwise / batch >= 10,
+        digits=1,
+        detail=(
+            f"batched {out['batch_refunds']:,} in {out['batch_seconds']:.2f}s, row-wise ORM "
+            f"{out['rowwise_refunds']:,} in {out['rowwise_seconds']:.2f}s (per refund)"
+        ),
+    )
+    report.add("refunds_batch_per_second", 1 / batch, digits=0)
+    report.add("refunds_rowwise_per_second", 1 / rowwise, digits=0)
+    report.add("refunds_rowwise_measured", out["rowwise_refunds"])
+
+
+def section_pass(report: Report, dbs: Databases, sizes: dict) -> None:
+    single = full_pass.run_pass(dbs, sizes["pass_stuck"], SPEEDUP_LIMIT, 1, "1p")
+    report.add(
+        "peak_rss_mb",
+        single["peak_rss_mb"],
+        goal="<= 500",
+        met=single["peak_rss_mb"] <= 500,
+        digits=0,
+        detail=f"{single['stuck']:,} stuck jobs, {single['size']:,} jobs in the table",
+    )
+    report.add(
+        "pass_seconds",
+        single["seconds"],
+        digits=1,
+        detail="steps: " + ", ".join(f"{k} {v:.1f}s" for k, v in single["steps"].items() if v >= 0.5),
+    )
+    report.add("pass_stuck_jobs", single["stuck"])
+    report.add("pass_vendor_requests", single["vendor_requests"])
+    processes = sizes["pass_processes"]
+    if processes < 2:
+        note("no multiprocess pass (full mode, or --pass-processes N)")
+        return
+    multi = full_pass.run_pass(dbs, sizes["pass_stuck"], SPEEDUP_LIMIT, processes, f"{processes}p")
+    if "error" in multi:
+        note(f"no {processes}-process figure: {multi['error']}")
+        return
+    report.add("pass_seconds_1_process", single["seconds"], digits=1)
+    report.add(
+        f"pass_seconds_{processes}_processes",
+        multi["seconds"],
+        digits=1,
+        detail="steps: " + ", ".join(f"{k} {v:.1f}s" for k, v in multi["steps"].items() if v >= 0.5),
+    )
+    report.add(f"pass_speedup_{processes}_processes", single["seconds"] / multi["seconds"], digits=2)
+    report.add(
+        f"peak_rss_mb_{processes}_processes",
+        max(multi["peak_rss_mb"], multi["children_peak_rss_mb"]),
+        digits=0,
+        detail="the largest of the run's process and its step processes",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the smaller sizes: under 5 minutes on 2 cores")
+    parser.add_argument(
+        "--postgres-url",
+        default=DEFAULT_POSTGRES_URL,
+        help="an admin URL of the PostgreSQL server: throwaway databases recon_bench_* are made and dropped "
+        "there (default: RECONCILE_TEST_POSTGRES_URL or the local server)",
+    )
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument(
+        "--pass-processes",
+        type=int,
+        default=None,
+        help="also run the pass with Dagster's multiprocess executor, N processes (default: 3 in full mode, "
+        "none in quick mode); 0 skips it",
+    )
+    parser.add_argument("--json", type=Path, help="also write every figure with its load average to this file")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; sections: {SECTIONS}")
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.pass_processes is not None:
+        sizes["pass_processes"] = args.pass_processes
+    started = time.perf_counter()
+
+    report = Report()
+    dbs = Databases(args.postgres_url)
+    try:
+        postgres = dbs.server_version()
+    except Exception as exc:  # noqa: BLE001 - the one precondition; say what is wrong and stop
+        print(f"error: PostgreSQL is not reachable at {args.postgres_url}: {exc}", file=sys.stderr)
+        return 2
+    report.context = {"mode": "quick" if args.quick else "full", "machine": machine(), "postgres": postgres}
+    host = report.context["machine"]
+    print(f"mode: {report.context['mode']}")
+    print(f"machine: {host['cpu']}, {host['cores']} cores, {host['memory_gb']} GB, {host['os']}")
+    print(f"python: {host['python']}")
+    print(f"postgres: {postgres}")
+    print(f"load_avg_start: {load_average()}", flush=True)
+
+    workdir = vendor_stage.workdir()
+    try:
+        jobset = None
+        if {"transport", "vendor", "speedup"} & set(sections):
+            jobset = vendor_stage.make_jobs(sizes["vendor_jobs"], workdir)
+        for section in SECTIONS:
+            if section not in sections:
+                continue
+            note(f"--- {section}")
+            if section == "transport":
+                section_transport(report, jobset, sizes)
+            elif section == "vendor":
+                section_vendor(report, jobset)
+            elif section == "speedup":
+                section_speedup(report, jobset, sizes)
+            elif section == "db":
+                section_db(report, dbs, sizes)
+            elif section == "refunds":
+                section_refunds(report, dbs, sizes)
+            elif section == "pass":
+                section_pass(report, dbs, sizes)
+            report.load_line(section)
+    finally:
+        dbs.drop_all()
+    elapsed = time.perf_counter() - started
+    print(f"bench_seconds: {elapsed:.0f}")
+    note("goals:\n" + report.summary())
+    if args.json:
+        args.json.write_text(json.dumps(json.loads(report.to_json()) | {"seconds": elapsed}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ from dagster import (
     MetadataValue,
     asset_check,
 )
-from sqlalchemy import func, select
+from sqlalchemy import BigInteger, cast, func, select
 
 from assets.reconciliation import (
     VENDOR_STATUS_ASSETS,
@@ -156,7 +156,9 @@ def refund_plan_is_safe(reconcile: ReconcileResource, refund_plan: pd.DataFrame)
     plan = refund_plan.copy()
     g, t = ai_generations.c, credit_transactions.c
     # Re-read the ledger independently of the planner: a planning bug must not vouch for itself.
-    charged = func.coalesce(func.sum(-t.amount).filter(t.kind == "charge", t.amount < 0, t.user_id == g.user_id), 0)
+    charged = func.coalesce(
+        func.sum(-cast(t.amount, BigInteger)).filter(t.kind == "charge", t.amount < 0, t.user_id == g.user_id), 0
+    )
     refunded = func.coalesce(func.sum(t.amount).filter(t.kind == "refund", t.amount > 0), 0)
     ledger_query = (
         select(g.id, g.status, (charged - refunded).label("owed"))

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import and_, case, func, insert, or_, select, union
+from sqlalchemy import BigInteger, and_, case, cast, func, insert, or_, select, union
 from sqlalchemy.engine import Connection
 
 from reconcile.db.schema import (
+    INT4_MAX,
     NON_TERMINAL_STATUSES,
     ai_generations,
     credit_transactions,
@@ -68,11 +69,12 @@ def _ledger_by_job(scope: Scope):
     t = credit_transactions.c
     is_charge = and_(t.kind == "charge", t.amount < 0)
     is_refund = and_(t.kind == "refund", t.amount > 0)
+    amount = cast(t.amount, BigInteger)  # -(-2^31) and sums past 2^31-1 must not overflow on PostgreSQL
     query = select(
         t.job_id,
         func.count(case((t.kind == "charge", 1))).label("charge_rows"),
-        func.coalesce(func.sum(case((is_charge, -t.amount), else_=0)), 0).label("charged"),
-        func.coalesce(func.max(case((is_charge, -t.amount), else_=0)), 0).label("largest_charge"),
+        func.coalesce(func.sum(case((is_charge, -amount), else_=0)), 0).label("charged"),
+        func.coalesce(func.max(case((is_charge, -amount), else_=0)), 0).label("largest_charge"),
         func.count(case((and_(t.kind == "charge", t.amount >= 0), 1))).label("bad_sign_charges"),
         func.count(case((t.kind == "refund", 1))).label("refund_rows"),
         func.coalesce(func.sum(case((is_refund, t.amount), else_=0)), 0).label("refunded"),
@@ -195,8 +197,8 @@ def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -
         select(
             func.sum(
                 case(
-                    (and_(t.kind == "charge", t.amount < 0), -t.amount),
-                    (and_(t.kind == "refund", t.amount > 0), -t.amount),
+                    (and_(t.kind == "charge", t.amount < 0), -cast(t.amount, BigInteger)),
+                    (and_(t.kind == "refund", t.amount > 0), -cast(t.amount, BigInteger)),
                     else_=0,
                 )
             )
@@ -290,8 +292,11 @@ def write_findings(conn: Connection, findings: pd.DataFrame, run_id: str, now: d
             "category": r.category,
             "job_id": None if pd.isna(r.job_id) else r.job_id,
             "user_id": None if pd.isna(r.user_id) else r.user_id,
-            "credits": int(r.credits),
-            "detail": r.detail,
+            # The contract's column is `integer`: a larger amount at stake is capped, and the detail says so.
+            "credits": min(int(r.credits), INT4_MAX),
+            "detail": r.detail
+            if int(r.credits) <= INT4_MAX
+            else f"{r.detail} (credits at stake {int(r.credits)}, capped to {INT4_MAX})",
             "detected_at": now,
         }
         for r in findings.itertuples(index=False)

@@ -232,5 +232,9 @@ def create_platform_tables(conn: Connection) -> None:
             conn.exec_driver_sql(body)
 
 
+# The largest value an `integer` column holds on PostgreSQL (the contract's credits and amounts).
+INT4_MAX = 2_147_483_647
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)

@@ -117,3 +117,13 @@ def db(database_url: str) -> Iterator[Database]:
         yield Database(engine.dialect.name, database_url, engine)
     finally:
         engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_checkout_clean(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """In-process passes write reports and Dagster runs to these defaults: never into the checkout's .reconcile/."""
+    if "RECONCILE_REPORTS_DIR" not in os.environ:
+        monkeypatch.setenv("RECONCILE_REPORTS_DIR", str(tmp_path_factory.mktemp("reports")))
+    if "DAGSTER_HOME" not in os.environ:
+        home = tmp_path_factory.mktemp("dagster_home")
+        monkeypatch.setenv("DAGSTER_HOME", str(home))

@@ -30,8 +30,17 @@ STUCK_CASES = tuple(
 STUCK_SHARE = 0.344  # of a generated population (measured: 34,398 of 100,000)
 
 
-def run_pass(dbs: Databases, stuck: int, limit: float, processes: int, label: str, seed: int = 21) -> dict[str, Any]:
-    """A fresh platform with about `stuck` stuck jobs, one pass on it; the child's JSON answer."""
+def run_pass(
+    dbs: Databases,
+    stuck: int,
+    limit: float,
+    processes: int,
+    label: str,
+    seed: int = 21,
+    max_jobs_per_pass: int | None = None,
+) -> dict[str, Any]:
+    """A fresh platform with about `stuck` stuck jobs, one pass on it; the child's JSON answer.
+    `max_jobs_per_pass`: RECONCILE_MAX_JOBS_PER_PASS (default: above the stuck jobs, all in one pass)."""
     size = max(1000, round(stuck / STUCK_SHARE))
     started = time.perf_counter()
     population = generate_population(size, seed=seed, now=datetime.now(UTC))
@@ -53,7 +62,7 @@ def run_pass(dbs: Databases, stuck: int, limit: float, processes: int, label: st
             "RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND": str(limit),
             "RECONCILE_VENDOR_CONCURRENCY": "32",
             # Every stuck job in one pass (the default cap, 50,000, would leave the rest to the next).
-            "RECONCILE_MAX_JOBS_PER_PASS": str(max(50_000, 2 * stuck_expected)),
+            "RECONCILE_MAX_JOBS_PER_PASS": str(max_jobs_per_pass or max(50_000, 2 * stuck_expected)),
             "RECONCILE_REPORTS_DIR": str(workdir / "reports"),
             "DAGSTER_HOME": str(workdir / "dagster_home"),
         }

@@ -51,7 +51,7 @@ QUICK = {
     "per_vendor_processes": False,
     "db_base_rows": 100_000,
     "db_core_jobs": 30_000,
-    "db_repeats": 2,
+    "db_repeats": 3,
     "db_full_audits": False,
     "refund_jobs": 10_000,
     "rowwise_jobs": 1_000,
@@ -202,7 +202,8 @@ def section_pass(report: Report, dbs: Databases, sizes: dict) -> None:
         goal="<= 500",
         met=single["peak_rss_mb"] <= 500,
         digits=0,
-        detail=f"{single['stuck']:,} stuck jobs, {single['size']:,} jobs in the table",
+        detail=f"{single['stuck']:,} stuck jobs, {single['size']:,} jobs in the table; resident MB by the end of "
+        + ", ".join(f"{k} {v}" for k, v in single["step_peak_rss_mb"].items()),
     )
     report.add(
         "pass_seconds",

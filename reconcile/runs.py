@@ -32,7 +32,9 @@ def acquire_lease(engine: Engine, holder: str, now: datetime, ttl_seconds: int) 
     values = {"name": LEASE_NAME, "holder": holder, "acquired_at": now, "expires_at": expires}
     with engine.begin() as conn:
         insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        if conn.execute(insert(recon_lease).values(values).on_conflict_do_nothing()).rowcount:
+        # RETURNING, not rowcount: psycopg reports -1 (unknown, truthy) for INSERT .. ON CONFLICT DO NOTHING.
+        inserted = insert(recon_lease).values(values).on_conflict_do_nothing().returning(lease.name)
+        if conn.execute(inserted).first() is not None:
             return  # the first pass ever
         taken = conn.execute(
             update(recon_lease)

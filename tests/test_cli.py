@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from reconcile.db.schema import ai_generations, credit_transactions, recon_refunds, utcnow
+from reconcile.db.schema import ai_generations, credit_transactions, recon_refunds, recon_runs, utcnow
 from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from tests.platform import assert_ledger_invariants
@@ -86,7 +86,11 @@ def test_two_runs_at_the_same_moment_never_double_process(db, tmp_path: Path) ->
         loser = next(err for code, _, err in results if code == 1)
         assert "holds the lease" in loser
     else:
-        assert codes == [0, 0]  # one finished before the other started
+        assert codes == [0, 0]  # one finished before the other started: they never overlapped
+        r = recon_runs.c
+        with db.engine.connect() as conn:
+            runs = conn.execute(select(r.started_at, r.finished_at).order_by(r.started_at)).all()
+        assert len(runs) == 2 and runs[1].started_at >= runs[0].finished_at, runs
     t = credit_transactions.c
     with db.engine.connect() as conn:
         refund_rows = conn.execute(select(func.count()).where(t.kind == "refund")).scalar_one()

@@ -106,7 +106,7 @@ class StageRun:
         return self.requests[vendor] / self.elapsed[vendor]
 
 
-def run_stage(sim: SimulatorProcess, jobs: Sequence[JobRef], limit: float, transport: str = "aiohttp") -> StageRun:
+def run_stage(sim: SimulatorProcess, jobs: Sequence[JobRef], limit: float, transport: Any = "aiohttp") -> StageRun:
     """fetch_vendor_truth over `jobs`, as the pass calls it; the simulator counts the requests."""
     settings = load_settings(client_env(sim, limit))
     sim.reset_stats()
@@ -239,12 +239,16 @@ def measure_transports(jobset: JobSet, jobs_per_transport: dict[str, int]) -> di
     per job), concurrency 32, the simulator answering after 20 ms with no rate limit, and the client's
     limit out of the way: what the transport itself allows. Each transport gets enough jobs for a few
     seconds of work (its client's start-up, e.g. an SSL context, is then noise)."""
+    from httpx_aiohttp import AiohttpTransport
+
     replicate = jobset.of("replicate")
     out = {}
     with simulator(jobset.truth_path, None) as sim:
-        for transport in ("httpx", "aiohttp"):
+        for transport in ("httpx", "httpx-aiohttp", "aiohttp"):
             jobs = replicate[: jobs_per_transport[transport]]
-            run = run_stage(sim, jobs, 100_000.0, transport=transport)
+            # httpx over aiohttp: the httpx client with httpx-aiohttp's transport (what the pass used before)
+            client = AiohttpTransport() if transport == "httpx-aiohttp" else transport
+            run = run_stage(sim, jobs, 100_000.0, transport=client)
             out[transport] = run.total_requests / run.wall
             note(
                 f"transport {transport}: {run.total_requests} requests in {run.wall:.1f}s = {out[transport]:.0f} req/s "

@@ -18,8 +18,6 @@ from sqlalchemy import BigInteger, cast, func, select
 
 from assets.reconciliation import (
     VENDOR_STATUS_ASSETS,
-    SyncOutcome,
-    VendorTruth,
     credit_leakage,
     job_status_sync,
     refund_plan,
@@ -30,10 +28,11 @@ from assets.resources import ReconcileResource
 from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, credit_transactions, recon_refunds
 from reconcile.leakage import CATEGORIES
 from reconcile.models import VendorState
-from reconcile.quality import Expect, QualityResult, validate
+from reconcile.quality import Expect, ExpectationOutcome, QualityResult, combine, validate
 from reconcile.refunds import NEVER_DISPATCHED, VENDOR_FAILED
 from reconcile.settings import VENDORS
-from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING, Classified
+from reconcile.staging import StuckSet, answers_not_asked_for, iter_pass_jobs, iter_status_changes
+from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING
 
 
 def _result(quality: QualityResult) -> AssetCheckResult:
@@ -62,29 +61,39 @@ def _result(quality: QualityResult) -> AssetCheckResult:
 @asset_check(
     asset=stuck_jobs, description="Stuck job ids unique; processable rows have a known vendor and credits >= 0."
 )
-def stuck_jobs_are_well_formed(stuck_jobs: Classified) -> AssetCheckResult:
-    jobs = stuck_jobs.jobs
-    processable = jobs[jobs["category"] != INVALID] if not jobs.empty else jobs
+def stuck_jobs_are_well_formed(reconcile: ReconcileResource, stuck_jobs: StuckSet) -> AssetCheckResult:
     categories = [DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING]
-    whole = validate(
-        "stuck_jobs",
-        jobs,
-        [
-            Expect("ExpectColumnValuesToBeUnique", column="job_id"),
-            Expect("ExpectColumnValuesToNotBeNull", column="job_id"),
-            Expect("ExpectColumnValuesToBeInSet", column="category", value_set=categories),
-            Expect("ExpectColumnValuesToBeInSet", column="status", value_set=list(NON_TERMINAL_STATUSES)),
-        ],
-    )
-    valid = validate(
-        "stuck_jobs_processable",
-        processable,
-        [
-            Expect("ExpectColumnValuesToBeBetween", column="credits_charged", min_value=0),
-            Expect("ExpectColumnValuesToBeInSet", column="vendor", value_set=list(VENDORS)),
-        ],
-    )
-    return _result(QualityResult("stuck_jobs", whole.rows, whole.outcomes + valid.outcomes))
+    whole, processable = [], []
+    for jobs in iter_pass_jobs(reconcile.engine(), stuck_jobs.pass_id, stuck_jobs.chunk_size):
+        whole.append(
+            validate(
+                "stuck_jobs",
+                jobs,
+                [
+                    Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+                    Expect("ExpectColumnValuesToNotBeNull", column="job_id"),
+                    Expect("ExpectColumnValuesToBeInSet", column="category", value_set=categories),
+                    Expect("ExpectColumnValuesToBeInSet", column="status", value_set=list(NON_TERMINAL_STATUSES)),
+                ],
+            )
+        )
+        processable.append(
+            validate(
+                "stuck_jobs_processable",
+                jobs[jobs["category"] != INVALID],
+                [
+                    Expect("ExpectColumnValuesToBeBetween", column="credits_charged", min_value=0),
+                    Expect("ExpectColumnValuesToBeInSet", column="vendor", value_set=list(VENDORS)),
+                ],
+            )
+        )
+    staged = combine("stuck_jobs", whole)
+    if staged.rows != stuck_jobs.count():
+        return AssetCheckResult(
+            passed=False, description=f"{stuck_jobs.count()} stuck jobs taken, {staged.rows} staged"
+        )
+    valid = combine("stuck_jobs_processable", processable)
+    return _result(QualityResult("stuck_jobs", staged.rows, staged.outcomes + valid.outcomes))
 
 
 def answer_check(vendor: str, vendor_asset: AssetsDefinition) -> AssetChecksDefinition:
@@ -95,52 +104,64 @@ def answer_check(vendor: str, vendor_asset: AssetsDefinition) -> AssetChecksDefi
         blocking=True,
         description=f"Exactly one answer per dispatched stuck {vendor} job, every state canonical (blocks the sync).",
     )
-    def _check(stuck_jobs: Classified, **answers: VendorTruth) -> AssetCheckResult:
-        (truth,) = answers.values()
-        dispatched = stuck_jobs.of(DISPATCHED)
-        return _answer_quality(dispatched[dispatched["vendor"] == vendor], truth.answers)
+    def _check(reconcile: ReconcileResource, stuck_jobs: StuckSet) -> AssetCheckResult:
+        engine = reconcile.engine()
+        chunks = iter_pass_jobs(
+            engine, stuck_jobs.pass_id, stuck_jobs.chunk_size, category=DISPATCHED, vendor=vendor, with_answers=True
+        )
+        states = [s.value for s in VendorState]
+        coverage, canonical = [], []
+        for jobs in chunks:
+            # One answer per job is the staging table's primary key; here: none missing, all canonical.
+            answered = pd.DataFrame({"job_id": jobs["job_id"], "answered": jobs["answer_state"].notna()})
+            coverage.append(
+                validate(
+                    "vendor_answer_coverage",
+                    answered,
+                    [Expect("ExpectColumnValuesToBeInSet", column="answered", value_set=[True])],
+                )
+            )
+            canonical.append(
+                validate(
+                    "vendor_answers",
+                    pd.DataFrame({"state": jobs["answer_state"].dropna()}),
+                    [Expect("ExpectColumnValuesToBeInSet", column="state", value_set=states)],
+                )
+            )
+        unasked = answers_not_asked_for(engine, stuck_jobs.pass_id, vendor)
+        asked_only = ExpectationOutcome("answers_only_for_asked_jobs", "job_id", not unasked, len(unasked), unasked[:5])
+        asked = combine("vendor_answer_coverage", coverage)
+        outcomes = asked.outcomes + combine("vendor_answers", canonical).outcomes + [asked_only]
+        return _result(QualityResult("vendor_statuses", asked.rows, outcomes))
 
     return _check
-
-
-def _answer_quality(dispatched: pd.DataFrame, answers: pd.DataFrame) -> AssetCheckResult:
-    asked = dispatched[["job_id"]]
-    per_job = answers.groupby("job_id").size().rename("answers").reset_index() if not answers.empty else None
-    coverage = asked.merge(per_job, on="job_id", how="outer") if per_job is not None else asked.assign(answers=0)
-    coverage["answers"] = coverage["answers"].fillna(0).astype("int64")
-    coverage["was_asked"] = coverage["job_id"].isin(asked["job_id"])
-    states = [s.value for s in VendorState]
-    quality = validate(
-        "vendor_answer_coverage",
-        coverage,
-        [
-            Expect("ExpectColumnValuesToBeBetween", column="answers", min_value=1, max_value=1),
-            Expect("ExpectColumnValuesToBeInSet", column="was_asked", value_set=[True]),
-        ],
-    )
-    states_quality = validate(
-        "vendor_answers", answers, [Expect("ExpectColumnValuesToBeInSet", column="state", value_set=states)]
-    )
-    return _result(QualityResult("vendor_statuses", len(answers), quality.outcomes + states_quality.outcomes))
 
 
 @asset_check(
     asset=job_status_sync,
     additional_ins={"stuck_jobs": AssetIn("stuck_jobs")},
     blocking=True,
-    description="Sync changed only non-terminal jobs, only to completed or failed (blocks refunds).",
+    description="Sync changed only non-terminal stuck jobs of this pass, only to completed or failed, each once "
+    "(blocks refunds).",
 )
-def sync_changed_only_stuck_jobs(stuck_jobs: Classified, job_status_sync: SyncOutcome) -> AssetCheckResult:
-    applied = job_status_sync.applied.copy()
-    applied["was_stuck"] = applied["job_id"].isin(stuck_jobs.jobs["job_id"]) if not applied.empty else []
-    quality = validate(
+def sync_changed_only_stuck_jobs(
+    context: AssetCheckExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
+) -> AssetCheckResult:
+    changes = iter_status_changes(reconcile.engine(), context.run.run_id, stuck_jobs.pass_id, stuck_jobs.chunk_size)
+    quality = combine(
         "status_changes",
-        applied,
         [
-            Expect("ExpectColumnValuesToBeInSet", column="from_status", value_set=list(NON_TERMINAL_STATUSES)),
-            Expect("ExpectColumnValuesToBeInSet", column="to_status", value_set=["completed", "failed"]),
-            Expect("ExpectColumnValuesToBeInSet", column="was_stuck", value_set=[True]),
-            Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+            validate(
+                "status_changes",
+                applied,
+                [
+                    Expect("ExpectColumnValuesToBeInSet", column="from_status", value_set=list(NON_TERMINAL_STATUSES)),
+                    Expect("ExpectColumnValuesToBeInSet", column="to_status", value_set=["completed", "failed"]),
+                    Expect("ExpectColumnValuesToBeInSet", column="was_stuck", value_set=[True]),
+                    Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+                ],
+            )
+            for applied in changes
         ],
     )
     return _result(quality)

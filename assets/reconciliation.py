@@ -23,7 +23,6 @@ from assets.resources import ReconcileResource
 from reconcile import markdown
 from reconcile.db.schema import utcnow
 from reconcile.leakage import CATEGORIES, detect_leakage, previous_findings, write_findings
-from reconcile.models import VendorAnswer
 from reconcile.refunds import apply_refunds, plan_refunds
 from reconcile.runs import (
     acquire_lease,
@@ -36,21 +35,18 @@ from reconcile.runs import (
     run_scope,
 )
 from reconcile.settings import VENDORS
-from reconcile.stuck import (
-    DISPATCHED,
-    INVALID,
-    UNDISPATCHED_DUE,
-    UNDISPATCHED_WAITING,
-    Classified,
-    classify_stuck_jobs,
-    count_stuck_jobs,
-    fetch_stuck_jobs,
+from reconcile.staging import (
+    PASS_JOB_COLUMNS,
+    StuckSet,
+    iter_pass_jobs,
+    purge_old_passes,
+    stage_stuck_jobs,
 )
-from reconcile.sync import SyncPlan, apply_status_changes, plan_status_changes
-from reconcile.vendors.fetch import fetch_vendor_truth
+from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING
+from reconcile.sync import sync_staged_pass
+from reconcile.vendor_stage import VendorStage, ask_vendor
 
 GROUP = "reconciliation"
-ANSWER_COLUMNS = list(VendorAnswer.__dataclass_fields__)
 
 
 def _counts_md(frame: pd.DataFrame, by: list[str], value: str | None = None, limit: int = 20) -> MetadataValue:
@@ -65,77 +61,76 @@ class PassConfig(Config):
 
 @dataclass
 class VendorTruth:
-    """The vendor stage's output: one answer per dispatched stuck job, and each vendor's health."""
+    """The vendor stage's output: the vendor's health for the pass (its answers are staged in the
+    database, in recon_pass_answers)."""
 
-    answers: pd.DataFrame
     health: dict[str, str] = field(default_factory=dict)
     health_detail: dict[str, str] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-@dataclass
-class SyncOutcome:
-    applied: pd.DataFrame
-    lost_race: pd.DataFrame
-    untouched: pd.DataFrame
-
-
 @asset(group_name=GROUP, kinds={"sql", "pandas"})
 def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: ReconcileResource) -> MaterializeResult:
     """Non-terminal jobs untouched for RECONCILE_STUCK_AFTER_MINUTES, sorted into dispatched,
-    never-dispatched (waiting or due to fail) and invalid rows. Takes the pass lease first."""
+    never-dispatched (waiting or due to fail) and invalid rows, and staged in recon_pass_jobs for the
+    later steps to read back in chunks of RECONCILE_CHUNK_SIZE. Takes the pass lease first."""
     settings = reconcile.settings()
     engine = reconcile.engine()
+    run_id = context.run.run_id
     now = utcnow()
-    acquire_lease(engine, context.run.run_id, now, settings.lease_seconds)
+    acquire_lease(engine, run_id, now, settings.lease_seconds)
     with engine.connect() as conn:
         scope = choose_scope(conn, now, settings.full_audit_every_hours, config.full_audit)
         watermark = ledger_watermark(conn)
-        stuck = fetch_stuck_jobs(conn, now, settings.stuck_after_minutes, limit=settings.max_jobs_per_pass)
-        stuck_total = (
-            count_stuck_jobs(conn, now, settings.stuck_after_minutes)
-            if len(stuck) == settings.max_jobs_per_pass
-            else len(stuck)
-        )
-    record_run_start(engine, context.run.run_id, now, scope, watermark, settings.config_hash())
-    context.instance.add_run_tags(context.run.run_id, {"reconcile/config_hash": settings.config_hash()})
-    classified = classify_stuck_jobs(stuck, now, settings.undispatched_fail_after_minutes)
-    jobs = classified.jobs
-
-    def count(category: str) -> int:
-        return int((jobs["category"] == category).sum()) if not jobs.empty else 0
-
-    undispatched = count(UNDISPATCHED_WAITING) + count(UNDISPATCHED_DUE)
+    record_run_start(engine, run_id, now, scope, watermark, settings.config_hash())
+    context.instance.add_run_tags(run_id, {"reconcile/config_hash": settings.config_hash()})
+    purged = purge_old_passes(engine, now)
+    stuck = stage_stuck_jobs(
+        engine,
+        run_id,
+        now,
+        stuck_after_minutes=settings.stuck_after_minutes,
+        undispatched_fail_after_minutes=settings.undispatched_fail_after_minutes,
+        max_jobs=settings.max_jobs_per_pass,
+        chunk_size=settings.chunk_size,
+    )
+    undispatched = stuck.count(UNDISPATCHED_WAITING) + stuck.count(UNDISPATCHED_DUE)
     if undispatched:
         context.log.warning(
             f"{undispatched} stuck job(s) never reached a vendor (no vendor_task_id): is a worker "
-            f"deployed without its secrets? {count(UNDISPATCHED_DUE)} are past "
+            f"deployed without its secrets? {stuck.count(UNDISPATCHED_DUE)} are past "
             f"RECONCILE_UNDISPATCHED_FAIL_AFTER_MINUTES and will be failed and refunded."
         )
-    if stuck_total > len(jobs):
+    if stuck.stuck_total > stuck.count():
         context.log.warning(
-            f"{stuck_total} jobs are stuck; this pass takes the oldest {len(jobs)} "
+            f"{stuck.stuck_total} jobs are stuck; this pass takes the oldest {stuck.count()} "
             "(RECONCILE_MAX_JOBS_PER_PASS), the next passes the rest"
         )
-    context.log.info(f"stuck jobs: {len(jobs)} ({count(DISPATCHED)} dispatched, {count(INVALID)} invalid)")
+    context.log.info(
+        f"stuck jobs: {stuck.count()} ({stuck.count(DISPATCHED)} dispatched, {stuck.count(INVALID)} invalid), "
+        f"staged in {stuck.chunks} chunk(s) of at most {stuck.chunk_size}"
+    )
     return MaterializeResult(
-        value=classified,
+        value=stuck,
         metadata={
-            "stuck": len(jobs),
-            "stuck_total": stuck_total,
-            "dispatched": count(DISPATCHED),
-            "undispatched_waiting": count(UNDISPATCHED_WAITING),
-            "undispatched_due": count(UNDISPATCHED_DUE),
-            "invalid": count(INVALID),
-            "credits_at_stake": int(jobs["credits_charged"].clip(lower=0).sum()) if not jobs.empty else 0,
+            "stuck": stuck.count(),
+            "stuck_total": stuck.stuck_total,
+            "dispatched": stuck.count(DISPATCHED),
+            "undispatched_waiting": stuck.count(UNDISPATCHED_WAITING),
+            "undispatched_due": stuck.count(UNDISPATCHED_DUE),
+            "invalid": stuck.count(INVALID),
+            "credits_at_stake": stuck.credits(),
+            "chunks": stuck.chunks,
+            "chunk_size": stuck.chunk_size,
+            "purged_old_pass_rows": purged,
             "scan_mode": scope.mode,
             "config_hash": settings.config_hash(),
             "config": MetadataValue.json(settings.redacted()),
-            "by_vendor_and_category": _counts_md(jobs, ["vendor", "category"], "credits_charged", limit=20),
+            "by_vendor_and_category": MetadataValue.md(
+                markdown.table(stuck.counts.sort_values("jobs", ascending=False), limit=20)
+            ),
             "oldest": MetadataValue.md(
-                markdown.table(
-                    jobs[["job_id", "vendor", "status", "updated_at", "category"]] if not jobs.empty else jobs
-                )
+                markdown.table(stuck.oldest[["job_id", "vendor", "status", "updated_at", "category"]])
             ),
         },
     )
@@ -148,54 +143,49 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
     @asset(
         name=f"vendor_statuses_{vendor}",
         group_name=GROUP,
-        kinds={"python", "pandas"},
+        kinds={"python", "sql"},
         ins={"stuck_jobs": AssetIn("stuck_jobs")},
         description=f"{vendor}'s true status of every dispatched stuck {vendor} job, asked concurrently and "
-        "politely (rate limit, Retry-After, bounded retries); the vendor's health for the run.",
+        "politely (rate limit, Retry-After, bounded retries) a chunk at a time, staged in recon_pass_answers; "
+        "the vendor's health for the run.",
     )
     def _vendor_statuses(
-        context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: Classified
+        context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
     ) -> MaterializeResult:
-        refs = [ref for ref in stuck_jobs.job_refs() if ref.vendor == vendor]
-        context.log.info(f"asking {vendor} about {len(refs)} dispatched stuck job(s)")
-        result = fetch_vendor_truth(refs, reconcile.settings(), context.run.run_id)
-        answers = pd.DataFrame([a.__dict__ for a in result.answers], columns=ANSWER_COLUMNS)
-        answers["state"] = answers["state"].astype(str)
-        health = {v: str(h) for v, h in result.health.items()}
-        for name, status in health.items():
-            if status != "ok":
-                context.log.error(f"vendor {name}: {status}: {result.health_detail.get(name, '')}")
-        unknown = answers[answers["state"] == "unknown"]
+        total = stuck_jobs.count(DISPATCHED, vendor)
+        context.log.info(f"asking {vendor} about {total} dispatched stuck job(s)")
+
+        def progress(stage: VendorStage) -> None:
+            if total > stuck_jobs.chunk_size:
+                context.log.info(f"{vendor}: {stage.answers} of {total} answered ({stage.health})")
+
+        stage = ask_vendor(reconcile.engine(), stuck_jobs, vendor, reconcile.settings(), context.run.run_id, progress)
+        if stage.health != "ok":
+            context.log.error(f"vendor {vendor}: {stage.health}: {stage.detail}")
         return MaterializeResult(
-            value=VendorTruth(answers, health, dict(result.health_detail), result.stats),
+            value=VendorTruth({vendor: str(stage.health)}, {vendor: stage.detail}, {vendor: stage.stats}),
             metadata={
-                "answers": len(answers),
-                "unknown": len(unknown),
-                "health": health.get(vendor, "ok"),
-                "answers_by_state": _counts_md(answers, ["state"]),
-                "vendor_health": MetadataValue.json(
-                    {v: {"health": h, "detail": result.health_detail.get(v, "")} for v, h in health.items()}
-                ),
-                "requests": MetadataValue.json(result.stats),
-                "unknown_reasons": _counts_md(unknown, ["reason"]),
+                "answers": stage.answers,
+                "unknown": stage.states.get("unknown", 0),
+                "health": str(stage.health),
+                "chunks": len(stage.chunk_sizes),
+                "largest_chunk": max(stage.chunk_sizes, default=0),
+                "answers_by_state": _tally_md(stage.states, "state"),
+                "vendor_health": MetadataValue.json({vendor: {"health": str(stage.health), "detail": stage.detail}}),
+                "requests": MetadataValue.json({vendor: stage.stats}),
+                "unknown_reasons": _tally_md(stage.unknown_reasons, "reason"),
             },
         )
 
     return _vendor_statuses
 
 
+def _tally_md(tally: dict[str, int], name: str) -> MetadataValue:
+    frame = pd.DataFrame(sorted(tally.items(), key=lambda kv: -kv[1]), columns=[name, "rows"])
+    return MetadataValue.md(markdown.table(frame, 20))
+
+
 VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in VENDORS}
-
-
-def combine_vendor_truths(truths: list[VendorTruth]) -> VendorTruth:
-    frames = [t.answers for t in truths if not t.answers.empty]
-    answers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ANSWER_COLUMNS)
-    combined = VendorTruth(answers)
-    for truth in truths:
-        combined.health.update(truth.health)
-        combined.health_detail.update(truth.health_detail)
-        combined.stats.update(truth.stats)
-    return combined
 
 
 @asset(
@@ -206,34 +196,37 @@ def combine_vendor_truths(truths: list[VendorTruth]) -> VendorTruth:
 def job_status_sync(
     context: AssetExecutionContext,
     reconcile: ReconcileResource,
-    stuck_jobs: Classified,
+    stuck_jobs: StuckSet,
     vendor_statuses_fal: VendorTruth,
     vendor_statuses_replicate: VendorTruth,
     vendor_statuses_kie: VendorTruth,
 ) -> MaterializeResult:
-    """The vendors' terminal answers written back by compare-and-set: a late webhook always wins."""
-    vendor_statuses = combine_vendor_truths([vendor_statuses_fal, vendor_statuses_replicate, vendor_statuses_kie])
+    """The vendors' terminal answers written back by compare-and-set, a chunk at a time: a late webhook
+    always wins. What happened to each job is kept on its staged row (recon_pass_jobs.outcome)."""
+    health = {**vendor_statuses_fal.health, **vendor_statuses_replicate.health, **vendor_statuses_kie.health}
     settings = reconcile.settings()
     engine = reconcile.engine()
-    now = utcnow()
-    acquire_lease(engine, context.run.run_id, now, settings.lease_seconds)  # renew: still ours
-    plan: SyncPlan = plan_status_changes(
-        stuck_jobs, vendor_statuses.answers, vendor_statuses.health, settings.undispatched_fail_after_minutes
+    run_id = context.run.run_id
+
+    def before_chunk(changes: pd.DataFrame) -> None:
+        acquire_lease(engine, run_id, utcnow(), settings.lease_seconds)  # renew: still ours
+        context.log.info(f"syncing {len(changes)} status change(s) by compare-and-set")
+
+    totals = sync_staged_pass(
+        engine, stuck_jobs, health, run_id, utcnow(), settings.undispatched_fail_after_minutes, before_chunk
     )
-    context.log.info(f"syncing {len(plan.changes)} status change(s) by compare-and-set")
-    result = apply_status_changes(engine, plan.changes, context.run.run_id, now)
-    if not result.lost_race.empty:
-        context.log.info(f"{len(result.lost_race)} job(s) changed since read (e.g. a webhook): left to it")
-    applied = result.applied
+    if totals.lost_race:
+        context.log.info(f"{totals.lost_race} job(s) changed since read (e.g. a webhook): left to it")
     return MaterializeResult(
-        value=SyncOutcome(applied, result.lost_race, plan.untouched),
+        value=totals,
         metadata={
-            "completed": int((applied["to_status"] == "completed").sum()),
-            "failed": int((applied["to_status"] == "failed").sum()),
-            "lost_race": len(result.lost_race),
-            "untouched": len(plan.untouched),
-            "changes": _counts_md(applied, ["vendor", "to_status", "vendor_state"]),
-            "untouched_reasons": _counts_md(plan.untouched, ["vendor", "reason"], limit=20),
+            "completed": totals.completed,
+            "failed": totals.failed,
+            "lost_race": totals.lost_race,
+            "untouched": totals.untouched,
+            "chunks": totals.chunks,
+            "changes": MetadataValue.md(markdown.table(totals.changes, 20)),
+            "untouched_reasons": MetadataValue.md(markdown.table(totals.untouched_reasons, 20)),
         },
     )
 
@@ -287,20 +280,23 @@ def refunds(
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"})
 def credit_leakage(
-    context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: Classified, refunds: pd.DataFrame
+    context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet, refunds: pd.DataFrame
 ) -> MaterializeResult:
     """Credits charged but never delivered nor refunded, double charges and refunds, ledger rows
     without a job...: one row per finding in recon_leakage_findings, for finance. Ends the pass."""
     settings = reconcile.settings()
     engine = reconcile.engine()
     now = utcnow()
+    # Invalid rows are data errors, normally few (at most RECONCILE_MAX_JOBS_PER_PASS): read whole.
+    invalid_chunks = iter_pass_jobs(engine, stuck_jobs.pass_id, stuck_jobs.chunk_size, category=INVALID)
+    invalid = pd.concat(list(invalid_chunks) or [pd.DataFrame(columns=PASS_JOB_COLUMNS)], ignore_index=True)
     with engine.connect() as conn:
         scope = run_scope(conn, context.run.run_id)
         previous = last_successful_run(conn)
         prior = previous_findings(conn, previous.run_id) if previous else None
-        findings = detect_leakage(conn, scope, now, settings.stuck_after_minutes, stuck_jobs.of(INVALID), prior)
+        findings = detect_leakage(conn, scope, now, settings.stuck_after_minutes, invalid, prior)
     summary = {
-        "stuck": len(stuck_jobs.jobs),
+        "stuck": stuck_jobs.count(),
         "refunds_written": len(refunds),
         "credits_refunded": int(refunds["credits"].sum()) if not refunds.empty else 0,
         "findings": len(findings),

@@ -38,3 +38,12 @@ def counts(frame: pd.DataFrame, by: list[str], value: str | None = None) -> pd.D
     if value:
         out[value] = grouped[value].sum()
     return out.reset_index().sort_values("rows", ascending=False, ignore_index=True)
+
+
+def sum_counts(parts: list[pd.DataFrame], by: list[str], value: str | None = None) -> pd.DataFrame:
+    """`counts` tables of several chunks added up into one, largest first."""
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        return pd.DataFrame(columns=[*by, "rows"] + ([value] if value else []))
+    summed = pd.concat(parts).groupby(by, dropna=False)[["rows"] + ([value] if value else [])].sum()
+    return summed.reset_index().sort_values("rows", ascending=False, ignore_index=True)

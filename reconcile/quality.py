@@ -119,3 +119,28 @@ def _gx_context_unlocked() -> Any:
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         _context = context
     return _context
+
+
+def combine(suite_name: str, results: list[QualityResult]) -> QualityResult:
+    """One result for a suite validated chunk by chunk: an expectation holds if it held on every chunk.
+
+    Expectations across rows (uniqueness) are judged within a chunk only; the staging tables'
+    primary keys guarantee them across chunks.
+    """
+    merged: dict[tuple[str, str | None], ExpectationOutcome] = {}
+    for result in results:
+        for o in result.outcomes:
+            key = (o.expectation, o.column)
+            seen = merged.get(key)
+            merged[key] = (
+                o
+                if seen is None
+                else ExpectationOutcome(
+                    o.expectation,
+                    o.column,
+                    seen.success and o.success,
+                    seen.unexpected_count + o.unexpected_count,
+                    (seen.sample + o.sample)[:SAMPLE_ROWS],
+                )
+            )
+    return QualityResult(suite_name, sum(r.rows for r in results), list(merged.values()))

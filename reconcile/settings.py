@@ -69,6 +69,9 @@ class Settings(BaseModel):
     lease_seconds: int = Field(900, alias="RECONCILE_LEASE_SECONDS", gt=0)
     # Bounds one pass's memory and vendor calls after an incident; the oldest stuck jobs go first.
     max_jobs_per_pass: int = Field(50_000, alias="RECONCILE_MAX_JOBS_PER_PASS", gt=0)
+    # The most stuck jobs any step holds in memory at once: the pass reads its working set back
+    # from the database in chunks of this many, by key range.
+    chunk_size: int = Field(10_000, alias="RECONCILE_CHUNK_SIZE", gt=0, le=1_000_000)
     reports_dir: Path = Field(DEFAULT_REPORTS_DIR, alias="RECONCILE_REPORTS_DIR")
     alert_webhook_url: SecretStr | None = Field(None, alias="RECONCILE_ALERT_WEBHOOK_URL")
     alert_stuck_warning_threshold: int = Field(

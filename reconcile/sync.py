@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,8 +19,10 @@ from sqlalchemy import DateTime, Text, bindparam, func, insert, type_coerce, upd
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
+from reconcile import markdown
 from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, recon_status_changes
 from reconcile.models import VendorHealth, VendorState
+from reconcile.staging import StuckSet, iter_pass_jobs, record_outcomes, split_answers
 from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING, Classified
 
 ERROR_MESSAGE_LIMIT = 2000
@@ -296,3 +298,59 @@ def apply_status_changes(
                 conn.execute(insert(recon_status_changes), audit)
         applied_mask.loc[chunk.index] = applied
     return SyncResult(applied=changes[applied_mask], lost_race=changes[~applied_mask])
+
+
+@dataclass(frozen=True)
+class SyncTotals:
+    """What a staged pass's sync did, in numbers; per job, on the staged rows (`staging.pass_outcomes`)."""
+
+    completed: int
+    failed: int
+    lost_race: int
+    untouched: int
+    changes: pd.DataFrame  # vendor, to_status, vendor_state, rows
+    untouched_reasons: pd.DataFrame  # vendor, reason, rows
+    chunks: int
+
+
+def sync_staged_pass(
+    engine: Engine,
+    stuck: StuckSet,
+    health: dict[str, str],
+    run_id: str,
+    now: datetime,
+    undispatched_fail_after_minutes: int,
+    before_chunk: Callable[[pd.DataFrame], None] | None = None,
+) -> SyncTotals:
+    """Plan and apply the sync of a staged pass a chunk at a time; keep each job's outcome on its row.
+
+    `before_chunk` runs before each chunk is applied (the asset renews its lease there).
+    """
+    changes: list[pd.DataFrame] = []
+    reasons: list[pd.DataFrame] = []
+    lost_race = chunks = 0
+    for chunk in iter_pass_jobs(engine, stuck.pass_id, stuck.chunk_size, with_answers=True):
+        classified, answers = split_answers(chunk)
+        plan = plan_status_changes(classified, answers, health, undispatched_fail_after_minutes)
+        if before_chunk:
+            before_chunk(plan.changes)
+        result = apply_status_changes(engine, plan.changes, run_id, now)
+        outcomes = [
+            result.applied[["job_id"]].assign(outcome="applied", reason=result.applied["to_status"]),
+            result.lost_race[["job_id"]].assign(outcome="lost_race", reason="changed since read"),
+            plan.untouched[["job_id", "reason"]].assign(outcome="untouched"),
+        ]
+        record_outcomes(engine, stuck.pass_id, pd.concat(outcomes, ignore_index=True))
+        changes.append(markdown.counts(result.applied, ["vendor", "to_status", "vendor_state"]))
+        reasons.append(markdown.counts(plan.untouched, ["vendor", "reason"]))
+        lost_race += len(result.lost_race)
+        chunks += 1
+    changed = markdown.sum_counts(changes, ["vendor", "to_status", "vendor_state"])
+    untouched = markdown.sum_counts(reasons, ["vendor", "reason"])
+
+    def moved_to(status: str) -> int:
+        return int(changed.loc[changed["to_status"] == status, "rows"].sum())
+
+    return SyncTotals(
+        moved_to("completed"), moved_to("failed"), lost_race, int(untouched["rows"].sum()), changed, untouched, chunks
+    )

@@ -20,6 +20,7 @@ from assets.resources import ReconcileResource
 from reconcile.db.schema import ai_generations, recon_refunds
 from reconcile.simulator.server import SimulatorThread
 from reconcile.simulator.truth import Outcome, TaskTruth
+from reconcile.staging import pass_outcomes
 from tests.platform import Platform, assert_ledger_invariants
 from tests.test_fault_matrix import FAST
 
@@ -75,7 +76,7 @@ def test_unstorable_vendor_text_never_stops_the_pass(db, monkeypatch: pytest.Mon
             raise_on_error=False,
         )  # fmt: skip
         failures = [e.message for e in result.all_events if e.is_failure]
-        untouched = result.asset_value("job_status_sync").untouched if result.success else None
+        outcomes = pass_outcomes(db.engine, result.asset_value("stuck_jobs").pass_id) if result.success else None
 
     assert_ledger_invariants(db.engine)
     g = ai_generations.c
@@ -87,6 +88,7 @@ def test_unstorable_vendor_text_never_stops_the_pass(db, monkeypatch: pytest.Mon
     assert refunds.get("plain-failed") == 3
     assert result.success, failures
     # The hostile job: its vendor's truth in storable text, or left as it was with a recorded reason.
+    untouched = outcomes[outcomes["outcome"] == "untouched"]
     job, reasons = jobs["hostile"], dict(zip(untouched["job_id"], untouched["reason"], strict=True))
     assert _storable(job.error_message, db.dialect) and _storable(job.result_url, db.dialect)
     assert job.status == meant or (job.status == "processing" and reasons.get("hostile"))

@@ -200,6 +200,64 @@ recon_metrics = Table(
     Column("credits_refunded", BigInteger, nullable=False),
 )
 
+
+class VersionToken(TypeDecorator[object]):
+    """A stuck row's `updated_at` exactly as stored: the compare-and-set token of the sync.
+
+    timestamptz on PostgreSQL (the driver's datetime, microseconds included); the raw text on SQLite,
+    whatever format the platform wrote. Either way it round-trips unchanged through the staging table.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect):
+        return dialect.type_descriptor(DateTime(timezone=True) if dialect.name == "postgresql" else Text())
+
+
+# The pass's working set (revision 0003): the stuck jobs it took and the vendors' answers, keyed by
+# the run that staged them. Steps read them back in bounded chunks by key range (job_id), so no
+# step holds a whole post-incident stuck set in memory, and steps in other processes or pods share
+# them through the database instead of pickled frames. Kept a few days for debugging, then purged.
+recon_pass_jobs = Table(
+    "recon_pass_jobs",
+    recon_metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("job_id", Text, primary_key=True),
+    Column("user_id", Text),
+    Column("type", Text),
+    Column("model", Text),
+    Column("vendor", Text),
+    Column("vendor_task_id", Text),
+    Column("status", Text, nullable=False),
+    Column("credits_charged", BigInteger),
+    Column("created_at", UtcDateTime),
+    Column("updated_at", UtcDateTime),
+    Column("version", VersionToken, nullable=False),
+    Column("category", Text, nullable=False),
+    Column("invalid_reason", Text),
+    # What the sync did with the job: 'applied', 'lost_race' or 'untouched', and why.
+    Column("outcome", Text),
+    Column("outcome_reason", Text),
+    Index("recon_ix_pass_jobs_vendor", "run_id", "category", "vendor", "job_id"),
+)
+
+recon_pass_answers = Table(
+    "recon_pass_answers",
+    recon_metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("job_id", Text, primary_key=True),  # one answer per job: a second one fails loudly
+    Column("vendor", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("result_url", Text),
+    Column("error", Text),
+    Column("reason", Text),
+    Column("http_status", Integer),
+    Column("evidence", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+)
+
+
 # The metrics read the refunds of the last 48 h by time, never the whole table (revision 0002).
 Index("recon_ix_refunds_created_at", recon_refunds.c.created_at)
 

@@ -14,6 +14,8 @@ from assets.resources import ReconcileResource
 from reconcile.db.schema import ai_generations, credit_transactions, recon_leakage_findings, recon_refunds, utcnow
 from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
+from reconcile.staging import pass_outcomes
+from reconcile.stuck import DISPATCHED
 from tests.platform import assert_ledger_invariants
 
 PASS_ASSETS = [*STAGES, *ALL_CHECKS]
@@ -49,6 +51,36 @@ def _state(db):
     return jobs, refunds_, sorted(map(tuple, ledger), key=str)
 
 
+def assert_reached_the_truth(db, population, run_id: str) -> None:
+    """Every job in its vendor's truth, exactly the owed refunds, every expected finding of the run."""
+    jobs, refunded, _ = _state(db)
+    wrong_status = {
+        job_id: (jobs[job_id][0], e.final_status, e.case)
+        for job_id, e in population.expected.items()
+        if e.final_status is not None and jobs[job_id][0] != e.final_status
+    }
+    assert wrong_status == {}
+    expected_refunds = {j: e.refund_credits for j, e in population.expected.items() if e.refund_credits}
+    assert refunded == expected_refunds
+    wrong_url = {
+        j: (jobs[j][1], e.result_url)
+        for j, e in population.expected.items()
+        if e.result_url and jobs[j][1] != e.result_url
+    }
+    assert wrong_url == {}
+    assert_ledger_invariants(db.engine)
+
+    f = recon_leakage_findings.c
+    with db.engine.connect() as conn:
+        rows = conn.execute(select(f.job_id, f.category).where(f.run_id == run_id)).all()
+    found = defaultdict(set)
+    for job_id, category in rows:
+        found[job_id].add(category)
+    missing = {j: (set(e.findings) - found[j], e.case) for j, e in population.expected.items()
+               if set(e.findings) - found[j]}  # fmt: skip
+    assert missing == {}
+
+
 def test_pass_ends_in_the_vendors_truth_with_exactly_the_owed_refunds(world) -> None:
     db, population, _sim = world
     with DagsterInstance.ephemeral() as instance:
@@ -57,32 +89,7 @@ def test_pass_ends_in_the_vendors_truth_with_exactly_the_owed_refunds(world) -> 
         checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
         assert len(checks) == len(ALL_CHECKS) and all(c.passed for c in checks), [c.description for c in checks]
 
-        jobs, refunded, _ = _state(db)
-        wrong_status = {
-            job_id: (jobs[job_id][0], e.final_status, e.case)
-            for job_id, e in population.expected.items()
-            if e.final_status is not None and jobs[job_id][0] != e.final_status
-        }
-        assert wrong_status == {}
-        expected_refunds = {j: e.refund_credits for j, e in population.expected.items() if e.refund_credits}
-        assert refunded == expected_refunds
-        wrong_url = {
-            j: (jobs[j][1], e.result_url)
-            for j, e in population.expected.items()
-            if e.result_url and jobs[j][1] != e.result_url
-        }
-        assert wrong_url == {}
-        assert_ledger_invariants(db.engine)
-
-        f = recon_leakage_findings.c
-        with db.engine.connect() as conn:
-            rows = conn.execute(select(f.job_id, f.category).where(f.run_id == result.run_id)).all()
-        found = defaultdict(set)
-        for job_id, category in rows:
-            found[job_id].add(category)
-        missing = {j: (set(e.findings) - found[j], e.case) for j, e in population.expected.items()
-                   if set(e.findings) - found[j]}  # fmt: skip
-        assert missing == {}
+        assert_reached_the_truth(db, population, result.run_id)
 
         # A second pass right after the first changes nothing.
         before = _state(db)
@@ -131,11 +138,15 @@ def test_webhook_landing_while_the_vendor_answers_wins(db, monkeypatch: pytest.M
         for name, value in {**sim.env(), **FAST_VENDORS, "RECONCILE_DATABASE_URL": db.url}.items():
             monkeypatch.setenv(name, value)
         with DagsterInstance.ephemeral() as instance:
-            assert run_pass(instance).success
+            result = run_pass(instance)
+            assert result.success
+            pass_id = result.asset_value("stuck_jobs").pass_id
     assert raced, "the population has no vendor-failed jobs to race"
     jobs, refunded, _ = _state(db)
     assert all(jobs[job_id][0] == "completed" for job_id in raced)
     assert not set(raced) & set(refunded)
+    outcomes = pass_outcomes(db.engine, pass_id).set_index("job_id")
+    assert set(outcomes.loc[raced, "outcome"]) == {"lost_race"}
 
 
 def test_a_bad_refund_plan_blocks_every_refund(world, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,3 +169,51 @@ def test_a_bad_refund_plan_blocks_every_refund(world, monkeypatch: pytest.Monkey
     _jobs, refunded, _ledger = _state(db)
     assert refunded == {}
     assert_ledger_invariants(db.engine)
+
+
+def _metadata(result) -> dict:
+    return {
+        e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+        for e in result.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+    }
+
+
+def test_a_pass_in_tiny_chunks_reaches_the_same_truth(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    db, population, _sim = world
+    monkeypatch.setenv("RECONCILE_CHUNK_SIZE", "7")
+    with DagsterInstance.ephemeral() as instance:
+        result = run_pass(instance)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+        assert len(checks) == len(ALL_CHECKS) and all(c.passed for c in checks), [c.description for c in checks]
+        stuck = result.asset_value("stuck_jobs")
+    assert_reached_the_truth(db, population, result.run_id)
+    meta = _metadata(result)
+    assert meta["stuck_jobs"]["chunks"].value == -(-stuck.count() // 7) > 10
+    for vendor in ("fal", "replicate", "kie"):
+        steps = meta[f"vendor_statuses_{vendor}"]
+        assert steps["largest_chunk"].value == 7  # never more jobs at once than RECONCILE_CHUNK_SIZE
+        assert steps["chunks"].value == -(-stuck.count(DISPATCHED, vendor) // 7)
+    outcomes = pass_outcomes(db.engine, stuck.pass_id)
+    assert len(outcomes) == stuck.count() and outcomes["outcome"].notna().all()
+
+
+def test_an_unhealthy_vendor_is_not_asked_again_in_later_chunks(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    db, _population, sim = world
+    monkeypatch.setenv("RECONCILE_CHUNK_SIZE", "10")
+    sim.set_knobs("kie", unauthorized=True)
+    with DagsterInstance.ephemeral() as instance:
+        result = run_pass(instance)
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        stuck = result.asset_value("stuck_jobs")
+    kie_jobs = stuck.count(DISPATCHED, "kie")
+    assert kie_jobs > 30
+    assert sim.stats(with_tasks=False)["kie"]["requests"] <= 10  # the first chunk only (it stops at a 401)
+    meta = _metadata(result)["vendor_statuses_kie"]
+    assert (meta["health"].value, meta["chunks"].value) == ("unauthorized", -(-kie_jobs // 10))
+    outcomes = pass_outcomes(db.engine, stuck.pass_id)
+    kie = outcomes[(outcomes["vendor"] == "kie") & (outcomes["category"] == DISPATCHED)]
+    assert len(kie) == kie_jobs and set(kie["reason"]) == {"vendor unauthorized"}
+    others = outcomes[(outcomes["vendor"] != "kie") & (outcomes["outcome"] == "applied")]
+    assert len(others) > 0  # the other vendors' jobs were reconciled as usual

@@ -59,7 +59,7 @@ def test_owned_schema_matches_its_migrations(db) -> None:
 def test_upgrade_is_idempotent_and_adds_indexes(db) -> None:
     upgrade_schema(db.engine)
     upgrade_schema(db.engine)
-    assert current_revision(db.engine) == "0002"
+    assert current_revision(db.engine) == "0003"
     inspector = inspect(db.engine)
     names = {ix["name"] for ix in inspector.get_indexes("ai_generations")}
     assert {"recon_ix_generations_stuck", "recon_ix_generations_updated_at"} <= names
@@ -99,5 +99,5 @@ def test_concurrent_first_upgrades_are_safe(database_url: str) -> None:
         t.join(timeout=120)
     assert errors == []
     check = make_engine(database_url)
-    assert current_revision(check) == "0002"
+    assert current_revision(check) == "0003"
     check.dispose()

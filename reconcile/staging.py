@@ -1,0 +1,249 @@
+"""The pass's working set in the database, read back in bounded chunks by key range.
+
+After an incident hundreds of thousands of jobs can be stuck. The stuck-job step streams them into
+`recon_pass_jobs` (classified, `chunk_size` rows at a time); every later step reads them back by
+`job_id` key range, `chunk_size` at a time, and the vendor steps write their answers into
+`recon_pass_answers`. So no step holds more than `chunk_size` stuck jobs in memory, and steps in
+separate processes or pods share the working set through the database, not through pickled frames.
+Rows are keyed by the run that staged them (`pass_id`): a re-execution of a later step reads the
+original run's working set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from reconcile.db.schema import recon_pass_answers, recon_pass_jobs, recon_runs, recon_status_changes
+from reconcile.models import VendorAnswer
+from reconcile.stuck import (
+    DISPATCHED,
+    STUCK_COLUMNS,
+    Classified,
+    classify_stuck_jobs,
+    count_stuck_jobs,
+    stuck_jobs_query,
+)
+
+PASS_JOB_COLUMNS = [*STUCK_COLUMNS, "category", "invalid_reason"]
+ANSWER_COLUMNS = ["job_id", "vendor", "state", "result_url", "error", "reason", "http_status", "evidence", "attempts"]
+_ANSWER_FIELDS = ANSWER_COLUMNS[2:]  # job_id and vendor are the job's own
+# How long a pass's working set is kept for whoever debugs it, before a later pass purges it.
+RETENTION = timedelta(days=3)
+OLDEST_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class StuckSet:
+    """The stuck jobs one pass staged: where they are and how many of each kind (never the jobs)."""
+
+    pass_id: str
+    chunk_size: int
+    counts: pd.DataFrame  # vendor, category, jobs, credits: one row per pair
+    stuck_total: int  # stuck in the platform: taken by this pass, or left to the next
+    oldest: pd.DataFrame  # the first few, oldest first, for people to look at
+    chunks: int  # how many chunks the staging took
+
+    def count(self, category: str | None = None, vendor: str | None = None) -> int:
+        rows = self.counts
+        if category is not None:
+            rows = rows[rows["category"] == category]
+        if vendor is not None:
+            rows = rows[rows["vendor"] == vendor]
+        return int(rows["jobs"].sum())
+
+    def credits(self) -> int:
+        return int(self.counts["credits"].sum())
+
+
+def stage_stuck_jobs(
+    engine: Engine,
+    pass_id: str,
+    now: datetime,
+    *,
+    stuck_after_minutes: int,
+    undispatched_fail_after_minutes: int,
+    max_jobs: int,
+    chunk_size: int,
+) -> StuckSet:
+    """Stream the stuck jobs (oldest first, at most `max_jobs`) into `recon_pass_jobs`, classified,
+    `chunk_size` at a time, in one transaction. A retried step replaces its working set."""
+    counts: list[pd.DataFrame] = []
+    oldest = pd.DataFrame(columns=PASS_JOB_COLUMNS)
+    query = stuck_jobs_query(now, stuck_after_minutes).limit(max_jobs)
+    with engine.begin() as conn:
+        _clear(conn, pass_id)
+        # One connection reads (a server-side cursor on PostgreSQL) and writes: on SQLite every
+        # transaction holds the write lock, so a second connection would wait for this one.
+        result = conn.execute(query, execution_options={"yield_per": chunk_size})
+        for rows in result.partitions():
+            frame = pd.DataFrame([tuple(r) for r in rows], columns=STUCK_COLUMNS).astype({"credits_charged": "int64"})
+            jobs = classify_stuck_jobs(frame, now, undispatched_fail_after_minutes).jobs
+            conn.execute(insert(recon_pass_jobs), _records(jobs[PASS_JOB_COLUMNS], run_id=pass_id))
+            counts.append(_counts(jobs))
+            oldest = jobs.head(OLDEST_SHOWN) if len(counts) == 1 else oldest
+        taken = sum(int(c["jobs"].sum()) for c in counts)
+        total = count_stuck_jobs(conn, now, stuck_after_minutes) if taken >= max_jobs else taken
+    by_kind = (
+        pd.concat(counts).groupby(["vendor", "category"], as_index=False, dropna=False)[["jobs", "credits"]].sum()
+        if counts
+        else pd.DataFrame({"vendor": [], "category": [], "jobs": [], "credits": []}, dtype="object")
+    )
+    return StuckSet(pass_id, chunk_size, by_kind, total, oldest, len(counts))
+
+
+def _counts(jobs: pd.DataFrame) -> pd.DataFrame:
+    return (
+        jobs.assign(credits=jobs["credits_charged"].clip(lower=0))
+        .groupby(["vendor", "category"], as_index=False, dropna=False)
+        .agg(jobs=("job_id", "size"), credits=("credits", "sum"))
+    )
+
+
+def _records(frame: pd.DataFrame, **constant: Any) -> list[dict[str, Any]]:
+    """Rows to insert, missing values as None (pandas would send NaN and NaT)."""
+    clean = frame.astype(object).where(frame.notna(), None)
+    return [{**row, **constant} for row in clean.to_dict("records")]
+
+
+def _clear(conn: Connection, pass_id: str) -> None:
+    conn.execute(delete(recon_pass_answers).where(recon_pass_answers.c.run_id == pass_id))
+    conn.execute(delete(recon_pass_jobs).where(recon_pass_jobs.c.run_id == pass_id))
+
+
+def iter_pass_jobs(
+    engine: Engine,
+    pass_id: str,
+    chunk_size: int,
+    *,
+    category: str | None = None,
+    vendor: str | None = None,
+    with_answers: bool = False,
+) -> Iterator[pd.DataFrame]:
+    """The pass's staged jobs, `chunk_size` at a time by `job_id` key range (each chunk its own short
+    read, so no transaction stays open across vendor calls); with `with_answers`, each job's vendor
+    answer in `answer_*` columns (missing where there is none)."""
+    j, a = recon_pass_jobs.c, recon_pass_answers.c
+    columns = [j[name] for name in PASS_JOB_COLUMNS]
+    source = recon_pass_jobs
+    if with_answers:
+        columns += [a[name].label(f"answer_{name}") for name in _ANSWER_FIELDS]
+        source = recon_pass_jobs.outerjoin(recon_pass_answers, and_(a.run_id == j.run_id, a.job_id == j.job_id))
+    query = select(*columns).select_from(source).where(j.run_id == pass_id).order_by(j.job_id).limit(chunk_size)
+    if category is not None:
+        query = query.where(j.category == category)
+    if vendor is not None:
+        query = query.where(j.vendor == vendor)
+    names = [c.name for c in columns]
+    last: str | None = None
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(query if last is None else query.where(j.job_id > last)).all()
+        if not rows:
+            return
+        yield pd.DataFrame([tuple(r) for r in rows], columns=names).astype({"credits_charged": "int64"})
+        if len(rows) < chunk_size:
+            return
+        last = rows[-1].job_id
+
+
+def split_answers(chunk: pd.DataFrame) -> tuple[Classified, pd.DataFrame]:
+    """A chunk read `with_answers` as the sync's inputs: the classified jobs and their answers."""
+    answered = chunk[chunk["answer_state"].notna()]
+    answers = pd.DataFrame({"job_id": answered["job_id"], "vendor": answered["vendor"]})
+    for name in _ANSWER_FIELDS:
+        answers[name] = answered[f"answer_{name}"]
+    return Classified(chunk[PASS_JOB_COLUMNS]), answers.reset_index(drop=True)
+
+
+def write_answers(engine: Engine, pass_id: str, answers: Sequence[VendorAnswer]) -> None:
+    rows = [{name: getattr(a, name) for name in ANSWER_COLUMNS} | {"run_id": pass_id} for a in answers]
+    for row in rows:
+        row["state"] = str(row["state"])
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(insert(recon_pass_answers), rows)
+
+
+def clear_answers(engine: Engine, pass_id: str, vendor: str) -> None:
+    """Forget a vendor's answers of this pass (a retried vendor step asks again)."""
+    a = recon_pass_answers.c
+    with engine.begin() as conn:
+        conn.execute(delete(recon_pass_answers).where(a.run_id == pass_id, a.vendor == vendor))
+
+
+def record_outcomes(engine: Engine, pass_id: str, outcomes: pd.DataFrame) -> None:
+    """What the sync did with each job (`job_id`, `outcome`, `reason`), on its staged row."""
+    if outcomes.empty:
+        return
+    j = recon_pass_jobs.c
+    statement = (
+        update(recon_pass_jobs)
+        .where(j.run_id == bindparam("b_run_id"), j.job_id == bindparam("b_job_id"))
+        .values(outcome=bindparam("b_outcome"), outcome_reason=bindparam("b_reason"))
+    )
+    params = [
+        {"b_run_id": pass_id, "b_job_id": job_id, "b_outcome": outcome, "b_reason": reason}
+        for job_id, outcome, reason in outcomes[["job_id", "outcome", "reason"]].itertuples(index=False)
+    ]
+    with engine.begin() as conn:
+        conn.execute(statement, params)
+
+
+def pass_outcomes(engine: Engine, pass_id: str) -> pd.DataFrame:
+    """Every staged job of a pass with what the sync did with it (for people and tests)."""
+    j = recon_pass_jobs.c
+    query = select(j.job_id, j.vendor, j.category, j.outcome, j.outcome_reason).where(j.run_id == pass_id)
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(query).all(), columns=["job_id", "vendor", "category", "outcome", "reason"])
+
+
+def purge_old_passes(engine: Engine, now: datetime) -> int:
+    """Delete the working sets of passes started more than RETENTION ago; the number of jobs rows."""
+    old = select(recon_runs.c.run_id).where(recon_runs.c.started_at < now - RETENTION)
+    with engine.begin() as conn:
+        conn.execute(delete(recon_pass_answers).where(recon_pass_answers.c.run_id.in_(old)))
+        return conn.execute(delete(recon_pass_jobs).where(recon_pass_jobs.c.run_id.in_(old))).rowcount
+
+
+def iter_status_changes(engine: Engine, run_id: str, pass_id: str, chunk_size: int) -> Iterator[pd.DataFrame]:
+    """The status changes a run recorded, `chunk_size` at a time by id, each with `was_stuck`: whether
+    the job is in the pass's staged stuck set."""
+    c, j = recon_status_changes.c, recon_pass_jobs.c
+    staged = select(j.job_id).where(j.run_id == pass_id, j.job_id == c.job_id).exists().label("was_stuck")
+    query = (
+        select(c.id, c.job_id, c.from_status, c.to_status, staged)
+        .where(c.run_id == run_id)
+        .order_by(c.id)
+        .limit(chunk_size)
+    )
+    last = None
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(query if last is None else query.where(c.id > last)).all()
+        if not rows:
+            return
+        yield pd.DataFrame([tuple(r) for r in rows], columns=["id", "job_id", "from_status", "to_status", "was_stuck"])
+        if len(rows) < chunk_size:
+            return
+        last = rows[-1].id
+
+
+def answers_not_asked_for(engine: Engine, pass_id: str, vendor: str) -> list[str]:
+    """The job ids of answers recorded for `vendor` about jobs that were not its dispatched stuck jobs
+    (none, normally)."""
+    a, j = recon_pass_answers.c, recon_pass_jobs.c
+    asked = (
+        select(j.job_id)
+        .where(j.run_id == a.run_id, j.job_id == a.job_id, j.category == DISPATCHED, j.vendor == vendor)
+        .exists()
+    )
+    query = select(a.job_id).where(a.run_id == pass_id, a.vendor == vendor, ~asked).order_by(a.job_id)
+    with engine.connect() as conn:
+        return list(conn.execute(query).scalars())

@@ -1,0 +1,151 @@
+"""The pass's working set: staged once, read back in bounded chunks by key range, kept only a while."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pandas as pd
+from sqlalchemy import func, select
+
+from reconcile.db.engine import upgrade_schema
+from reconcile.db.schema import recon_pass_answers, recon_pass_jobs, utcnow
+from reconcile.leakage import Scope
+from reconcile.models import VendorAnswer, VendorState
+from reconcile.runs import record_run_start
+from reconcile.staging import (
+    answers_not_asked_for,
+    clear_answers,
+    iter_pass_jobs,
+    pass_outcomes,
+    purge_old_passes,
+    record_outcomes,
+    split_answers,
+    stage_stuck_jobs,
+    write_answers,
+)
+from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, classify_stuck_jobs, fetch_stuck_jobs
+from tests.platform import Platform
+
+STUCK_AFTER = 30
+# Ids that sort differently by byte, by case and by locale: key-range paging must still see each once.
+HOSTILE_IDS = ["a", "B", "b", "é", "Z z", "z-1", "z_1", "z.1", "10", "9", "日本", "'; DROP TABLE x; --", "\u202eevil"]
+
+
+def _stage(engine, pass_id: str, chunk_size: int, max_jobs: int = 10_000):
+    return stage_stuck_jobs(
+        engine,
+        pass_id,
+        utcnow(),
+        stuck_after_minutes=STUCK_AFTER,
+        undispatched_fail_after_minutes=120,
+        max_jobs=max_jobs,
+        chunk_size=chunk_size,
+    )
+
+
+def _world(db) -> Platform:
+    upgrade_schema(db.engine)
+    platform = Platform(db.engine)
+    for i, job_id in enumerate(HOSTILE_IDS):
+        platform.job(job_id, vendor=("fal", "replicate", "kie")[i % 3], age_minutes=60 + i)
+    platform.job("never-sent", vendor_task_id=None, status="pending", age_minutes=600)
+    platform.job("bad-vendor", vendor="nobody", age_minutes=90)
+    platform.job("fresh", age_minutes=1)  # not stuck
+    platform.job("done", status="completed", age_minutes=600)  # terminal
+    return platform
+
+
+def test_staging_keeps_exactly_the_stuck_jobs_classified_like_the_query(db) -> None:
+    _world(db)
+    now = utcnow()
+    stuck = _stage(db.engine, "pass-1", chunk_size=4)
+    with db.engine.connect() as conn:
+        expected = classify_stuck_jobs(fetch_stuck_jobs(conn, now, STUCK_AFTER), now, 120).jobs
+    staged = pd.concat(list(iter_pass_jobs(db.engine, "pass-1", 1000)), ignore_index=True)
+    assert staged.set_index("job_id")["category"].to_dict() == expected.set_index("job_id")["category"].to_dict()
+    assert stuck.count() == len(expected) == len(HOSTILE_IDS) + 2
+    assert stuck.chunks == -(-len(expected) // 4)
+    assert (stuck.count(UNDISPATCHED_DUE), stuck.count(INVALID)) == (1, 1)
+    assert stuck.credits() == 10 * len(expected)
+    # The oldest come first, as the pass takes them.
+    assert stuck.oldest["job_id"].iloc[0] == "never-sent"
+    # The compare-and-set token survives the round trip exactly.
+    assert staged.set_index("job_id")["version"].to_dict() == expected.set_index("job_id")["version"].to_dict()
+
+
+def test_chunks_are_bounded_and_cover_every_job_once(db) -> None:
+    _world(db)
+    _stage(db.engine, "pass-1", chunk_size=3)
+    for size in (1, 2, 3, 5, len(HOSTILE_IDS) + 2, 1000):
+        chunks = list(iter_pass_jobs(db.engine, "pass-1", size))
+        assert all(len(chunk) <= size for chunk in chunks)
+        ids = [job_id for chunk in chunks for job_id in chunk["job_id"]]
+        assert sorted(ids) == sorted([*HOSTILE_IDS, "never-sent", "bad-vendor"]), size
+    fal = [
+        j
+        for chunk in iter_pass_jobs(db.engine, "pass-1", 2, category=DISPATCHED, vendor="fal")
+        for j in chunk["job_id"]
+    ]
+    assert sorted(fal) == sorted(HOSTILE_IDS[0::3])
+
+
+def test_max_jobs_takes_the_oldest_and_counts_the_rest(db) -> None:
+    _world(db)
+    stuck = _stage(db.engine, "pass-1", chunk_size=2, max_jobs=5)
+    assert (stuck.count(), stuck.stuck_total) == (5, len(HOSTILE_IDS) + 2)
+    assert "never-sent" in set(pd.concat(list(iter_pass_jobs(db.engine, "pass-1", 10)))["job_id"])
+
+
+def test_a_retried_step_replaces_its_working_set(db) -> None:
+    _world(db)
+    _stage(db.engine, "pass-1", chunk_size=4)
+    write_answers(db.engine, "pass-1", [VendorAnswer("a", "fal", VendorState.COMPLETED, result_url="https://x/y")])
+    _stage(db.engine, "pass-1", chunk_size=5)  # the stuck step ran again in the same run
+    with db.engine.connect() as conn:
+        jobs = conn.execute(select(func.count()).select_from(recon_pass_jobs)).scalar_one()
+        answers = conn.execute(select(func.count()).select_from(recon_pass_answers)).scalar_one()
+    assert (jobs, answers) == (len(HOSTILE_IDS) + 2, 0)
+    write_answers(db.engine, "pass-1", [VendorAnswer("a", "fal", VendorState.FAILED, error="boom")])
+    clear_answers(db.engine, "pass-1", "fal")  # a vendor step ran again
+    write_answers(db.engine, "pass-1", [VendorAnswer("a", "fal", VendorState.COMPLETED, result_url="https://x/y")])
+    (chunk,) = iter_pass_jobs(db.engine, "pass-1", 100, category=DISPATCHED, vendor="fal", with_answers=True)
+    _, answers_frame = split_answers(chunk)
+    assert answers_frame.set_index("job_id")["state"].to_dict() == {"a": "completed"}
+
+
+def test_answers_for_jobs_not_asked_are_found(db) -> None:
+    _world(db)
+    _stage(db.engine, "pass-1", chunk_size=4)
+    write_answers(db.engine, "pass-1", [VendorAnswer("a", "fal", VendorState.QUEUED)])
+    assert answers_not_asked_for(db.engine, "pass-1", "fal") == []
+    write_answers(db.engine, "pass-1", [VendorAnswer("never-sent", "fal", VendorState.QUEUED)])
+    write_answers(db.engine, "pass-1", [VendorAnswer("B", "fal", VendorState.QUEUED)])  # a replicate job
+    assert answers_not_asked_for(db.engine, "pass-1", "fal") == sorted(["never-sent", "B"])
+
+
+def test_outcomes_are_kept_per_job(db) -> None:
+    _world(db)
+    _stage(db.engine, "pass-1", chunk_size=4)
+    record_outcomes(
+        db.engine,
+        "pass-1",
+        pd.DataFrame({"job_id": ["a", "é"], "outcome": ["applied", "untouched"], "reason": ["failed", "still queued"]}),
+    )
+    outcomes = pass_outcomes(db.engine, "pass-1").set_index("job_id")
+    assert outcomes.loc["é", "reason"] == "still queued" and outcomes.loc["a", "outcome"] == "applied"
+    assert outcomes["outcome"].isna().sum() == len(outcomes) - 2
+
+
+def test_old_working_sets_are_purged_and_recent_ones_kept(db) -> None:
+    _world(db)
+    now = utcnow()
+    record_run_start(db.engine, "old", now - timedelta(days=4), Scope(full=True), 0, "h")
+    record_run_start(db.engine, "recent", now - timedelta(hours=1), Scope(full=True), 0, "h")
+    for pass_id in ("old", "recent"):
+        _stage(db.engine, pass_id, chunk_size=4)
+        write_answers(db.engine, pass_id, [VendorAnswer("a", "fal", VendorState.QUEUED)])
+    assert purge_old_passes(db.engine, now) == len(HOSTILE_IDS) + 2
+    with db.engine.connect() as conn:
+        left = set(conn.execute(select(recon_pass_jobs.c.run_id).distinct()).scalars())
+        answers = set(conn.execute(select(recon_pass_answers.c.run_id)).scalars())
+    assert left == answers == {"recent"}

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine
 
-from reconcile.db.schema import ai_generations, credit_balances, credit_transactions
+from reconcile.db.schema import ai_generations, credit_balances, credit_transactions, recon_refunds
+from reconcile.simulator.population import Population
 
 NOW = datetime.now(UTC)
 
@@ -99,3 +100,20 @@ def assert_ledger_invariants(engine: Engine) -> None:
         sums = dict(conn.execute(select(t.user_id, func.sum(t.amount)).group_by(t.user_id)).all())
         balances = dict(conn.execute(select(b.user_id, b.balance)).all())
     assert {u: int(v) for u, v in sums.items()} == {u: int(v) for u, v in balances.items() if u in sums}
+
+
+def assert_statuses_and_refunds_are_the_truth(engine: Engine, population: Population) -> None:
+    """Every job the population expects to end terminal has that status; exactly the owed refunds are
+    written, each as one ledger row beyond the population's own; the ledger invariants hold."""
+    g, t = ai_generations.c, credit_transactions.c
+    with engine.connect() as conn:
+        statuses = dict(conn.execute(select(g.id, g.status)).all())
+        written = dict(conn.execute(select(recon_refunds.c.job_id, recon_refunds.c.credits)).all())
+        refund_rows = conn.execute(select(func.count()).where(t.kind == "refund")).scalar_one()
+    expected = {j: e.final_status for j, e in population.expected.items() if e.final_status}
+    assert {j: statuses[j] for j in expected} == expected
+    owed = {j: e.refund_credits for j, e in population.expected.items() if e.refund_credits}
+    assert written == owed
+    refunds_before = sum(1 for row in population.transactions if row["kind"] == "refund")
+    assert refund_rows == refunds_before + len(owed)  # no refund row beyond reconcile's one per job
+    assert_ledger_invariants(engine)

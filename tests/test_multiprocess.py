@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance
-from sqlalchemy import func, select
 
-from reconcile.db.schema import ai_generations, credit_transactions, recon_refunds, utcnow
+from reconcile.db.schema import utcnow
 from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from tests.conftest import require_postgres
-from tests.platform import assert_ledger_invariants
+from tests.platform import assert_statuses_and_refunds_are_the_truth
 from tests.test_cli import _env, _reconcile
 
 pytestmark = pytest.mark.slow
@@ -24,7 +23,6 @@ def test_multiprocess_pass_beside_another_pass_stays_exactly_once(db, tmp_path: 
     require_postgres()
     population = generate_population(300, seed=23, now=utcnow())
     write_population(db.engine, population)
-    refunds_before = sum(1 for row in population.transactions if row["kind"] == "refund")
     (tmp_path / "dagster_home").mkdir()
     with SimulatorThread(population.truth) as sim:
         env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, **sim.env())
@@ -44,17 +42,7 @@ def test_multiprocess_pass_beside_another_pass_stays_exactly_once(db, tmp_path: 
         _out, err = again.communicate(timeout=300)
         assert again.returncode == 0, err[-3000:]
 
-    g, t = ai_generations.c, credit_transactions.c
-    with db.engine.connect() as conn:
-        statuses = dict(conn.execute(select(g.id, g.status)).all())
-        written = dict(conn.execute(select(recon_refunds.c.job_id, recon_refunds.c.credits)).all())
-        refund_rows = conn.execute(select(func.count()).where(t.kind == "refund")).scalar_one()
-    expected = {j: e.final_status for j, e in population.expected.items() if e.final_status}
-    assert {j: statuses[j] for j in expected} == expected
-    owed = {j: e.refund_credits for j, e in population.expected.items() if e.refund_credits}
-    assert written == owed
-    assert refund_rows == refunds_before + len(owed)
-    assert_ledger_invariants(db.engine)
+    assert_statuses_and_refunds_are_the_truth(db.engine, population)
 
 
 def _instance(tmp_path: Path) -> DagsterInstance:

@@ -19,7 +19,9 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-STATE_DIR = PROJECT_ROOT / ".reconcile"
+# The embedded default's files (SQLite database, demo truth, Dagster home): the checkout's .reconcile/,
+# or RECONCILE_STATE_DIR where the code is installed read-only (the container image sets it).
+STATE_DIR = Path(os.environ.get("RECONCILE_STATE_DIR") or PROJECT_ROOT / ".reconcile")
 DEFAULT_DATABASE_URL = f"sqlite:///{STATE_DIR / 'platform.db'}"
 DEFAULT_REPORTS_DIR = STATE_DIR / "reports"
 

@@ -17,7 +17,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy import Text, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from reconcile.db.schema import recon_pass_answers, recon_pass_jobs, recon_runs, recon_status_changes
@@ -179,20 +180,41 @@ def clear_answers(engine: Engine, pass_id: str, vendor: str) -> None:
 
 
 def record_outcomes(engine: Engine, pass_id: str, outcomes: pd.DataFrame) -> None:
-    """What the sync did with each job (`job_id`, `outcome`, `reason`), on its staged row."""
+    """What the sync did with each job (`job_id`, `outcome`, `reason`), on its staged row.
+
+    On PostgreSQL one statement per chunk (the rows joined to arrays), not one round trip per job.
+    """
     if outcomes.empty:
         return
     j = recon_pass_jobs.c
-    statement = (
-        update(recon_pass_jobs)
-        .where(j.run_id == bindparam("b_run_id"), j.job_id == bindparam("b_job_id"))
-        .values(outcome=bindparam("b_outcome"), outcome_reason=bindparam("b_reason"))
-    )
-    params = [
-        {"b_run_id": pass_id, "b_job_id": job_id, "b_outcome": outcome, "b_reason": reason}
-        for job_id, outcome, reason in outcomes[["job_id", "outcome", "reason"]].itertuples(index=False)
-    ]
+    ids, kinds, reasons = (outcomes[name].tolist() for name in ("job_id", "outcome", "reason"))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            text_array = postgresql.ARRAY(Text)
+            given = (
+                func.unnest(
+                    bindparam("b_ids", ids, type_=text_array),
+                    bindparam("b_kinds", kinds, type_=text_array),
+                    bindparam("b_reasons", reasons, type_=text_array),
+                )
+                .table_valued("job_id", "outcome", "reason")
+                .render_derived(name="given")
+            )
+            conn.execute(
+                update(recon_pass_jobs)
+                .where(j.run_id == pass_id, j.job_id == given.c.job_id)
+                .values(outcome=given.c.outcome, outcome_reason=given.c.reason)
+            )
+            return
+        statement = (
+            update(recon_pass_jobs)
+            .where(j.run_id == bindparam("b_run_id"), j.job_id == bindparam("b_job_id"))
+            .values(outcome=bindparam("b_outcome"), outcome_reason=bindparam("b_reason"))
+        )
+        params = [
+            {"b_run_id": pass_id, "b_job_id": job_id, "b_outcome": kind, "b_reason": reason}
+            for job_id, kind, reason in zip(ids, kinds, reasons, strict=True)
+        ]
         conn.execute(statement, params)
 
 

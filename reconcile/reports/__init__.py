@@ -103,16 +103,17 @@ def generate_reports(engine: Engine, run_id: str, reports_dir: Path | str, now: 
     folder = report_folder(Path(reports_dir).resolve(), run_id, data.run.started_at or now)
     folder.mkdir(parents=True, exist_ok=True)
     # CSV with a BOM: spreadsheets then read it as UTF-8 (names in any script survive the round trip).
-    contents = {
-        "refunds.csv": (refunds_csv(data), "utf-8-sig"),
-        "refunds.html": (refunds_html(data, now), "utf-8"),
-        "leakage.csv": (leakage_csv(data), "utf-8-sig"),
-        "leakage.html": (leakage_html(data, now), "utf-8"),
+    # Each file is rendered and written before the next is rendered: one file's text in memory at a time.
+    renderers = {
+        "refunds.csv": (lambda: refunds_csv(data), "utf-8-sig"),
+        "refunds.html": (lambda: refunds_html(data, now), "utf-8"),
+        "leakage.csv": (lambda: leakage_csv(data), "utf-8-sig"),
+        "leakage.html": (lambda: leakage_html(data, now), "utf-8"),
     }
     paths = []
     for name in REPORT_FILES:
-        text, encoding = contents[name]
-        _write_atomically(folder / name, text, encoding)
+        render, encoding = renderers[name]
+        _write_atomically(folder / name, render(), encoding)
         paths.append(folder / name)
     return ReportSet(run_id, folder, paths, data)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from sqlalchemy import func, or_, select
@@ -34,7 +34,7 @@ class RunInfo:
     summary: dict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a post-incident run has tens of thousands of rows
 class RefundRow:
     job_id: str
     user_id: str
@@ -49,7 +49,7 @@ class RefundRow:
     refunded_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FindingRow:
     category: str
     job_id: str | None
@@ -185,7 +185,7 @@ def mark_changes(current: list[FindingRow], previous: list[FindingRow] | None) -
 
 
 def _with_change(finding: FindingRow, change: str) -> FindingRow:
-    return FindingRow(**{**finding.__dict__, "change": change})
+    return replace(finding, change=change)
 
 
 def run_history(conn: Connection, run: RunInfo, limit: int = HISTORY_RUNS) -> list[RunPoint]:

@@ -212,9 +212,12 @@ def _totals_table(table_id: str, what: str, totals: list[Total], total: Total, m
     )
 
 
-def _rows_table(table_id: str, columns: list[tuple[str, str]], rows: list[list[object]], csv_name: str) -> Markup:
-    """Row-by-row listing; (column, kind) with kind 'id', 'text', 'num' or ''."""
-    shown = rows[:HTML_ROW_LIMIT]
+def _rows_table(
+    table_id: str, columns: list[tuple[str, str]], shown: list[list[object]], total_rows: int, csv_name: str
+) -> Markup:
+    """Row-by-row listing of the first rows (`shown`, at most HTML_ROW_LIMIT; the cells of the others
+    are never built: a post-incident run has tens of thousands); (column, kind) with kind 'id',
+    'text', 'num' or ''."""
     body = []
     for row in shown:
         cells = []
@@ -234,10 +237,10 @@ def _rows_table(table_id: str, columns: list[tuple[str, str]], rows: list[list[o
         id=table_id,
     )
     note = ""
-    if len(rows) > len(shown):
-        note = el("p", f"{len(rows) - len(shown):,} more rows are in {csv_name} (the totals above count every row).",
+    if total_rows > len(shown):
+        note = el("p", f"{total_rows - len(shown):,} more rows are in {csv_name} (the totals above count every row).",
                   class_="note")  # fmt: skip
-    if not rows:
+    if not total_rows:
         note = el("p", "none", class_="note")
     return Markup(table + note)
 
@@ -266,7 +269,7 @@ def refunds_html(data: ReportData, generated_at: datetime) -> str:
     listing = [
         [r.job_id, r.user_id, r.vendor if r.vendor is not None else NO_VENDOR, r.model, r.type, r.credits, r.reason,
          r.vendor_state or "", _evidence(r), timestamp(r.refunded_at)]
-        for r in rows
+        for r in rows[:HTML_ROW_LIMIT]
     ]  # fmt: skip
     columns = [("job", "id"), ("user", "id"), ("vendor", "id"), ("model", "id"), ("type", ""), ("credits", "num"),
                ("reason", ""), ("vendor state", ""), ("evidence", "text"), ("refunded at", "")]  # fmt: skip
@@ -286,7 +289,7 @@ def refunds_html(data: ReportData, generated_at: datetime) -> str:
         el("h2", "Every refund of the run"),
         el("p", "Evidence: the vendor's answer reconcile acted on (state, reason, an excerpt), or the job's error "
                 "message when the job failed some other way (a webhook, the platform).", class_="note"),
-        _rows_table("refunds", columns, listing, "refunds.csv"),
+        _rows_table("refunds", columns, listing, len(rows), "refunds.csv"),
     ]  # fmt: skip
     return _page(f"reconcile refunds · {data.run.run_id}", "Refunds", data, generated_at, body)
 
@@ -314,8 +317,8 @@ def leakage_html(data: ReportData, generated_at: datetime) -> str:
     by_category = totals_by(rows, lambda f: f.category, order=CATEGORIES)
     by_vendor = totals_by(rows, lambda f: f.vendor)
     changes = _change_totals(data)
-    listing = [_finding_cells(f) for f in rows]
-    resolved = [_finding_cells(f) for f in data.resolved]
+    listing = [_finding_cells(f) for f in rows[:HTML_ROW_LIMIT]]
+    resolved = [_finding_cells(f) for f in data.resolved[:HTML_ROW_LIMIT]]
     columns = [("category", ""), ("job", "id"), ("user", "id"), ("vendor", "id"), ("credits at stake", "num"),
                ("change", ""), ("detail", "text")]  # fmt: skip
     previous = (
@@ -343,11 +346,11 @@ def leakage_html(data: ReportData, generated_at: datetime) -> str:
                          ("findings", "Leakage findings per run", "findings"),
                          ("credits_at_stake", "Credits at stake per run", "credits")]),
         el("h2", "Every finding of the run"),
-        _rows_table("findings", columns, listing, "leakage.csv"),
+        _rows_table("findings", columns, listing, len(rows), "leakage.csv"),
         el("h2", "Resolved since the previous run"),
         el("p", "findings of the previous successful run that this run no longer has (credits as they were then)",
            class_="note"),
-        _rows_table("resolved", columns, resolved, "the previous run's leakage.csv"),
+        _rows_table("resolved", columns, resolved, len(data.resolved), "the previous run's leakage.csv"),
     ]  # fmt: skip
     return _page(f"reconcile leakage · {data.run.run_id}", "Credit leakage", data, generated_at, body)
 

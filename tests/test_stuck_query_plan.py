@@ -1,8 +1,9 @@
 """PostgreSQL answers the stuck-job query from reconcile's partial index, not by reading the table.
 
 The table is filled the way a platform's looks (almost every job finished long ago, a few stuck, a
-few fresh) and analysed; the plan of the exact statement `fetch_stuck_jobs` sends
-(`reconcile.stuck.stuck_jobs_query`) must use `recon_ix_generations_stuck`. The same EXPLAIN with the
+few fresh) and analysed; the plan of the exact statement the pass sends when it stages the stuck jobs
+(`reconcile.staging.stage_stuck_jobs`: `reconcile.stuck.stuck_jobs_query` with the per-pass limit)
+must use `recon_ix_generations_stuck`. The same EXPLAIN with the
 index dropped (in a rolled-back transaction) must be a sequential scan: the table is big enough that
 the index is what keeps the scan away.
 """
@@ -16,7 +17,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 
 from reconcile.db.schema import utcnow
-from reconcile.stuck import fetch_stuck_jobs
+from reconcile.staging import stage_stuck_jobs
 
 pytestmark = pytest.mark.postgres
 
@@ -67,11 +68,18 @@ def test_stuck_job_query_uses_the_partial_index(db) -> None:
 
     event.listen(db.engine, "before_cursor_execute", capture)
     try:
-        with db.engine.connect() as conn:
-            stuck = fetch_stuck_jobs(conn, now, STUCK_AFTER_MINUTES)
+        stuck = stage_stuck_jobs(
+            db.engine,
+            "plan-test",
+            now,
+            stuck_after_minutes=STUCK_AFTER_MINUTES,
+            undispatched_fail_after_minutes=120,
+            max_jobs=50_000,
+            chunk_size=10_000,
+        )
     finally:
         event.remove(db.engine, "before_cursor_execute", capture)
-    assert len(stuck) == JOBS // 100  # the old 'processing' jobs; the fresh 'pending' ones are not stuck
+    assert stuck.count() == JOBS // 100  # the old 'processing' jobs; the fresh 'pending' ones are not stuck
     assert len(sent) == 1
     statement, parameters = sent[0]
 

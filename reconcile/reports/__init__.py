@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 
 from sqlalchemy.engine import Engine
 
 from reconcile.reports.data import NEW, PERSISTING, RESOLVED, ReportData, load_report_data, run_exists
-from reconcile.reports.render import leakage_csv, leakage_html, refunds_csv, refunds_html
+from reconcile.reports.render import leakage_html, refunds_html, write_leakage_csv, write_refunds_csv
 
 __all__ = [
     "REPORT_FILES",
@@ -84,10 +86,10 @@ def report_folder(reports_dir: Path, run_id: str, started_at: datetime) -> Path:
     return reports_dir / f"{started_at:%Y%m%dT%H%M%SZ}{suffix}"
 
 
-def _write_atomically(path: Path, text: str, encoding: str) -> None:
+def _write_atomically(path: Path, write: Callable[[TextIO], object], encoding: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding=encoding, newline="") as out:
-        out.write(text)
+        write(out)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
@@ -103,17 +105,18 @@ def generate_reports(engine: Engine, run_id: str, reports_dir: Path | str, now: 
     folder = report_folder(Path(reports_dir).resolve(), run_id, data.run.started_at or now)
     folder.mkdir(parents=True, exist_ok=True)
     # CSV with a BOM: spreadsheets then read it as UTF-8 (names in any script survive the round trip).
-    # Each file is rendered and written before the next is rendered: one file's text in memory at a time.
-    renderers = {
-        "refunds.csv": (lambda: refunds_csv(data), "utf-8-sig"),
-        "refunds.html": (lambda: refunds_html(data, now), "utf-8"),
-        "leakage.csv": (lambda: leakage_csv(data), "utf-8-sig"),
-        "leakage.html": (lambda: leakage_html(data, now), "utf-8"),
+    # CSV rows stream into their file; an HTML page (at most HTML_ROW_LIMIT rows) is written before the
+    # next is rendered: after an incident no report is ever held whole in memory next to another.
+    writers: dict[str, tuple[Callable[[TextIO], object], str]] = {
+        "refunds.csv": (lambda out: write_refunds_csv(data, out), "utf-8-sig"),
+        "refunds.html": (lambda out: out.write(refunds_html(data, now)), "utf-8"),
+        "leakage.csv": (lambda out: write_leakage_csv(data, out), "utf-8-sig"),
+        "leakage.html": (lambda out: out.write(leakage_html(data, now)), "utf-8"),
     }
     paths = []
     for name in REPORT_FILES:
-        render, encoding = renderers[name]
-        _write_atomically(folder / name, render(), encoding)
+        write, encoding = writers[name]
+        _write_atomically(folder / name, write, encoding)
         paths.append(folder / name)
     return ReportSet(run_id, folder, paths, data)
 

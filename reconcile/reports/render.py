@@ -6,11 +6,11 @@ Every total in a page is computed from exactly the rows written to its CSV, so t
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TextIO
 
 from reconcile.leakage import CATEGORIES
 from reconcile.reports.data import NEW, PERSISTING, RESOLVED, FindingRow, RefundRow, ReportData
@@ -79,8 +79,9 @@ def grand_total(rows: Sequence) -> Total:
 # --- CSV -------------------------------------------------------------------------------------------
 
 
-def refunds_csv(data: ReportData) -> str:
-    return _csv(
+def write_refunds_csv(data: ReportData, out: TextIO) -> None:
+    _write_csv(
+        out,
         REFUND_COLUMNS,
         (
             [data.run.run_id, r.job_id, r.user_id, r.vendor, r.model, r.type, r.credits, r.reason,
@@ -90,8 +91,9 @@ def refunds_csv(data: ReportData) -> str:
     )  # fmt: skip
 
 
-def leakage_csv(data: ReportData) -> str:
-    return _csv(
+def write_leakage_csv(data: ReportData, out: TextIO) -> None:
+    _write_csv(
+        out,
         LEAKAGE_COLUMNS,
         (
             [data.run.run_id, f.category, f.job_id, f.user_id, f.vendor, f.credits, f.change, f.detail,
@@ -101,13 +103,12 @@ def leakage_csv(data: ReportData) -> str:
     )  # fmt: skip
 
 
-def _csv(header: list[str], rows: Iterable[list[object]]) -> str:
-    out = io.StringIO()
+def _write_csv(out: TextIO, header: list[str], rows: Iterable[list[object]]) -> None:
+    """Row by row into `out`: a post-incident report never exists whole as one string in memory."""
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(header)
     for row in rows:
         writer.writerow([csv_cell(v) for v in row])
-    return out.getvalue()
 
 
 # --- HTML ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Text, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Table, Text, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
@@ -86,7 +86,7 @@ def stage_stuck_jobs(
         for rows in result.partitions():
             frame = pd.DataFrame([tuple(r) for r in rows], columns=STUCK_COLUMNS).astype({"credits_charged": "int64"})
             jobs = classify_stuck_jobs(frame, now, undispatched_fail_after_minutes).jobs
-            conn.execute(insert(recon_pass_jobs), _records(jobs[PASS_JOB_COLUMNS], run_id=pass_id))
+            _bulk_insert(conn, recon_pass_jobs, _records(jobs[PASS_JOB_COLUMNS], run_id=pass_id))
             counts.append(_counts(jobs))
             oldest = jobs.head(OLDEST_SHOWN) if len(counts) == 1 else oldest
         taken = sum(int(c["jobs"].sum()) for c in counts)
@@ -111,6 +111,21 @@ def _records(frame: pd.DataFrame, **constant: Any) -> list[dict[str, Any]]:
     """Rows to insert, missing values as None (pandas would send NaN and NaT)."""
     clean = frame.astype(object).where(frame.notna(), None)
     return [{**row, **constant} for row in clean.to_dict("records")]
+
+
+def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert `rows` (every column of each named): COPY on PostgreSQL through psycopg 3 (the staging
+    of a post-incident pass is hundreds of thousands of rows), an executemany INSERT otherwise."""
+    if not rows:
+        return
+    driver: Any = conn.connection.driver_connection
+    if conn.dialect.name != "postgresql" or not hasattr(driver, "pipeline"):  # not psycopg 3
+        conn.execute(insert(table), rows)
+        return
+    columns = list(rows[0])
+    with driver.cursor() as cursor, cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([row[name] for name in columns])  # psycopg adapts and escapes every value
 
 
 def _clear(conn: Connection, pass_id: str) -> None:
@@ -169,7 +184,7 @@ def write_answers(engine: Engine, pass_id: str, answers: Sequence[VendorAnswer])
         row["state"] = str(row["state"])
     if rows:
         with engine.begin() as conn:
-            conn.execute(insert(recon_pass_answers), rows)
+            _bulk_insert(conn, recon_pass_answers, rows)
 
 
 def clear_answers(engine: Engine, pass_id: str, vendor: str) -> None:

@@ -395,3 +395,17 @@ def test_a_run_without_refunds_or_findings_still_gets_its_reports(db, tmp_path: 
     page = Page(out["leakage.html"].read_text(encoding="utf-8"))
     assert page.totals("totals-by-category")[1] == (0, 0)
     assert Page(out["refunds.html"].read_text(encoding="utf-8")).totals("totals-by-vendor") == ({}, (0, 0))
+
+
+def test_html_lists_the_largest_rows_and_points_to_the_csv_for_the_rest(db, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("reconcile.reports.render.HTML_ROW_LIMIT", 3)
+    record_run(db.engine, "big", NOW)
+    for i in range(7):
+        add_refund(db.engine, "big", f"job-{i}", f"user-{i}", credits=10 + i, reason="vendor_failed")
+    out = files(write_reports(db.engine, "big", tmp_path, NOW))
+    assert len(read_csv(out["refunds.csv"])) == 7  # every row in the CSV
+    html = out["refunds.html"].read_text(encoding="utf-8")
+    assert "4 more rows are in refunds.csv (the totals above count every row)." in html
+    listed = [f"job-{i}" for i in range(7) if f">job-{i}<" in html]
+    assert listed == ["job-4", "job-5", "job-6"]  # the three largest refunds
+    assert Page(html).totals("totals-by-reason")[1] == (7, sum(range(10, 17)))

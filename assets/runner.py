@@ -110,27 +110,35 @@ def pass_job() -> JobDefinition:
     return defs.resolve_job_def("reconcile_pass")
 
 
+def pass_job_with_progress() -> JobDefinition:
+    """The pass's job with the terminal progress logger (`reconcile run` without --verbose)."""
+    job = pass_job()
+    return job.with_logger_defs({**job.loggers, "progress": progress_logger})
+
+
 def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: int = 1) -> PassOutcome:
     """One reconciliation pass (every asset and check, as the schedule runs it).
 
-    processes=1: in this process. processes>1: Dagster's multiprocess executor, each step (e.g. each
-    vendor's stage) in its own process, at most `processes` at once.
+    processes=1: every step in this process. processes>1: Dagster's multiprocess executor, each step
+    (e.g. each vendor's stage) in its own process, at most `processes` at once. Either way through
+    `execute_job`, as the daemon's runs go: unlike `execute_in_process`, it keeps no step's output in
+    memory once the IO manager has it (a post-incident pass would otherwise hold every asset's value).
     """
     run_config: dict[str, Any] = {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
+    target = pass_job
+    if processes > 1:
+        run_config["execution"] = {"config": {"multiprocess": {"max_concurrent": processes}}}
+    else:
+        run_config["execution"] = {"config": {"in_process": {}}}
+    if verbose:
+        run_config["loggers"] = {"console": {"config": {"log_level": "DEBUG"}}}
+    elif processes > 1:
+        run_config["loggers"] = {"console": {"config": {"log_level": "INFO"}}}
+    else:
+        run_config["loggers"] = {"progress": {}}
+        target = pass_job_with_progress
     with _instance() as instance:
-        if processes > 1:
-            level = "DEBUG" if verbose else "INFO"
-            run_config["loggers"] = {"console": {"config": {"log_level": level}}}
-            run_config["execution"] = {"config": {"multiprocess": {"max_concurrent": processes}}}
-            result = execute_job(reconstructable(pass_job), instance=instance, run_config=run_config)
-        else:
-            job = pass_job()
-            if verbose:
-                run_config["loggers"] = {"console": {"config": {"log_level": "DEBUG"}}}
-            else:
-                run_config["loggers"] = {"progress": {}}
-                job = job.with_logger_defs({**job.loggers, "progress": progress_logger})
-            result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+        result = execute_job(reconstructable(target), instance=instance, run_config=run_config)
         outcome = PassOutcome(run_id=result.run_id, success=result.success)
         for event in result.all_events:
             if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:

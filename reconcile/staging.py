@@ -88,7 +88,7 @@ def stage_stuck_jobs(
             jobs = classify_stuck_jobs(frame, now, undispatched_fail_after_minutes).jobs
             _bulk_insert(conn, recon_pass_jobs, _records(jobs[PASS_JOB_COLUMNS], run_id=pass_id))
             counts.append(_counts(jobs))
-            oldest = jobs.head(OLDEST_SHOWN) if len(counts) == 1 else oldest
+            oldest = jobs.head(OLDEST_SHOWN).copy() if len(counts) == 1 else oldest  # not a view of the chunk
         taken = sum(int(c["jobs"].sum()) for c in counts)
         total = count_stuck_jobs(conn, now, stuck_after_minutes) if taken >= max_jobs else taken
     by_kind = (

@@ -54,11 +54,13 @@ from reconcile.models import VendorAnswer, VendorHealth, VendorState
 from reconcile.refunds import apply_refunds, plan_refunds, refund_plan_problems
 from reconcile.settings import VENDORS
 from reconcile.simulator.population import HOSTILE_ERROR, HOSTILE_USER_FRAGMENT
+from reconcile.staging import PASS_JOB_COLUMNS, iter_pass_jobs, stage_stuck_jobs
 from reconcile.stuck import (
     DISPATCHED,
     INVALID,
     UNDISPATCHED_DUE,
     UNDISPATCHED_WAITING,
+    Classified,
     classify_stuck_jobs,
     fetch_stuck_jobs,
 )
@@ -282,7 +284,15 @@ def answers_for(draw: st.DrawFn, refs, allow_nul: bool) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------- the database
 
 
-RECON_TABLES = ("recon_refunds", "recon_leakage_findings", "recon_status_changes", "recon_runs", "recon_lease")
+RECON_TABLES = (
+    "recon_refunds",
+    "recon_leakage_findings",
+    "recon_status_changes",
+    "recon_runs",
+    "recon_lease",
+    "recon_pass_answers",
+    "recon_pass_jobs",
+)
 PLATFORM_TABLES = ("ai_generations", "credit_transactions", "credit_balances")
 
 
@@ -346,12 +356,24 @@ def test_hostile_platforms_through_every_stage_keep_the_money_right(db, data: st
     jobs_before, ledger_before, _ = snapshot(db.engine)
     by_id = {j["id"]: j for j in world.jobs}
 
-    # Stage 1: the stuck rows are exactly the non-terminal ones older than the threshold, each classified.
-    with db.engine.connect() as conn:
-        stuck = fetch_stuck_jobs(conn, now, STUCK_AFTER)
+    # Stage 1: the stuck rows are exactly the non-terminal ones older than the threshold, each classified,
+    # staged (COPY on PostgreSQL) and read back by key range in chunks of a drawn size, hostile ids and all.
+    chunk_size = data.draw(st.integers(1, 7), label="chunk size")
+    stage_stuck_jobs(
+        db.engine,
+        "run-prop",
+        now,
+        stuck_after_minutes=STUCK_AFTER,
+        undispatched_fail_after_minutes=UNDISPATCHED_AFTER,
+        max_jobs=100_000,
+        chunk_size=chunk_size,
+    )
+    chunks = list(iter_pass_jobs(db.engine, "run-prop", chunk_size))
+    assert all(len(chunk) <= chunk_size for chunk in chunks)
+    stuck = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=PASS_JOB_COLUMNS)
     expected_stuck = {j["id"] for j in world.jobs if j["status"] in NON_TERMINAL_STATUSES and world.age[j["id"]] > 30}
     assert sorted(stuck["job_id"]) == sorted(expected_stuck)
-    classified = classify_stuck_jobs(stuck, now, UNDISPATCHED_AFTER)
+    classified = Classified(stuck)
     for job in classified.jobs.itertuples(index=False):
         _assert_classified(by_id[job.job_id], world.age[job.job_id], job.category, job.invalid_reason)
 

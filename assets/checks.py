@@ -31,7 +31,13 @@ from reconcile.models import VendorState
 from reconcile.quality import Expect, ExpectationOutcome, QualityResult, combine, validate
 from reconcile.refunds import NEVER_DISPATCHED, VENDOR_FAILED
 from reconcile.settings import VENDORS
-from reconcile.staging import StuckSet, answers_not_asked_for, iter_pass_jobs, iter_status_changes
+from reconcile.staging import (
+    StuckSet,
+    answers_not_asked_for,
+    iter_pass_jobs,
+    iter_status_changes,
+    jobs_changed_twice,
+)
 from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING
 
 
@@ -147,7 +153,8 @@ def answer_check(vendor: str, vendor_asset: AssetsDefinition) -> AssetChecksDefi
 def sync_changed_only_stuck_jobs(
     context: AssetCheckExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
 ) -> AssetCheckResult:
-    changes = iter_status_changes(reconcile.engine(), context.run.run_id, stuck_jobs.pass_id, stuck_jobs.chunk_size)
+    engine = reconcile.engine()
+    changes = iter_status_changes(engine, context.run.run_id, stuck_jobs.pass_id, stuck_jobs.chunk_size)
     quality = combine(
         "status_changes",
         [
@@ -158,13 +165,14 @@ def sync_changed_only_stuck_jobs(
                     Expect("ExpectColumnValuesToBeInSet", column="from_status", value_set=list(NON_TERMINAL_STATUSES)),
                     Expect("ExpectColumnValuesToBeInSet", column="to_status", value_set=["completed", "failed"]),
                     Expect("ExpectColumnValuesToBeInSet", column="was_stuck", value_set=[True]),
-                    Expect("ExpectColumnValuesToBeUnique", column="job_id"),
                 ],
             )
             for applied in changes
         ],
     )
-    return _result(quality)
+    twice = jobs_changed_twice(engine, context.run.run_id)  # across chunks, not only within one
+    once = ExpectationOutcome("one_change_per_job", "job_id", not twice, len(twice), twice[:5])
+    return _result(QualityResult("status_changes", quality.rows, [*quality.outcomes, once]))
 
 
 @asset_check(

@@ -284,3 +284,11 @@ def answers_not_asked_for(engine: Engine, pass_id: str, vendor: str) -> list[str
     query = select(a.job_id).where(a.run_id == pass_id, a.vendor == vendor, ~asked).order_by(a.job_id)
     with engine.connect() as conn:
         return list(conn.execute(query).scalars())
+
+
+def jobs_changed_twice(engine: Engine, run_id: str) -> list[str]:
+    """Jobs with more than one recorded status change in a run (none, normally): a check across chunks."""
+    c = recon_status_changes.c
+    query = select(c.job_id).where(c.run_id == run_id).group_by(c.job_id).having(func.count() > 1).order_by(c.job_id)
+    with engine.connect() as conn:
+        return list(conn.execute(query).scalars())

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pandas as pd
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from reconcile.db.engine import upgrade_schema
-from reconcile.db.schema import recon_pass_answers, recon_pass_jobs, utcnow
+from reconcile.db.schema import recon_pass_answers, recon_pass_jobs, recon_status_changes, utcnow
 from reconcile.leakage import Scope
 from reconcile.models import VendorAnswer, VendorState
 from reconcile.runs import record_run_start
@@ -16,6 +16,7 @@ from reconcile.staging import (
     answers_not_asked_for,
     clear_answers,
     iter_pass_jobs,
+    jobs_changed_twice,
     pass_outcomes,
     purge_old_passes,
     record_outcomes,
@@ -149,3 +150,14 @@ def test_old_working_sets_are_purged_and_recent_ones_kept(db) -> None:
         left = set(conn.execute(select(recon_pass_jobs.c.run_id).distinct()).scalars())
         answers = set(conn.execute(select(recon_pass_answers.c.run_id)).scalars())
     assert left == answers == {"recent"}
+
+
+def test_a_job_changed_twice_in_a_run_is_found_across_chunks(db) -> None:
+    _world(db)
+    row = {"from_status": "processing", "to_status": "failed", "vendor": "fal", "vendor_state": "failed"}
+    with db.engine.begin() as conn:
+        for job_id, run_id in (("a", "run-1"), ("b", "run-1"), ("a", "run-1"), ("b", "run-2")):
+            values = {**row, "job_id": job_id, "run_id": run_id, "evidence": "{}", "changed_at": utcnow()}
+            conn.execute(insert(recon_status_changes).values(values))
+    assert jobs_changed_twice(db.engine, "run-1") == ["a"]
+    assert jobs_changed_twice(db.engine, "run-2") == []

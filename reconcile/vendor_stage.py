@@ -16,9 +16,10 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from reconcile.db.schema import recon_pass_answers
 from reconcile.models import VendorAnswer, VendorHealth, VendorState
 from reconcile.settings import Settings
-from reconcile.staging import StuckSet, clear_answers, iter_pass_jobs, write_answers
+from reconcile.staging import StuckSet, analyze, clear_answers, iter_pass_jobs, write_answers
 from reconcile.stuck import DISPATCHED, Classified
 from reconcile.vendors.fetch import fetch_vendor_truth
 
@@ -93,6 +94,7 @@ def ask_vendor(
         write_answers(engine, stuck.pass_id, answers)
         if progress:
             progress(stage)
+    analyze(engine, recon_pass_answers)
     if stage.health == VendorHealth.OK and len(stage.chunk_sizes) > 1:
         s = stage.stats
         stage.detail = (

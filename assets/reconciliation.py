@@ -237,7 +237,13 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
     shows were charged. Checked (blocking) before anything is applied."""
     settings = reconcile.settings()
     with reconcile.engine().connect() as conn:
-        plan = plan_refunds(conn, utcnow(), settings.refund_lookback_hours)
+        # Bounded like the stuck set: after an incident the longest-failed go first, the next pass the rest.
+        plan = plan_refunds(conn, utcnow(), settings.refund_lookback_hours, limit=settings.max_jobs_per_pass)
+    if len(plan) == settings.max_jobs_per_pass:
+        context.log.warning(
+            f"{len(plan)} refunds planned, the most one pass takes (RECONCILE_MAX_JOBS_PER_PASS): "
+            "the next passes refund the rest"
+        )
     return MaterializeResult(
         value=plan,
         metadata={

@@ -34,8 +34,9 @@ def refund_key(job_id: str) -> str:
     return f"refund:{job_id}"
 
 
-def plan_refunds(conn: Connection, now: datetime, lookback_hours: int) -> pd.DataFrame:
-    """Every failed job in the lookback window that the ledger shows charged and not yet refunded.
+def plan_refunds(conn: Connection, now: datetime, lookback_hours: int, limit: int | None = None) -> pd.DataFrame:
+    """Every failed job in the lookback window that the ledger shows charged and not yet refunded;
+    the `limit` longest-failed of them when there are more (the next pass plans the rest).
 
     The amount is the net the ledger shows was charged (charges of the job's own user, minus any
     refunds already made); whoever failed the job. Jobs the platform refunded itself are skipped.
@@ -92,8 +93,10 @@ def plan_refunds(conn: Connection, now: datetime, lookback_hours: int) -> pd.Dat
             charged.c.charged - refunded_credits <= INT4_MAX,
             or_(refunded.c.keyed.is_(None), refunded.c.keyed == 0),
         )
-        .order_by(g.id)
+        .order_by(g.updated_at, g.id)
     )
+    if limit is not None:
+        query = query.limit(limit)
     # Plain tuples: pandas builds a frame from SQLAlchemy Row objects ~10x slower (profiled).
     frame = pd.DataFrame([tuple(r) for r in conn.execute(query)], columns=PLAN_COLUMNS)
     return frame.astype({"credits": "int64", "charged": "int64", "refunded": "int64"})

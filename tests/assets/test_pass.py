@@ -154,8 +154,8 @@ def test_a_bad_refund_plan_blocks_every_refund(world, monkeypatch: pytest.Monkey
     import assets.reconciliation as stage
     from reconcile.refunds import plan_refunds
 
-    def doubled(conn, now, lookback_hours):
-        plan = plan_refunds(conn, now, lookback_hours)
+    def doubled(conn, now, lookback_hours, limit=None):
+        plan = plan_refunds(conn, now, lookback_hours, limit)
         # The bug also inflates its own "charged" column: the check must not trust the planner.
         return plan.assign(credits=plan["credits"] * 2, charged=plan["charged"] * 2)
 

@@ -37,6 +37,23 @@ def test_plan_covers_exactly_the_failed_charged_unrefunded_jobs(db) -> None:
     assert refund_plan_problems(plan) == []
 
 
+def test_a_capped_plan_takes_the_longest_failed_and_the_next_pass_the_rest(db) -> None:
+    p = Platform(db.engine)
+    for i, age in enumerate((10, 50, 30, 40, 20)):
+        p.job(f"failed-{i}", status="failed", credits=i + 1, age_minutes=age)
+    with db.engine.connect() as conn:
+        first = plan_refunds(conn, utcnow(), LOOKBACK_HOURS, limit=2)
+    assert first["job_id"].tolist() == ["failed-1", "failed-3"]  # failed 50 and 40 minutes ago
+    apply_refunds(db.engine, first, "pass-1", utcnow())
+    with db.engine.connect() as conn:
+        second = plan_refunds(conn, utcnow(), LOOKBACK_HOURS, limit=2)
+        third = plan_refunds(conn, utcnow(), LOOKBACK_HOURS, limit=2)
+    assert second["job_id"].tolist() == third["job_id"].tolist() == ["failed-2", "failed-4"]
+    apply_refunds(db.engine, second, "pass-2", utcnow())
+    assert _plan(db)["job_id"].tolist() == ["failed-0"]
+    assert_ledger_invariants(db.engine)
+
+
 def test_plan_refunds_the_net_ledger_charge_of_the_jobs_own_user(db) -> None:
     p = Platform(db.engine)
     p.job("dup", status="failed", credits=10)

@@ -17,10 +17,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Table, Text, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Select, Table, Text, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
+from reconcile.db.engine import can_copy, copy_rows
 from reconcile.db.schema import recon_pass_answers, recon_pass_jobs, recon_runs, recon_status_changes
 from reconcile.models import VendorAnswer
 from reconcile.stuck import (
@@ -115,18 +116,11 @@ def _records(frame: pd.DataFrame, **constant: Any) -> list[dict[str, Any]]:
 
 
 def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Insert `rows` (every column of each named): COPY on PostgreSQL through psycopg 3 (the staging
-    of a post-incident pass is hundreds of thousands of rows), an executemany INSERT otherwise."""
-    if not rows:
-        return
-    driver: Any = conn.connection.driver_connection
-    if conn.dialect.name != "postgresql" or not hasattr(driver, "pipeline"):  # not psycopg 3
+    """COPY on PostgreSQL (a post-incident working set is hundreds of thousands of rows), else INSERT."""
+    if can_copy(conn):
+        copy_rows(conn, table, rows)
+    elif rows:
         conn.execute(insert(table), rows)
-        return
-    columns = list(rows[0])
-    with driver.cursor() as cursor, cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row([row[name] for name in columns])  # psycopg adapts and escapes every value
 
 
 def analyze(engine: Engine, table: Table) -> None:
@@ -154,9 +148,9 @@ def iter_pass_jobs(
     vendor: str | None = None,
     with_answers: bool = False,
 ) -> Iterator[pd.DataFrame]:
-    """The pass's staged jobs, `chunk_size` at a time by `job_id` key range (each chunk its own short
-    read, so no transaction stays open across vendor calls); with `with_answers`, each job's vendor
-    answer in `answer_*` columns (missing where there is none)."""
+    """The pass's staged jobs, `chunk_size` at a time by `job_id` key range (no transaction stays open
+    across vendor calls); with `with_answers`, each job's vendor answer in `answer_*` columns (missing
+    where there is none)."""
     j, a = recon_pass_jobs.c, recon_pass_answers.c
     columns = [j[name] for name in PASS_JOB_COLUMNS]
     source = recon_pass_jobs
@@ -168,17 +162,25 @@ def iter_pass_jobs(
         query = query.where(j.category == category)
     if vendor is not None:
         query = query.where(j.vendor == vendor)
-    names = [c.name for c in columns]
-    last: str | None = None
+    pages = _pages(engine, query, j.job_id, chunk_size, [c.name for c in columns])
+    return (page.astype({"credits_charged": "int64"}) for page in pages)
+
+
+def _pages(
+    engine: Engine, query: Select, key: ColumnElement, chunk_size: int, names: list[str]
+) -> Iterator[pd.DataFrame]:
+    """`query` (ordered by `key`, limited to `chunk_size`) page after page by key range, each page its own
+    short read, so no transaction stays open while the caller works on a page."""
+    last = None
     while True:
         with engine.connect() as conn:
-            rows = conn.execute(query if last is None else query.where(j.job_id > last)).all()
+            rows = conn.execute(query if last is None else query.where(key > last)).all()
         if not rows:
             return
-        yield pd.DataFrame([tuple(r) for r in rows], columns=names).astype({"credits_charged": "int64"})
+        yield pd.DataFrame([tuple(r) for r in rows], columns=names)
         if len(rows) < chunk_size:
             return
-        last = rows[-1].job_id
+        last = getattr(rows[-1], key.name)
 
 
 def split_answers(chunk: pd.DataFrame) -> tuple[Classified, pd.DataFrame]:
@@ -272,16 +274,7 @@ def iter_status_changes(engine: Engine, run_id: str, pass_id: str, chunk_size: i
         .order_by(c.id)
         .limit(chunk_size)
     )
-    last = None
-    while True:
-        with engine.connect() as conn:
-            rows = conn.execute(query if last is None else query.where(c.id > last)).all()
-        if not rows:
-            return
-        yield pd.DataFrame([tuple(r) for r in rows], columns=["id", "job_id", "from_status", "to_status", "was_stuck"])
-        if len(rows) < chunk_size:
-            return
-        last = rows[-1].id
+    return _pages(engine, query, c.id, chunk_size, ["id", "job_id", "from_status", "to_status", "was_stuck"])
 
 
 def answers_not_asked_for(engine: Engine, pass_id: str, vendor: str) -> list[str]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import Table, create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
 if TYPE_CHECKING:
@@ -15,6 +15,24 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 ALEMBIC_VERSION_TABLE = "recon_alembic_version"
 # Arbitrary, fixed key of the PostgreSQL advisory lock that serialises schema upgrades.
 _MIGRATION_LOCK_KEY = 0x7265636F6E63
+
+
+def can_copy(conn: Connection) -> bool:
+    """Whether `copy_rows` works here: PostgreSQL through psycopg 3."""
+    return conn.dialect.name == "postgresql" and hasattr(conn.connection.driver_connection, "pipeline")
+
+
+def copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """COPY `rows` into `table` in `conn`'s transaction (see `can_copy`): several times faster than an
+    executemany INSERT for hundreds of thousands of rows. The columns are the table's that the rows
+    name (an identity column left out numbers the rows itself); psycopg adapts and escapes each value."""
+    if not rows:
+        return
+    columns = [c.name for c in table.columns if c.name in rows[0]]
+    driver: Any = conn.connection.driver_connection
+    with driver.cursor() as cursor, cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([row[name] for name in columns])
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:

@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
+from reconcile.db.engine import can_copy, copy_rows
 from reconcile.db.schema import ai_generations, credit_balances, credit_transactions
 from reconcile.simulator.truth import Outcome, TaskTruth
 
@@ -658,27 +659,12 @@ _TABLES = (
 
 
 def _write(conn: Connection, population: Population, chunk_size: int, use_copy: bool) -> None:
-    driver = conn.connection.driver_connection
-    if use_copy and conn.dialect.name == "postgresql" and hasattr(driver, "pipeline"):  # psycopg 3
-        _copy(conn, population)
-        return
+    copy = use_copy and can_copy(conn)
     for table, attribute in _TABLES:
         rows = getattr(population, attribute)
+        if copy:
+            copy_rows(conn, table, rows)
+            continue
         statement = table.insert()
         for start in range(0, len(rows), chunk_size):
             conn.execute(statement, rows[start : start + chunk_size])
-
-
-def _copy(conn: Connection, population: Population) -> None:
-    driver: Any = conn.connection.driver_connection
-    with driver.cursor() as cursor:
-        for table, attribute in _TABLES:
-            rows = getattr(population, attribute)
-            if not rows:
-                continue
-            # Every column but credit_transactions.id, whose identity default numbers the rows in order.
-            columns = [c.name for c in table.columns if c.name in rows[0]]
-            with cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
-                for row in rows:
-                    # psycopg adapts tz-aware datetimes to timestamptz and escapes any text itself.
-                    copy.write_row([row[name] for name in columns])

@@ -19,6 +19,7 @@ from dagster import (
     asset,
 )
 
+from assets.failures import DATABASE_TAG, PASS_TAG, pass_step
 from assets.resources import ReconcileResource
 from reconcile import markdown
 from reconcile.db.schema import utcnow
@@ -34,7 +35,7 @@ from reconcile.runs import (
     release_lease,
     run_scope,
 )
-from reconcile.settings import VENDORS
+from reconcile.settings import VENDORS, database_label
 from reconcile.staging import (
     PASS_JOB_COLUMNS,
     StuckSet,
@@ -47,6 +48,13 @@ from reconcile.sync import sync_staged_pass
 from reconcile.vendor_stage import VendorStage, ask_vendor
 
 GROUP = "reconciliation"
+
+
+def _pass_steps() -> frozenset[str]:
+    return frozenset(assets_def.op.name for assets_def in PASS_ASSETS)
+
+
+step = pass_step(_pass_steps)  # refused outside a whole pass; known failures as one-line Failures
 
 
 def _counts_md(frame: pd.DataFrame, by: list[str], value: str | None = None, limit: int = 20) -> MetadataValue:
@@ -70,6 +78,7 @@ class VendorTruth:
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"})
+@step
 def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: ReconcileResource) -> MaterializeResult:
     """Non-terminal jobs untouched for RECONCILE_STUCK_AFTER_MINUTES, sorted into dispatched,
     never-dispatched (waiting or due to fail) and invalid rows, and staged in recon_pass_jobs for the
@@ -83,7 +92,8 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
         scope = choose_scope(conn, now, settings.full_audit_every_hours, config.full_audit)
         watermark = ledger_watermark(conn)
     record_run_start(engine, run_id, now, scope, watermark, settings.config_hash())
-    context.instance.add_run_tags(run_id, {"reconcile/config_hash": settings.config_hash()})
+    tags = {PASS_TAG: "true", DATABASE_TAG: database_label(settings.database_url)}
+    context.instance.add_run_tags(run_id, {**tags, "reconcile/config_hash": settings.config_hash()})
     purged = purge_old_passes(engine, now)
     stuck = stage_stuck_jobs(
         engine,
@@ -98,7 +108,8 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
     if undispatched:
         context.log.warning(
             f"{undispatched} stuck job(s) never reached a vendor (no vendor_task_id): is a worker "
-            f"deployed without its secrets? {stuck.count(UNDISPATCHED_DUE)} are past "
+            f"deployed without its secrets? {stuck.count(UNDISPATCHED_DUE)} of them "
+            f"{'is' if stuck.count(UNDISPATCHED_DUE) == 1 else 'are'} past "
             f"RECONCILE_UNDISPATCHED_FAIL_AFTER_MINUTES and will be failed and refunded."
         )
     if stuck.stuck_total > stuck.count():
@@ -107,7 +118,8 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
             "(RECONCILE_MAX_JOBS_PER_PASS), the next passes the rest"
         )
     context.log.info(
-        f"stuck jobs: {stuck.count()} ({stuck.count(DISPATCHED)} dispatched, {stuck.count(INVALID)} invalid), "
+        f"stuck jobs: {stuck.count()} ({stuck.count(DISPATCHED)} dispatched, {undispatched} never dispatched, "
+        f"{stuck.count(INVALID)} invalid), "
         f"staged in {stuck.chunks} chunk(s) of at most {stuck.chunk_size}"
     )
     return MaterializeResult(
@@ -149,6 +161,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
         "politely (rate limit, Retry-After, bounded retries) a chunk at a time, staged in recon_pass_answers; "
         "the vendor's health for the run.",
     )
+    @step
     def _vendor_statuses(
         context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
     ) -> MaterializeResult:
@@ -193,6 +206,7 @@ VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in VEND
     kinds={"sql"},
     ins={f"vendor_statuses_{vendor}": AssetIn(f"vendor_statuses_{vendor}") for vendor in VENDORS},
 )
+@step
 def job_status_sync(
     context: AssetExecutionContext,
     reconcile: ReconcileResource,
@@ -232,6 +246,7 @@ def job_status_sync(
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"}, deps=[job_status_sync])
+@step
 def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) -> MaterializeResult:
     """Every failed, charged, unrefunded job in the lookback window, with the net credits the ledger
     shows were charged. Checked (blocking) before anything is applied."""
@@ -260,6 +275,7 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
 
 
 @asset(group_name=GROUP, kinds={"sql"})
+@step
 def refunds(
     context: AssetExecutionContext, reconcile: ReconcileResource, refund_plan: pd.DataFrame
 ) -> MaterializeResult:
@@ -285,6 +301,7 @@ def refunds(
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"})
+@step
 def credit_leakage(
     context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet, refunds: pd.DataFrame
 ) -> MaterializeResult:

@@ -15,14 +15,13 @@ from dagster import (
 )
 
 from assets.checks import ALL_CHECKS
+from assets.failures import PASS_TAG
 from assets.metrics import observation_metrics
 from assets.reconciliation import GROUP, PASS_ASSETS
 from assets.reports import REPORT_ASSETS
 from assets.resources import ReconcileResource
 from sensors.alerts import reconcile_alerts
 from sensors.run_failures import reconcile_pass_failed
-
-PASS_TAG = "reconcile/pass"
 
 reconcile_pass = define_asset_job(
     "reconcile_pass",

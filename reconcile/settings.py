@@ -179,6 +179,18 @@ def redact_url(url: str) -> str:
         return mask_credentials(url)
 
 
+def database_label(url: str) -> str:
+    """Which database a run works on, for its tags and its Dagster home: backend, host, port and name;
+    never the user nor the password."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return f"sqlite:{parsed.database or ':memory:'}"
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.get_backend_name()}://{parsed.host or 'localhost'}{port}/{parsed.database or ''}"
+
+
 def mask_credentials(text: str) -> str:
     """`text` with whatever may be a credential masked, whatever its shape: the user information of a
     URL (everything before the last '@', so a password holding '@', '/' or ':' unescaped is covered too,

@@ -1,0 +1,94 @@
+"""A pass's known failures as one-line Dagster `Failure`s with their fix, and the rule that the
+pass's steps (which take the lease and move jobs and money) run only inside a whole pass.
+
+The one line is also written as the run's `reconcile/failure` tag, which the UI shows at the top of
+the run page and `reconcile run` prints instead of Dagster's cascade of "not executed" steps.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from dagster import AssetExecutionContext, Failure
+from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError, ProgrammingError
+
+from reconcile.runs import LeaseHeld
+from reconcile.settings import ConfigError, mask_credentials
+
+PASS_TAG = "reconcile/pass"  # the run coordinator keeps one run with this tag at a time
+FAILURE_TAG = "reconcile/failure"  # the one-line cause and fix of a failed pass
+DATABASE_TAG = "reconcile/database"  # the platform database the run worked on (no user, no password)
+RUN_THE_PASS = (
+    "run the whole pass instead: `reconcile run`, the reconcile_pass job, or 'Materialize all' on the "
+    "reconciliation group"
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def known_failure(exc: BaseException) -> tuple[str, str] | None:
+    """(what went wrong, the fix) for a failure reconcile knows, else None (a bug: shown whole)."""
+    if isinstance(exc, LeaseHeld):
+        return str(exc).split(";")[0], "wait for that pass to end, or, if it crashed, for its lease to expire"
+    if isinstance(exc, ConfigError):
+        problems = "; ".join(str(p) for p in exc.problems)
+        return f"reconcile is misconfigured: {problems}", "fix the variables above (`reconcile check-config`)"
+    text = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
+    missing = ("no such table", "does not exist", "undefinedtable")
+    if isinstance(exc, NoSuchTableError) or (
+        isinstance(exc, ProgrammingError | OperationalError) and any(m in text.lower() for m in missing)
+    ):
+        return (
+            f"the platform's tables are missing in the database ({mask_credentials(text)[:200]})",
+            "point RECONCILE_DATABASE_URL at the platform database (the one with ai_generations), "
+            "then `reconcile check-config`",
+        )
+    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return (
+            f"the platform database is unreachable ({mask_credentials(text)[:200]})",
+            "check that the server runs and RECONCILE_DATABASE_URL's host, port, name and credentials "
+            "(`reconcile check-config`)",
+        )
+    return None
+
+
+def fail_run(context: Any, what: str, fix: str) -> Failure:
+    """The Failure to raise for a known failure; its one line also becomes the run's failure tag."""
+    line = f"{what}. Fix: {fix}"
+    context.instance.add_run_tags(context.run.run_id, {FAILURE_TAG: line})
+    return Failure(description=line, metadata={"cause": what, "fix": fix}, allow_retries=False)
+
+
+def _inside_a_whole_pass(context: AssetExecutionContext, pass_steps: frozenset[str]) -> bool:
+    """Every step of the pass is in this run: not a subset selected in the UI or the CLI, nor a
+    re-execution "from failure" (which skips stuck_jobs, whose lease and working set the others need)."""
+    steps = context.run.step_keys_to_execute
+    return steps is None or pass_steps <= set(steps)
+
+
+def pass_step(pass_steps: Callable[[], frozenset[str]]) -> Callable[[F], F]:
+    """Decorates a pass asset: refused at once (before any lock or write) outside a whole pass, and its
+    known failures raised as one-line `Failure`s with their fix."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def step(context: AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
+            if not _inside_a_whole_pass(context, pass_steps()):
+                name = context.asset_key.to_user_string()
+                raise fail_run(context, f"{name} runs only inside a reconciliation pass (it moves jobs or money)",
+                               RUN_THE_PASS)  # fmt: skip
+            try:
+                return fn(context, *args, **kwargs)
+            except Failure:
+                raise
+            except Exception as exc:
+                known = known_failure(exc)
+                if known is None:
+                    raise
+                raise fail_run(context, *known) from None
+
+        return step  # type: ignore[return-value]
+
+    return decorate

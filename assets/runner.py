@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, JobDefinition, execute_job, logger, reconstructable
+from dagster import DagsterEventType, DagsterInstance, Failure, JobDefinition, execute_job, logger, reconstructable
 
 from assets.failures import DATABASE_TAG, FAILURE_TAG
 from assets.reconciliation import VENDOR_STATUS_ASSETS, stuck_jobs
+from assets.reports import reconciliation_reports
 from reconcile.settings import DEFAULT_DATABASE_URL, STATE_DIR, database_label, load_settings
 
 DEFAULT_DAGSTER_HOME = STATE_DIR / "dagster_home"
@@ -75,14 +76,50 @@ def progress_logger(_init_context) -> logging.Logger:
     return log
 
 
+_SKIP_NOTICE = "Dependencies for step "
+
+
 def _user_messages_only(record: logging.LogRecord) -> bool:
     meta: dict[str, Any] = getattr(record, "dagster_meta", {}) or {}
     if meta.get("dagster_event") is not None:
         return False  # Dagster's own events (step failures and skips included): the CLI says the cause once
     step = meta.get("step_key") or "run"
     text = meta.get("orig_message") or record.getMessage()
+    if text.startswith(_SKIP_NOTICE):
+        return False  # Dagster's line per step skipped after a failure: the CLI says the cause once instead
     record.msg, record.args = f"  [{step}] {text}", ()
     return True
+
+
+@logger(description="Every Dagster log line (--verbose); a known failure as its one line, no stack trace.")
+def verbose_logger(_init_context) -> logging.Logger:
+    log = logging.getLogger("reconcile.verbose")
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(_known_failures_in_one_line)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def _known_failures_in_one_line(record: logging.LogRecord) -> bool:
+    meta: dict[str, Any] = getattr(record, "dagster_meta", {}) or {}
+    event = meta.get("dagster_event")
+    data = getattr(event, "event_specific_data", None)
+    failure = getattr(data, "user_failure_data", None)
+    if failure is not None and failure.description:
+        record.msg, record.args = f"[{meta.get('step_key')}] FAILED: {failure.description}", ()
+        return True
+    text = record.getMessage()
+    if _KNOWN_FAILURE in text and _STACK_TRACE in text:  # the run's failure, repeating a known one
+        record.msg, record.args = text.split(_STACK_TRACE)[0].rstrip(), ()
+    return True
+
+
+_KNOWN_FAILURE = f"{Failure.__module__}.{Failure.__name__}: "
+_STACK_TRACE = "Stack Trace:"
 
 
 @dataclass
@@ -97,6 +134,10 @@ class PassOutcome:
     @property
     def stuck(self) -> dict[str, Any]:
         return self.metadata.get(stuck_jobs.key.to_user_string(), {})
+
+    @property
+    def reports(self) -> dict[str, Any]:
+        return self.metadata.get(reconciliation_reports.key.to_user_string(), {})
 
     def vendors_not_ok(self) -> dict[str, str]:
         """Each vendor that did not answer (skipped, unauthorized, down, misconfigured): its health."""
@@ -140,9 +181,9 @@ def pass_job() -> JobDefinition:
 
 
 def pass_job_with_progress() -> JobDefinition:
-    """The pass's job with the terminal progress logger (`reconcile run` without --verbose)."""
+    """The pass's job with the terminal loggers of `reconcile run` (progress, and --verbose's)."""
     job = pass_job()
-    return job.with_logger_defs({**job.loggers, "progress": progress_logger})
+    return job.with_logger_defs({**job.loggers, "progress": progress_logger, "verbose": verbose_logger})
 
 
 def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: int = 1) -> PassOutcome:
@@ -154,18 +195,17 @@ def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: 
     memory once the IO manager has it (a post-incident pass would otherwise hold every asset's value).
     """
     run_config: dict[str, Any] = {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
-    target = pass_job
     if processes > 1:
         run_config["execution"] = {"config": {"multiprocess": {"max_concurrent": processes}}}
     else:
         run_config["execution"] = {"config": {"in_process": {}}}
     if verbose:
-        run_config["loggers"] = {"console": {"config": {"log_level": "DEBUG"}}}
+        run_config["loggers"] = {"verbose": {}}
     elif processes > 1:
         run_config["loggers"] = {"console": {"config": {"log_level": "INFO"}}}
     else:
         run_config["loggers"] = {"progress": {}}
-        target = pass_job_with_progress
+    target = pass_job_with_progress
     settings = load_settings()
     tags = {DATABASE_TAG: database_label(settings.database_url)}
     with _instance(settings.database_url) as instance:

@@ -42,6 +42,8 @@ def truth_from_database(engine: Engine, open_as: Outcome = Outcome.RUNNING) -> I
                 outcome, url, error = Outcome.FAILED, None, row.error_message or "failed at the vendor"
             else:
                 outcome = open_as
-                url = f"https://simulator.invalid/{row.vendor}/{row.vendor_task_id}" if open_as == "completed" else None
-                error = "failed at the vendor (rehearsal)" if open_as == Outcome.FAILED else None
-            yield TaskTruth(row.vendor, row.vendor_task_id, row.model, outcome, result_url=url, error=error, media=media)
+                completed, failed = open_as == Outcome.COMPLETED, open_as == Outcome.FAILED
+                url = f"https://simulator.invalid/{row.vendor}/{row.vendor_task_id}" if completed else None
+                error = "failed at the vendor (rehearsal)" if failed else None
+            task = (row.vendor, row.vendor_task_id, row.model, outcome)
+            yield TaskTruth(*task, result_url=url, error=error, media=media)

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from dagster import AssetExecutionContext, Failure
+from dagster import AssetExecutionContext, DagsterInstance, DagsterRun, Failure
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError, ProgrammingError
 
 from reconcile.runs import LeaseHeld
@@ -61,34 +61,36 @@ def fail_run(context: Any, what: str, fix: str) -> Failure:
     return Failure(description=line, metadata={"cause": what, "fix": fix}, allow_retries=False)
 
 
-def _inside_a_whole_pass(context: AssetExecutionContext, pass_steps: frozenset[str]) -> bool:
-    """Every step of the pass is in this run: not a subset selected in the UI or the CLI, nor a
-    re-execution "from failure" (which skips stuck_jobs, whose lease and working set the others need)."""
-    steps = context.run.step_keys_to_execute
-    return steps is None or pass_steps <= set(steps)
+def refuse_partial_pass(instance: DagsterInstance, run: DagsterRun) -> None:
+    """Raise a one-line Failure when `run` holds some of the pass's steps but not all of them: a subset
+    selected in the UI or the CLI, or a re-execution "from failure" (which skips stuck_jobs, whose lease
+    and working set the later steps need). Called when the run's resources start, before any step."""
+    from assets.reconciliation import PASS_ASSETS
+
+    steps = run.step_keys_to_execute
+    pass_steps = {assets_def.op.name for assets_def in PASS_ASSETS}
+    if steps is None or pass_steps <= set(steps) or not pass_steps & set(steps):
+        return
+    named = ", ".join(sorted(pass_steps & set(steps)))
+    what = f"{named}: the pass's steps take its lease and move jobs and money, so they run only in a whole pass"
+    line = f"{what}. Fix: {RUN_THE_PASS}"
+    instance.add_run_tags(run.run_id, {FAILURE_TAG: line})
+    raise Failure(description=line, metadata={"cause": what, "fix": RUN_THE_PASS}, allow_retries=False)
 
 
-def pass_step(pass_steps: Callable[[], frozenset[str]]) -> Callable[[F], F]:
-    """Decorates a pass asset: refused at once (before any lock or write) outside a whole pass, and its
-    known failures raised as one-line `Failure`s with their fix."""
+def known_failures(fn: F) -> F:
+    """Decorates a pass asset: its known failures are raised as one-line `Failure`s with their fix."""
 
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def step(context: AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
-            if not _inside_a_whole_pass(context, pass_steps()):
-                name = context.asset_key.to_user_string()
-                raise fail_run(context, f"{name} runs only inside a reconciliation pass (it moves jobs or money)",
-                               RUN_THE_PASS)  # fmt: skip
-            try:
-                return fn(context, *args, **kwargs)
-            except Failure:
+    @functools.wraps(fn)
+    def step(context: AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(context, *args, **kwargs)
+        except Failure:
+            raise
+        except Exception as exc:
+            known = known_failure(exc)
+            if known is None:
                 raise
-            except Exception as exc:
-                known = known_failure(exc)
-                if known is None:
-                    raise
-                raise fail_run(context, *known) from None
+            raise fail_run(context, *known) from None
 
-        return step  # type: ignore[return-value]
-
-    return decorate
+    return step  # type: ignore[return-value]

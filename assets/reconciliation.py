@@ -19,7 +19,7 @@ from dagster import (
     asset,
 )
 
-from assets.failures import DATABASE_TAG, PASS_TAG, pass_step
+from assets.failures import DATABASE_TAG, PASS_TAG, known_failures
 from assets.resources import ReconcileResource
 from reconcile import markdown
 from reconcile.db.schema import utcnow
@@ -50,13 +50,6 @@ from reconcile.vendor_stage import VendorStage, ask_vendor
 GROUP = "reconciliation"
 
 
-def _pass_steps() -> frozenset[str]:
-    return frozenset(assets_def.op.name for assets_def in PASS_ASSETS)
-
-
-step = pass_step(_pass_steps)  # refused outside a whole pass; known failures as one-line Failures
-
-
 def _counts_md(frame: pd.DataFrame, by: list[str], value: str | None = None, limit: int = 20) -> MetadataValue:
     return MetadataValue.md(markdown.table(markdown.counts(frame, by, value), limit))
 
@@ -78,7 +71,7 @@ class VendorTruth:
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"})
-@step
+@known_failures
 def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: ReconcileResource) -> MaterializeResult:
     """Non-terminal jobs untouched for RECONCILE_STUCK_AFTER_MINUTES, sorted into dispatched,
     never-dispatched (waiting or due to fail) and invalid rows, and staged in recon_pass_jobs for the
@@ -161,7 +154,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
         "politely (rate limit, Retry-After, bounded retries) a chunk at a time, staged in recon_pass_answers; "
         "the vendor's health for the run.",
     )
-    @step
+    @known_failures
     def _vendor_statuses(
         context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
     ) -> MaterializeResult:
@@ -206,7 +199,7 @@ VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in VEND
     kinds={"sql"},
     ins={f"vendor_statuses_{vendor}": AssetIn(f"vendor_statuses_{vendor}") for vendor in VENDORS},
 )
-@step
+@known_failures
 def job_status_sync(
     context: AssetExecutionContext,
     reconcile: ReconcileResource,
@@ -246,7 +239,7 @@ def job_status_sync(
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"}, deps=[job_status_sync])
-@step
+@known_failures
 def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) -> MaterializeResult:
     """Every failed, charged, unrefunded job in the lookback window, with the net credits the ledger
     shows were charged. Checked (blocking) before anything is applied."""
@@ -275,7 +268,7 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
 
 
 @asset(group_name=GROUP, kinds={"sql"})
-@step
+@known_failures
 def refunds(
     context: AssetExecutionContext, reconcile: ReconcileResource, refund_plan: pd.DataFrame
 ) -> MaterializeResult:
@@ -301,7 +294,7 @@ def refunds(
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"})
-@step
+@known_failures
 def credit_leakage(
     context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet, refunds: pd.DataFrame
 ) -> MaterializeResult:

@@ -261,7 +261,8 @@ def simulator(ctx: click.Context, truth_path: str | None, host: str, port: int, 
         click.echo(f"vendor simulator listening on {host}:{bound}, serving {path}; point reconcile at it with:")
         for name, value in env_for(base_urls_for(host, bound), secrets).items():
             click.echo(f"  export {name}={value}")
-        click.echo("(Ctrl-C stops it)", nl=True)
+        click.echo("(Ctrl-C stops it)")
+        sys.stdout.flush()  # piped (a supervisor, a test), the lines must not wait in a buffer
 
     serve(host, port, path, parsed, on_ready=announce)
 

@@ -1,6 +1,6 @@
 """`make screenshot`: the UI in headless Chromium, saved under docs/: the asset graph
 (docs/asset-graph.png), the alert checks of `observation_metrics` (docs/alert-checks.png) and the run page
-of the newest failed pass, its one-line cause at the top (docs/failed-pass.png).
+of the newest failed pass, its one-line cause and fix (docs/failed-pass.png).
 
 Starts the Dagster webserver on loopback for workspace.yaml and the instance in DAGSTER_HOME (default: the
 demo's, so run `make demo` first; a failed pass appears once one failed), opens each page in the system's
@@ -58,11 +58,12 @@ def _newest_failed_pass(home: str) -> str | None:
 
 def _shoot(page, url: str, wait_for: str, out: Path) -> None:
     page.goto(url, wait_until="networkidle")
+    page.wait_for_selector(wait_for, timeout=60_000)
+    page.wait_for_timeout(2500)  # the page animates into place; the first-visit dialog appears meanwhile
     skip = page.get_by_role("button", name="Skip")
     if skip.count():
         skip.first.click()
-    page.wait_for_selector(wait_for, timeout=60_000)
-    page.wait_for_timeout(2500)  # the page animates into place
+        page.wait_for_timeout(1000)
     out.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(out))
     print(f"screenshot: {out}")
@@ -94,12 +95,17 @@ def main() -> None:
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1600, "height": 900})
             _shoot(page, f"{url}/asset-groups/reconciliation", "text=credit_leakage", args.out_dir / "asset-graph.png")
-            _shoot(page, f"{url}/assets/observation_metrics?view=checks", "text=no_undispatched_backlog",
-                   args.out_dir / "alert-checks.png")  # fmt: skip
+            checks = f"{url}/assets/observation_metrics?view=checks&checkDetail=no_undispatched_backlog"
+            _shoot(page, checks, "text=never reached", args.out_dir / "alert-checks.png")
             if failed_run is None:
                 print("no failed pass in this Dagster home: docs/failed-pass.png not taken")
             else:
-                _shoot(page, f"{url}/runs/{failed_run}", "text=FAILED:", args.out_dir / "failed-pass.png")
+                _shoot(
+                    page,
+                    f"{url}/runs/{failed_run}?logs=type%3ASTEP_FAILURE",
+                    "text=Fix:",
+                    args.out_dir / "failed-pass.png",
+                )
             browser.close()
     finally:
         server.terminate()

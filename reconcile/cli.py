@@ -172,7 +172,7 @@ def _has_reconcile_tables(engine) -> bool:
     from sqlalchemy import inspect
 
     with engine.connect() as conn:
-        names = set(inspect(conn).get_table_names())
+        names = set(inspect(conn).get_table_names()) | set(inspect(conn).get_view_names())
     return {"recon_runs", "recon_refunds", "recon_leakage_findings", "recon_status_changes"} <= names
 
 

@@ -41,12 +41,12 @@ from assets.resources import ReconcileResource
 from reconcile.db.schema import (
     ai_generations,
     credit_transactions,
-    recon_lease,
     recon_refunds,
     recon_runs,
     recon_status_changes,
     utcnow,
 )
+from reconcile.runs import lease_holder
 from reconcile.simulator.population import Population, generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from sensors.run_failures import reconcile_pass_failed
@@ -248,7 +248,7 @@ def test_connection_dropped_inside_a_transaction_fails_loudly_and_leaves_nothing
         # The failure sensor records the failure and frees the lease: the next pass starts at once.
         _run_failure_sensor(instance, faulty)
         with db.engine.connect() as conn:
-            assert conn.execute(select(recon_lease)).all() == []
+            assert lease_holder(db.engine, utcnow()) is None  # freed
             status = conn.execute(select(recon_runs.c.status).where(recon_runs.c.run_id == faulty.run_id))
             assert status.scalar_one() == "failed"
         normal = _pass(instance)
@@ -339,7 +339,7 @@ def test_postgres_unreachable_at_start_fails_at_once_and_says_what_to_check(
             assert "Connection refused" in failure and "Is the server running" in failure  # what to check
             with db.engine.connect() as conn:  # nothing written, no lease left behind
                 assert conn.execute(select(recon_runs)).all() == []
-                assert conn.execute(select(recon_lease)).all() == []
+                assert lease_holder(db.engine, utcnow()) is None  # freed
 
             late.open()  # the server is up: the next tick works at once
             up = execute_pass(verbose=True)

@@ -68,18 +68,23 @@ def upgrade() -> None:
         ) runs
         """
     )
-    # Gaps and islands: consecutive runs that reported the same finding become one interval.
+    # Gaps and islands: consecutive runs that reported the same finding become one interval. A run that
+    # reported a finding twice has two copies (`copy`), each its own chain of intervals.
     op.execute(
         f"""
         INSERT INTO recon_findings ({FINDING_KEY}, first_seq, last_seq)
         SELECT {FINDING_KEY}, MIN(seq), MAX(seq) FROM (
-            SELECT f.category, f.job_id, f.user_id, f.credits, f.detail, r.seq,
-                   r.seq - ROW_NUMBER() OVER (
-                       PARTITION BY f.category, f.job_id, f.user_id, f.credits, f.detail ORDER BY r.seq
-                   ) AS island
-            FROM recon_leakage_findings f JOIN recon_finding_runs r ON r.run_id = f.run_id
+            SELECT {FINDING_KEY}, copy, seq,
+                   seq - ROW_NUMBER() OVER (PARTITION BY {FINDING_KEY}, copy ORDER BY seq) AS island
+            FROM (
+                SELECT f.category, f.job_id, f.user_id, f.credits, f.detail, r.seq,
+                       ROW_NUMBER() OVER (
+                           PARTITION BY r.seq, f.category, f.job_id, f.user_id, f.credits, f.detail
+                       ) AS copy
+                FROM recon_leakage_findings f JOIN recon_finding_runs r ON r.run_id = f.run_id
+            ) copies
         ) numbered
-        GROUP BY {FINDING_KEY}, island
+        GROUP BY {FINDING_KEY}, copy, island
         """
     )
     op.drop_index("recon_ix_findings_run_id", table_name="recon_leakage_findings")

@@ -194,13 +194,26 @@ def release_lease(engine: Engine, holder: str) -> bool:
     return bool(released)
 
 
-def lease_holder(engine: Engine, now: datetime) -> str | None:
-    """The pass holding the unexpired lease at `now`, or None when it is free."""
+def lease_holder(engine: Engine, now: datetime | None) -> str | None:
+    """The pass holding the lease unexpired at `now` (expired or not when `now` is None), or None."""
     with engine.connect() as conn:
         current = _read_lease(conn)
-    if current is None or current.holder == FREE or current.expires_at <= now:
+    if current is None or current.holder == FREE or (now is not None and current.expires_at <= now):
         return None
     return current.holder
+
+
+def why_pass_is_orphaned(engine: Engine, run_id: str, now: datetime, host: str) -> str | None:
+    """Why the pass `run_id`, still running as far as Dagster knows, has provably no worker left:
+    it holds the lease and its process on `host` is gone, or its heartbeat stopped long enough for
+    the lease to expire. None when it may still be working (or never held or already freed it)."""
+    with engine.connect() as conn:
+        current = _read_lease(conn)
+    if current is None or current.holder != run_id:
+        return None
+    if current.expires_at <= now:
+        return f"its lease expired at {current.expires_at:%Y-%m-%d %H:%M:%S} UTC (no heartbeat: its worker is gone)"
+    return why_holder_is_gone(current, host, None)
 
 
 class LeaseHeartbeat:

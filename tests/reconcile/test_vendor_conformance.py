@@ -15,87 +15,13 @@ import pytest
 
 from reconcile.models import JobRef
 from reconcile.simulator import DEFAULT_SECRETS, SimulatorThread, TaskTruth
-from reconcile.vendors.adapters import ADAPTERS, Kind, RawAnswer
+from reconcile.vendors import registry
+from reconcile.vendors.base import Kind, RawAnswer
 
 FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "vendors"
 FIXTURES = sorted(FIXTURES_DIR.glob("*/*.json"))
 BASE_URL = "https://vendor.invalid"
 SECRET = "conformance-secret-1234"
-
-# Documented answers reconcile does not read right yet (issue 12): strict, so each entry must go as
-# soon as its case is implemented.
-ADAPTER_NOT_YET = {
-    "fal/app_failure_422_detail_list",
-    "fal/app_failure_422_detail_string",
-    "fal/app_failure_500_detail",
-    "fal/namespace_comfy_keeps_three_segments",
-    "fal/namespace_workflows_keeps_three_segments",
-    "fal/status_409_retried",
-    "kie/flux_kontext_generate_failed",
-    "kie/flux_kontext_generating",
-    "kie/flux_kontext_success",
-    "kie/gpt4o_image_create_task_failed",
-    "kie/gpt4o_image_generate_failed",
-    "kie/gpt4o_image_generating",
-    "kie/gpt4o_image_success",
-    "kie/luma_callback_failed_is_success",
-    "kie/luma_generate_failed",
-    "kie/luma_generating",
-    "kie/luma_success",
-    "kie/maintenance_455",
-    "kie/midjourney_failed",
-    "kie/midjourney_generating",
-    "kie/midjourney_success",
-    "kie/record_is_null_422",
-    "kie/runway_fail",
-    "kie/runway_generating",
-    "kie/runway_queueing",
-    "kie/runway_success",
-    "kie/runway_wait_with_stale_fields",
-    "kie/suno_callback_exception_is_for_a_person",
-    "kie/suno_first_success_not_final",
-    "kie/suno_generate_audio_failed",
-    "kie/suno_pending",
-    "kie/suno_sensitive_word_error",
-    "kie/suno_success",
-    "kie/suno_text_success_not_final",
-    "kie/veo_failed",
-    "kie/veo_generating",
-    "kie/veo_generation_failed",
-    "kie/veo_success",
-    "replicate/succeeded_output_removed",
-}
-SIMULATOR_NOT_YET = {
-    "fal/app_failure_422_detail_list",
-    "fal/app_failure_500_detail",
-    "fal/completed_with_error_request_timeout",
-    "fal/status_in_progress_202",
-    "fal/status_in_queue_202",
-    "kie/flux_kontext_success",
-    "kie/gpt4o_image_success",
-    "kie/luma_success",
-    "kie/market_success",
-    "kie/midjourney_success",
-    "kie/runway_fail",
-    "kie/runway_generating",
-    "kie/runway_queueing",
-    "kie/runway_success",
-    "kie/suno_success",
-    "kie/task_not_found_404",
-    "kie/veo_failed",
-    "kie/veo_generating",
-    "kie/veo_success",
-    "replicate/succeeded_output_removed",
-}
-
-
-def _params(paths: list[Path], not_yet: set[str]) -> list[Any]:
-    return [
-        pytest.param(path, marks=pytest.mark.xfail(strict=True, reason="not implemented yet"))
-        if _case_id(path) in not_yet
-        else path
-        for path in paths
-    ]
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -126,12 +52,14 @@ def test_every_fixture_names_its_source_and_expectation() -> None:
         assert fixture["expect"]["state"] in ("queued", "running", "completed", "failed", "unknown"), path
 
 
-@pytest.mark.parametrize("path", _params(FIXTURES, ADAPTER_NOT_YET), ids=_case_id)
+@pytest.mark.parametrize("path", FIXTURES, ids=_case_id)
 def test_adapter_reads_the_documented_answer(path: Path) -> None:
     fixture = _load(path)
     job = _job(fixture)
-    adapter = ADAPTERS[fixture["vendor"]]
-    steps = [(adapter.status_request, adapter.parse_status), (adapter.result_request, adapter.parse_result)]
+    vendor = registry.get(fixture["vendor"])
+    steps = [(vendor.status_request, vendor.parse_status)]
+    if vendor.parse_result is not None:
+        steps.append((vendor.result_request, vendor.parse_result))
     exchanges = fixture["exchanges"]
     assert len(exchanges) <= len(steps)
     parsed = None
@@ -228,7 +156,7 @@ def _auth(vendor: str) -> dict[str, str]:
     return {"Authorization": f"{scheme} {DEFAULT_SECRETS[vendor]}", "X-Request-Id": "conformance"}
 
 
-@pytest.mark.parametrize("path", _params(SIMULATED, SIMULATOR_NOT_YET), ids=_case_id)
+@pytest.mark.parametrize("path", SIMULATED, ids=_case_id)
 def test_simulator_answers_in_the_documented_shape(path: Path, simulator: SimulatorThread, http: httpx.Client) -> None:
     fixture = _load(path)
     vendor, job, setup = fixture["vendor"], fixture["job"], fixture["simulator"]

@@ -23,6 +23,7 @@ from reconcile.db.schema import (
     recon_finding_runs,
     recon_findings,
     recon_leakage_findings,
+    recon_status_changes,
 )
 
 CATEGORIES = (
@@ -35,6 +36,7 @@ CATEGORIES = (
     "missing_charge",
     "orphan_transaction",
     "invalid_job",
+    "completed_without_result",
 )
 FINDING_COLUMNS = ["category", "job_id", "user_id", "credits", "detail"]
 # Categories recomputed from the stuck set every run, whatever the scan mode.
@@ -188,14 +190,14 @@ def _orphan_findings(conn: Connection, scope: Scope) -> pd.DataFrame:
     )
 
 
-def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -> pd.DataFrame:
-    """Charged jobs still not terminal (after this run's sync) and not refunded."""
-    g, t = ai_generations.c, credit_transactions.c
-    cutoff = now - timedelta(minutes=stuck_after_minutes)
-    # Driven by the stuck rows (partial index recon_ix_generations_stuck), each one's ledger read
-    # through its job_id index: work in proportion to the stuck jobs. (A join + GROUP BY over
-    # credit_transactions let PostgreSQL hash-join the whole ledger: it grew with the table.)
-    net = (
+# Job types whose result is a file the user must be able to fetch: completed without one, nothing to deliver.
+MEDIA_TYPES = ("image", "video")
+
+
+def _net_charge(job_id):
+    """Charged minus refunded for one job (a correlated subquery, read through the job_id index)."""
+    t = credit_transactions.c
+    return (
         select(
             func.sum(
                 case(
@@ -205,9 +207,19 @@ def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -
                 )
             )
         )
-        .where(t.job_id == g.id)
+        .where(t.job_id == job_id)
         .scalar_subquery()
     )
+
+
+def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -> pd.DataFrame:
+    """Charged jobs still not terminal (after this run's sync) and not refunded."""
+    g = ai_generations.c
+    cutoff = now - timedelta(minutes=stuck_after_minutes)
+    # Driven by the stuck rows (partial index recon_ix_generations_stuck), each one's ledger read
+    # through its job_id index: work in proportion to the stuck jobs. (A join + GROUP BY over
+    # credit_transactions let PostgreSQL hash-join the whole ledger: it grew with the table.)
+    net = _net_charge(g.id)
     query = select(g.id, g.user_id, g.status, g.updated_at, net.label("owed")).where(
         g.status.in_(NON_TERMINAL_STATUSES), g.updated_at < cutoff
     )
@@ -221,6 +233,32 @@ def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -
                 "user_id": r.user_id,
                 "credits": int(r.owed),
                 "detail": f"{r.status} since {r.updated_at:%Y-%m-%d %H:%M} UTC, charged, not refunded",
+            }
+            for r in rows
+        ],
+        columns=FINDING_COLUMNS,
+    )
+
+
+def _completed_without_result_findings(conn: Connection, scope: Scope) -> pd.DataFrame:
+    """Image and video jobs reconcile set `completed` from a vendor answer that had no result URL
+    (e.g. Replicate's removed output): charged, and nothing the user can fetch."""
+    g, c = ai_generations.c, recon_status_changes.c
+    set_by_reconcile = select(c.job_id).where(c.to_status == "completed", c.job_id == g.id).exists()
+    query = select(g.id, g.user_id, g.type, g.vendor, _net_charge(g.id).label("owed")).where(
+        g.status == "completed", g.result_url.is_(None), g.type.in_(MEDIA_TYPES), set_by_reconcile
+    )
+    if not scope.full:
+        query = query.where(g.id.in_(_changed_job_ids(scope)))
+    rows = [r for r in conn.execute(query) if r.owed is not None and r.owed > 0]
+    return pd.DataFrame(
+        [
+            {
+                "category": "completed_without_result",
+                "job_id": r.id,
+                "user_id": r.user_id,
+                "credits": int(r.owed),
+                "detail": f"{r.type} job completed at {r.vendor} with no result URL: nothing to deliver"[:DETAIL_LIMIT],
             }
             for r in rows
         ],
@@ -264,6 +302,7 @@ def detect_leakage(
         _orphan_findings(conn, scope),
         _stuck_findings(conn, now, stuck_after_minutes),
         invalid_job_findings(invalid),
+        _completed_without_result_findings(conn, scope),
     ]
     if not scope.full and previous is not None and not previous.empty:
         fresh.append(_carried_forward(conn, scope, previous))

@@ -41,6 +41,16 @@ class VendorEnv:
     url_var: str
     default_url: str
     secret_var: str
+    default_rate: float | None = None  # the vendor module's `default_rate_per_second`
+
+    @property
+    def rate_var(self) -> str:
+        """reconcile's own variable for this vendor's request rate."""
+        return f"RECONCILE_{self.vendor.upper()}_RATE_LIMIT_PER_SECOND"
+
+    @property
+    def rate_field(self) -> str:
+        return f"{self.vendor}_rate_limit_per_second"
 
     @property
     def url_field(self) -> str:
@@ -52,7 +62,8 @@ class VendorEnv:
 
 
 VENDOR_ENV: dict[str, VendorEnv] = {
-    v.name: VendorEnv(v.name, v.url_var, v.default_url, v.secret_var) for v in registry.all_vendors()
+    v.name: VendorEnv(v.name, v.url_var, v.default_url, v.secret_var, v.default_rate_per_second)
+    for v in registry.all_vendors()
 }
 VENDORS: tuple[str, ...] = tuple(VENDOR_ENV)
 
@@ -136,6 +147,18 @@ class _CoreSettings(BaseModel):
     def vendor_secret(self, vendor: str) -> SecretStr | None:
         return getattr(self, _vendor_env(vendor).secret_field)
 
+    def vendor_rate(self, vendor: str) -> float:
+        """Requests a second to `vendor`: its own RECONCILE_<VENDOR>_RATE_LIMIT_PER_SECOND; unset, the
+        global RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND when that is set; else the vendor module's default
+        (Replicate's leaves most of the account's read limit to the platform), or the global default."""
+        env = _vendor_env(vendor)
+        own = getattr(self, env.rate_field)
+        if own is not None:
+            return own
+        if env.default_rate is None or "vendor_rate_limit_per_second" in self.model_fields_set:
+            return self.vendor_rate_limit_per_second
+        return env.default_rate
+
     def redacted(self) -> dict[str, Any]:
         """Every setting by its environment name; secrets only as 'set' / 'unset'."""
         out: dict[str, Any] = {}
@@ -171,6 +194,7 @@ _VENDOR_FIELDS: dict[str, Any] = {}
 for _env in VENDOR_ENV.values():
     _VENDOR_FIELDS[_env.url_field] = (str, Field(_env.default_url, alias=_env.url_var))
     _VENDOR_FIELDS[_env.secret_field] = (SecretStr | None, Field(None, alias=_env.secret_var))
+    _VENDOR_FIELDS[_env.rate_field] = (float | None, Field(None, alias=_env.rate_var, gt=0, le=100_000))
 
 Settings = create_model(
     "Settings",

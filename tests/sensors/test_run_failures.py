@@ -26,7 +26,7 @@ def test_failed_pass_is_recorded_and_its_lease_released(db, monkeypatch: pytest.
         raise RuntimeError("planner crashed")
 
     monkeypatch.setattr(stage, "plan_refunds", broken_planner)
-    population = generate_population(60, seed=31, now=utcnow())
+    population = generate_population(80, seed=31, now=utcnow())
     write_population(db.engine, population)
     with SimulatorThread(population.truth) as sim, DagsterInstance.ephemeral() as instance:
         for name, value in {**sim.env(), "RECONCILE_DATABASE_URL": db.url}.items():

@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 from dagster import AssetExecutionContext, DagsterInstance, DagsterRun, Failure
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError, ProgrammingError
 
-from reconcile.runs import LeaseHeld
+from assets.retries import TRANSIENT_DB_RETRY
+from reconcile.db.engine import TransientDatabaseError
+from reconcile.runs import LeaseHeld, LeaseLost
 from reconcile.settings import ConfigError, mask_credentials
 
 PASS_TAG = "reconcile/pass"  # the run coordinator keeps one run with this tag at a time
@@ -32,6 +34,16 @@ def known_failure(exc: BaseException) -> tuple[str, str] | None:
     """(what went wrong, the fix) for a failure reconcile knows, else None (a bug: shown whole)."""
     if isinstance(exc, LeaseHeld):
         return str(exc).split(";")[0], "wait for that pass to end, or, if it crashed, for its lease to expire"
+    if isinstance(exc, LeaseLost):
+        return str(exc).split(". It stops")[0], "nothing to do: the next pass carries on from the database"
+    if isinstance(exc, TransientDatabaseError):
+        cause = exc.__cause__ or exc
+        text = str(getattr(cause, "orig", None) or cause).splitlines()[0] if str(cause) else type(cause).__name__
+        return (
+            f"the platform database kept failing after the retries ({mask_credentials(text)[:200]})",
+            "check that the server runs and RECONCILE_DATABASE_URL's host, port, name and credentials "
+            "(`reconcile check-config`)",
+        )
     if isinstance(exc, ConfigError):
         problems = "; ".join(str(p) for p in exc.problems)
         return f"reconcile is misconfigured: {problems}", "fix the variables above (`reconcile check-config`)"
@@ -79,14 +91,23 @@ def refuse_partial_pass(instance: DagsterInstance, run: DagsterRun) -> None:
 
 
 def known_failures(fn: F) -> F:
-    """Decorates a pass asset: its known failures are raised as one-line `Failure`s with their fix."""
+    """Decorates a pass asset (above `retry_only_transient`): its known failures are raised as one-line
+    `Failure`s with their fix; a transient database fault is left to the RetryPolicy until its last try."""
 
     @functools.wraps(fn)
     def step(context: AssetExecutionContext, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(context, *args, **kwargs)
-        except Failure:
-            raise
+        except TransientDatabaseError as exc:
+            if context.retry_number < TRANSIENT_DB_RETRY.max_retries:
+                raise  # the step's RetryPolicy tries again
+            raise fail_run(context, *known_failure(exc)) from None  # type: ignore[misc]
+        except Failure as failure:
+            # retry_only_transient turns every other exception into a Failure: say a known one's fix.
+            known = known_failure(failure.__cause__) if failure.__cause__ is not None else None
+            if known is None:
+                raise
+            raise fail_run(context, *known) from None
         except Exception as exc:
             known = known_failure(exc)
             if known is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from reconcile.db.engine import database_problems
+from reconcile.db.engine import database_problems, wait_for_database
 from reconcile.settings import (
     DEFAULT_DATABASE_URL,
     PROJECT_ROOT,
@@ -80,7 +80,10 @@ def _dagster_layer():
 
 def preflight(settings: Settings) -> list[Problem]:
     """What `reconcile run` checks before it starts Dagster (what `check-config` checks): the database
-    answers and holds the platform's tables. Each problem names its variable and its fix."""
+    answers (a server starting up or failing over is waited for, saying so, within
+    RECONCILE_DATABASE_WAIT_SECONDS) and holds the platform's tables. Each problem names its variable and
+    its fix."""
+    wait_for_database(settings.database_url, settings.database_wait_seconds, lambda m: click.echo(m, err=True))
     return database_problems(settings.database_url)
 
 
@@ -217,7 +220,7 @@ def _has_reconcile_tables(engine) -> bool:
     from sqlalchemy import inspect
 
     with engine.connect() as conn:
-        names = set(inspect(conn).get_table_names())
+        names = set(inspect(conn).get_table_names()) | set(inspect(conn).get_view_names())
     return {"recon_runs", "recon_refunds", "recon_leakage_findings", "recon_status_changes"} <= names
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, field_validator
+
+from reconcile.vendors import registry
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The embedded default's files (SQLite database, demo truth, Dagster home): the checkout's .reconcile/,
@@ -26,24 +28,45 @@ STATE_DIR = Path(os.environ.get("RECONCILE_STATE_DIR") or PROJECT_ROOT / ".recon
 DEFAULT_DATABASE_URL = f"sqlite:///{STATE_DIR / 'platform.db'}"
 DEFAULT_REPORTS_DIR = STATE_DIR / "reports"
 
-VENDORS = ("fal", "replicate", "kie")
-
 
 @dataclass(frozen=True)
 class VendorEnv:
-    """The environment names of one vendor, as the contract fixes them."""
+    """The environment names of one vendor (from its module), and its settings fields' names.
+
+    The naming rule is written here only: the settings field of a vendor's base URL is
+    `<vendor>_base_url`, of its secret `<vendor>_secret`; each field's alias is the vendor's own
+    environment variable (`Vendor.url_var`, `Vendor.secret_var`).
+    """
 
     vendor: str
     url_var: str
     default_url: str
     secret_var: str
+    default_rate: float | None = None  # the vendor module's `default_rate_per_second`
+
+    @property
+    def rate_var(self) -> str:
+        """reconcile's own variable for this vendor's request rate."""
+        return f"RECONCILE_{self.vendor.upper()}_RATE_LIMIT_PER_SECOND"
+
+    @property
+    def rate_field(self) -> str:
+        return f"{self.vendor}_rate_limit_per_second"
+
+    @property
+    def url_field(self) -> str:
+        return f"{self.vendor}_base_url"
+
+    @property
+    def secret_field(self) -> str:
+        return f"{self.vendor}_secret"
 
 
 VENDOR_ENV: dict[str, VendorEnv] = {
-    "fal": VendorEnv("fal", "FAL_QUEUE_URL", "https://queue.fal.run", "FAL_KEY"),
-    "replicate": VendorEnv("replicate", "REPLICATE_API_URL", "https://api.replicate.com", "REPLICATE_API_TOKEN"),
-    "kie": VendorEnv("kie", "KIE_API_URL", "https://api.kie.ai", "KIE_API_KEY"),
+    v.name: VendorEnv(v.name, v.url_var, v.default_url, v.secret_var, v.default_rate_per_second)
+    for v in registry.all_vendors()
 }
+VENDORS: tuple[str, ...] = tuple(VENDOR_ENV)
 
 
 def _check_http_url(value: str | None) -> str | None:
@@ -61,8 +84,8 @@ def _check_http_url(value: str | None) -> str | None:
     return value.rstrip("/")
 
 
-class Settings(BaseModel):
-    """The effective configuration of one reconcile process."""
+class _CoreSettings(BaseModel):
+    """The configuration that is not any one vendor's (the vendors' fields are added below)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -73,7 +96,13 @@ class Settings(BaseModel):
     )
     refund_lookback_hours: int = Field(24 * 7, alias="RECONCILE_REFUND_LOOKBACK_HOURS", gt=0)
     full_audit_every_hours: int = Field(24, alias="RECONCILE_FULL_AUDIT_EVERY_HOURS", gt=0)
-    lease_seconds: int = Field(900, alias="RECONCILE_LEASE_SECONDS", gt=0)
+    # A pass renews its lease 4 times per period while it works; a crashed pass's lease is taken over
+    # at once when its process or Dagster run is provably gone, else after this long.
+    lease_seconds: int = Field(60, alias="RECONCILE_LEASE_SECONDS", gt=0, le=3600)
+    # `reconcile run` waits this long for a database that is starting up (connection refused, ...).
+    database_wait_seconds: int = Field(60, alias="RECONCILE_DATABASE_WAIT_SECONDS", ge=0, le=3600)
+    # Observation metrics older than this are purged by the metrics step (the method needs 48 h).
+    metrics_retention_days: int = Field(7, alias="RECONCILE_METRICS_RETENTION_DAYS", ge=3, le=3650)
     # Bounds one pass's memory and vendor calls after an incident; the oldest stuck jobs go first.
     max_jobs_per_pass: int = Field(50_000, alias="RECONCILE_MAX_JOBS_PER_PASS", gt=0)
     # The most stuck jobs any step holds in memory at once: the pass reads its working set back
@@ -94,18 +123,6 @@ class Settings(BaseModel):
     vendor_max_attempts: int = Field(4, alias="RECONCILE_VENDOR_MAX_ATTEMPTS", gt=0, le=20)
     vendor_time_budget_seconds: float = Field(300.0, alias="RECONCILE_VENDOR_TIME_BUDGET_SECONDS", gt=0, le=3600)
     vendor_outage_error_share: float = Field(0.5, alias="RECONCILE_VENDOR_OUTAGE_ERROR_SHARE", gt=0, le=1)
-
-    fal_queue_url: str = Field(VENDOR_ENV["fal"].default_url, alias="FAL_QUEUE_URL")
-    replicate_api_url: str = Field(VENDOR_ENV["replicate"].default_url, alias="REPLICATE_API_URL")
-    kie_api_url: str = Field(VENDOR_ENV["kie"].default_url, alias="KIE_API_URL")
-    fal_key: SecretStr | None = Field(None, alias="FAL_KEY")
-    replicate_api_token: SecretStr | None = Field(None, alias="REPLICATE_API_TOKEN")
-    kie_api_key: SecretStr | None = Field(None, alias="KIE_API_KEY")
-
-    @field_validator("fal_queue_url", "replicate_api_url", "kie_api_url")
-    @classmethod
-    def _vendor_url(cls, value: str) -> str:
-        return _check_http_url(value)  # type: ignore[return-value]
 
     @field_validator("alert_webhook_url")
     @classmethod
@@ -134,10 +151,22 @@ class Settings(BaseModel):
         return value
 
     def vendor_url(self, vendor: str) -> str:
-        return getattr(self, VENDOR_ENV[vendor].url_var.lower())
+        return getattr(self, _vendor_env(vendor).url_field)
 
     def vendor_secret(self, vendor: str) -> SecretStr | None:
-        return getattr(self, VENDOR_ENV[vendor].secret_var.lower())
+        return getattr(self, _vendor_env(vendor).secret_field)
+
+    def vendor_rate(self, vendor: str) -> float:
+        """Requests a second to `vendor`: its own RECONCILE_<VENDOR>_RATE_LIMIT_PER_SECOND; unset, the
+        global RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND when that is set; else the vendor module's default
+        (Replicate's leaves most of the account's read limit to the platform), or the global default."""
+        env = _vendor_env(vendor)
+        own = getattr(self, env.rate_field)
+        if own is not None:
+            return own
+        if env.default_rate is None or "vendor_rate_limit_per_second" in self.model_fields_set:
+            return self.vendor_rate_limit_per_second
+        return env.default_rate
 
     def redacted(self) -> dict[str, Any]:
         """Every setting by its environment name; secrets only as 'set' / 'unset'."""
@@ -160,7 +189,33 @@ class Settings(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_SECRET_FIELDS = {"fal_key", "replicate_api_token", "kie_api_key", "alert_webhook_url"}
+def _vendor_env(vendor: str) -> VendorEnv:
+    try:
+        return VENDOR_ENV[vendor]
+    except KeyError:
+        raise registry.UnknownVendor(vendor) from None
+
+
+def _checked_vendor_url(value: str) -> str:
+    return _check_http_url(value)  # type: ignore[return-value]
+
+
+# One base-URL field and one secret field per registered vendor, named by VendorEnv's rule.
+_VENDOR_FIELDS: dict[str, Any] = {}
+for _env in VENDOR_ENV.values():
+    _VENDOR_FIELDS[_env.url_field] = (str, Field(_env.default_url, alias=_env.url_var))
+    _VENDOR_FIELDS[_env.secret_field] = (SecretStr | None, Field(None, alias=_env.secret_var))
+    _VENDOR_FIELDS[_env.rate_field] = (float | None, Field(None, alias=_env.rate_var, gt=0, le=100_000))
+
+Settings = create_model(
+    "Settings",
+    __base__=_CoreSettings,
+    __doc__="The effective configuration of one reconcile process (every vendor's fields included).",
+    __validators__={"_vendor_urls": field_validator(*(e.url_field for e in VENDOR_ENV.values()))(_checked_vendor_url)},
+    **_VENDOR_FIELDS,
+)
+
+_SECRET_FIELDS = {"alert_webhook_url", *(e.secret_field for e in VENDOR_ENV.values())}
 
 
 _SENSITIVE_KEY = re.compile("pass|secret|token|key", re.IGNORECASE)

@@ -18,11 +18,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from operator import itemgetter
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from reconcile.settings import VENDORS
+from reconcile.vendors import registry
 
-TRUTH_FORMAT_VERSION = "1"
+if TYPE_CHECKING:
+    from reconcile.simulator.wire import SimulatedVendor
+
+TRUTH_FORMAT_VERSION = "2"
 
 
 class Outcome(StrEnum):
@@ -32,14 +35,13 @@ class Outcome(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
-    CANCELED = "canceled"  # replicate only
-    ABORTED = "aborted"  # replicate only: deadline passed before the task started
+    CANCELED = "canceled"  # only vendors whose simulator has a word for it (replicate)
+    ABORTED = "aborted"  # deadline passed before the task started (replicate)
     UNMAPPED = "unmapped"  # a status word nobody mapped (fal PAUSED, replicate archived, kie paused)
 
 
 # Terminal failures in the contract's sense: the job must become `failed` and be refunded.
 FAILURE_OUTCOMES = frozenset({Outcome.FAILED, Outcome.CANCELED, Outcome.ABORTED})
-REPLICATE_ONLY_OUTCOMES = frozenset({Outcome.CANCELED, Outcome.ABORTED})
 MEDIA_KINDS = ("image", "video", "text")
 
 
@@ -58,26 +60,47 @@ class TaskTruth:
     media: str = "image"  # fal result shape: images[] for image, video{} for video, output for text
     status_word: str | None = None  # the exact vendor status to send instead of the outcome's word
     created_at: datetime | None = None  # the vendor's own creation time; None: a fixed epoch
+    # A failure the vendor reports through an HTTP error of its result request (fal's app failures:
+    # COMPLETED without `error`, then this status with a `detail`); None: reported in the status answer.
+    result_http_status: int | None = None
+    output_removed: bool = False  # completed, but the output was deleted since (Replicate's data retention)
 
     def __post_init__(self) -> None:
-        if self.vendor not in VENDORS:
-            raise ValueError(f"unknown vendor {self.vendor!r}; the simulator serves {VENDORS}")
+        simulated = _simulated_vendor(self.vendor)
         if isinstance(self.created_at, str):
             # From JSON (the admin API): an ISO 8601 text.
             object.__setattr__(self, "created_at", datetime.fromisoformat(self.created_at))
         if not isinstance(self.outcome, Outcome):
             # Accept the plain string (from JSON, SQLite) but store the enum.
             object.__setattr__(self, "outcome", Outcome(self.outcome))
-        if self.outcome in REPLICATE_ONLY_OUTCOMES and self.vendor != "replicate":
-            raise ValueError(f"outcome {self.outcome.value!r} exists only at replicate, not {self.vendor}")
+        if self.outcome not in simulated.status_words:
+            having = [v.name for v in registry.simulated() if self.outcome in v.simulator.status_words]  # type: ignore[union-attr]
+            raise ValueError(
+                f"outcome {self.outcome.value!r} does not exist at {self.vendor} (vendors that have it: {having})"
+            )
         if self.media not in MEDIA_KINDS:
             raise ValueError(f"media must be one of {MEDIA_KINDS}, not {self.media!r}")
         if not self.vendor_task_id:
             raise ValueError("vendor_task_id must be a non-empty string")
+        if self.result_http_status is not None and (
+            self.outcome is not Outcome.FAILED or not 400 <= self.result_http_status < 600
+        ):
+            raise ValueError("result_http_status is a 4xx or 5xx of a failed task")
+        if self.output_removed and self.outcome is not Outcome.COMPLETED:
+            raise ValueError("only a completed task's output can be removed")
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.vendor, self.vendor_task_id)
+
+
+def _simulated_vendor(vendor: str) -> SimulatedVendor:
+    """The simulator part of a registered vendor; ValueError for any other name."""
+    found = registry.get(vendor).simulator if registry.is_known(vendor) else None
+    if found is None:
+        served = ", ".join(v.name for v in registry.simulated())
+        raise ValueError(f"unknown vendor {vendor!r}; the simulator serves {served}")
+    return found
 
 
 class TruthStore(Protocol):
@@ -130,6 +153,8 @@ _COLUMNS = (
     "media",
     "status_word",
     "created_at",
+    "result_http_status",
+    "output_removed",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM truth"
 
@@ -151,14 +176,17 @@ def _to_row(task: TaskTruth) -> tuple[object, ...]:
         task.media,
         task.status_word,
         created,
+        task.result_http_status,
+        int(task.output_removed),
     )
 
 
 def _from_row(row: tuple) -> TaskTruth:  # type: ignore[type-arg]
     created = datetime.fromisoformat(row[10]) if row[10] else None
     return TaskTruth(
-        row[0], row[1], row[2], Outcome(row[3]), row[4], row[5], row[6], bool(row[7]), row[8], row[9], created
-    )
+        row[0], row[1], row[2], Outcome(row[3]), row[4], row[5], row[6], bool(row[7]), row[8], row[9], created,
+        row[11], bool(row[12]),
+    )  # fmt: skip
 
 
 class SqliteTruthStore:
@@ -240,6 +268,7 @@ def save_truth(path: str | os.PathLike[str], tasks: Iterable[TaskTruth]) -> int:
             "CREATE TABLE truth (vendor TEXT NOT NULL, vendor_task_id TEXT NOT NULL, model TEXT NOT NULL,"
             " outcome TEXT NOT NULL, result_url TEXT, error TEXT, error_type TEXT,"
             " output_list INTEGER NOT NULL, media TEXT NOT NULL, status_word TEXT, created_at TEXT,"
+            " result_http_status INTEGER, output_removed INTEGER NOT NULL,"
             " PRIMARY KEY (vendor, vendor_task_id)) WITHOUT ROWID"
         )
         conn.execute("PRAGMA cache_size = -262144")  # 256 MB

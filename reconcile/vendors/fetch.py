@@ -45,14 +45,14 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_base
 
 from reconcile.models import JobRef, VendorAnswer, VendorHealth, VendorState
-from reconcile.settings import VENDOR_ENV, Settings
-from reconcile.vendors.adapters import (
-    ADAPTERS,
-    Adapter,
+from reconcile.settings import Settings
+from reconcile.vendors import registry
+from reconcile.vendors.base import (
     InvalidJob,
     Kind,
     Parsed,
     RawAnswer,
+    Vendor,
     VendorRequest,
     excerpt,
     redact,
@@ -76,6 +76,20 @@ TRANSPORTS = ("aiohttp", "httpx")
 DEFAULT_TRANSPORT = "aiohttp"
 
 USER_AGENT = "reconcile/0.1 (+credit reconciliation)"
+
+# Why a job was not asked: the reason its UNKNOWN answer carries, defined here only. Once a vendor is
+# judged unhealthy, its remaining jobs (in this call and, in the vendor stage, in later chunks) get the
+# reason of that health; jobs left when the vendor's time budget runs out get TIME_BUDGET_EXHAUSTED.
+NOT_ASKED: dict[VendorHealth, str] = {
+    VendorHealth.MISSING_SECRET: "missing_secret",
+    VendorHealth.UNAUTHORIZED: "vendor_unauthorized",
+    VendorHealth.DOWN: "vendor_down",
+    VendorHealth.MISCONFIGURED: "vendor_misconfigured",
+}
+TIME_BUDGET_EXHAUSTED = "time_budget_exhausted"
+UNKNOWN_VENDOR = "unknown_vendor"
+# Reasons of jobs that were never sent: they say nothing of the vendor's health.
+_STOPPED = frozenset(NOT_ASKED.values()) | {TIME_BUDGET_EXHAUSTED}
 
 
 @dataclass(frozen=True)
@@ -184,7 +198,26 @@ class _Counters:
     answered: int = 0  # jobs that got a vendor answer (not skipped)
     errored: int = 0  # of those, ended in 5xx / timeout / connection error after retries
     skipped: int = 0  # jobs never asked (vendor stopped, budget spent, invalid id)
+    results: int = 0  # jobs whose result was asked for (fal: COMPLETED without error)
+    result_errors: int = 0  # of those, ended in a 5xx (or a timeout) after the retries
     by_state: Counter[str] = field(default_factory=Counter)
+    # Per endpoint, for vendors whose jobs go to several (KIE's products): answered and not-found jobs.
+    endpoint_answered: Counter[str] = field(default_factory=Counter)
+    endpoint_not_found: Counter[str] = field(default_factory=Counter)
+
+
+def result_outage(results: int, result_errors: int) -> bool:
+    """Most of a vendor's result requests ended in a 5xx after the retries: the vendor is down, and its
+    apps' failures cannot be told from it (contract: fal's app failures)."""
+    return result_errors > 0 and 2 * result_errors > results
+
+
+def result_outage_detail(vendor: str, results: int, result_errors: int) -> str:
+    return (
+        f"{vendor} looks down: its result endpoint answered 5xx (after retries) for {result_errors} of {results} "
+        f"completed requests. That is {vendor}'s outage, not its apps' failures: none of {vendor}'s answers may "
+        "change a job in this run. Check the vendor's status."
+    )
 
 
 class _VendorRun:
@@ -199,8 +232,7 @@ class _VendorRun:
         out: list[VendorAnswer],
     ) -> None:
         self.vendor = vendor
-        self.env = VENDOR_ENV[vendor]
-        self.adapter: Adapter = ADAPTERS[vendor]
+        self.adapter: Vendor = registry.get(vendor)
         self.jobs = jobs
         self.settings = settings
         self.run_id = run_id
@@ -231,7 +263,7 @@ class _VendorRun:
         settings = self.settings
         concurrency = settings.vendor_concurrency
         timeout = settings.vendor_timeout_seconds
-        rate = settings.vendor_rate_limit_per_second
+        rate = settings.vendor_rate(self.vendor)
         burst = max(1.0, rate * self.tuning.burst_seconds)
         self._limiter = AsyncLimiter(burst, burst / rate)
         self._sem = asyncio.Semaphore(concurrency)
@@ -292,7 +324,7 @@ class _VendorRun:
                     job.job_id, job.vendor, VendorState.UNKNOWN, reason=f"internal_error:{type(exc).__name__}"
                 )
                 kind = None
-            self._record(answer, kind)
+            self._record(answer, kind, job)
 
     # ------------------------------------------------------------------ one job
 
@@ -304,7 +336,7 @@ class _VendorRun:
         if self.stop_reason:
             return self._skip(job, self.stop_reason)
         if time.monotonic() >= self.deadline:
-            return self._skip(job, "time_budget_exhausted")
+            return self._skip(job, TIME_BUDGET_EXHAUSTED)
         rid = request_id(self.run_id, job.job_id)
         try:
             request = self.adapter.status_request(job, self.base_url, self._secret, rid)
@@ -312,15 +344,28 @@ class _VendorRun:
             return self._skip(job, exc.reason)
         parsed, attempts = await self._ask(job, request, self.adapter.parse_status, rid)
         if parsed.kind is Kind.NEEDS_RESULT:
-            assert self.adapter.result_request is not None and self.adapter.parse_result is not None
+            assert self.adapter.parse_result is not None  # a Vendor has both result parts or neither
             result_request = self.adapter.result_request(job, self.base_url, self._secret, rid)
             result, more = await self._ask(job, result_request, self.adapter.parse_result, rid)
             attempts += more
-            if result.kind in (Kind.RATE_LIMITED, Kind.SERVER_ERROR, Kind.UNAUTHORIZED):
-                # The status said COMPLETED but the result could not be read: UNKNOWN, not a verdict.
-                result = replace(result, answer=replace(result.answer, reason=f"result_{result.reason}"))
-            parsed = result
+            parsed = self._result_verdict(result)
         return replace(parsed.answer, attempts=attempts), parsed.kind
+
+    def _result_verdict(self, result: Parsed) -> Parsed:
+        """The verdict of a result request, once its retries are over."""
+        if result.reason in _STOPPED:  # never sent: the vendor was stopped meanwhile
+            return result
+        self.counters.results += 1
+        if result.kind is Kind.SERVER_ERROR:
+            self.counters.result_errors += 1
+            if result.answer.state is VendorState.FAILED:
+                # The app's 5xx with a `detail` persisted after the retries: its failure, unless most of
+                # the vendor's result requests fail so (`result_outage`, judged as answers come in).
+                return replace(result, kind=Kind.FINAL)
+        if result.kind in (Kind.RATE_LIMITED, Kind.SERVER_ERROR, Kind.UNAUTHORIZED):
+            # The status said COMPLETED but the result could not be read: UNKNOWN, not a verdict.
+            return replace(result, answer=replace(result.answer, reason=f"result_{result.reason}"))
+        return result
 
     async def _ask(
         self,
@@ -394,7 +439,7 @@ class _VendorRun:
             if self.pause_until <= now:
                 return
             if self.pause_until > self.deadline:
-                raise _Abort("time_budget_exhausted")
+                raise _Abort(TIME_BUDGET_EXHAUSTED)
             await asyncio.sleep(self.pause_until - now)
 
     async def _send(
@@ -512,62 +557,90 @@ class _VendorRun:
         log.log(level, "%s", detail)
 
     def _unauthorized(self, answer: VendorAnswer) -> None:
-        var = self.env.secret_var
+        var = self.adapter.secret_var
         how = f"HTTP {answer.http_status}"
-        if answer.reason and answer.reason.startswith("kie_code_"):
-            how = f"code {answer.reason.removeprefix('kie_code_')} in an HTTP {answer.http_status} answer"
+        if answer.http_status is not None and 200 <= answer.http_status < 300:
+            # The refusal was inside a 2xx answer (e.g. kie's envelope code): say what the parser read.
+            how = f"{answer.reason} in an HTTP {answer.http_status} answer"
         self._stop(
             VendorHealth.UNAUTHORIZED,
-            "vendor_unauthorized",
+            NOT_ASKED[VendorHealth.UNAUTHORIZED],
             f"{var} is rejected by {self.vendor} ({how}): check {var}. Calls to {self.vendor} "
             "are stopped for this run; its jobs stay as they are.",
             logging.ERROR,
         )
 
-    def _record(self, answer: VendorAnswer, kind: Kind | None) -> None:
+    def _record(self, answer: VendorAnswer, kind: Kind | None, job: JobRef) -> None:
         c = self.counters
         self.out.append(answer)
         c.by_state[answer.state.value] += 1
-        if kind is None or answer.reason in (
-            "vendor_down",
-            "vendor_unauthorized",
-            "vendor_misconfigured",
-            "time_budget_exhausted",
-        ):
+        if kind is None or answer.reason in _STOPPED:
             return
         c.answered += 1
+        endpoint = self.adapter.endpoint(job) if self.adapter.endpoint else None
+        if endpoint is not None:
+            c.endpoint_answered[endpoint] += 1
         if kind is Kind.SERVER_ERROR:
             c.errored += 1
         elif kind is Kind.NOT_FOUND:
             c.not_found += 1
-        if c.answered < self.tuning.min_sample or self.stop_reason:
+            if endpoint is not None:
+                c.endpoint_not_found[endpoint] += 1
+        if self.stop_reason:
+            return
+        if c.results >= self.tuning.min_sample and result_outage(c.results, c.result_errors):
+            self._stop(
+                VendorHealth.DOWN,
+                NOT_ASKED[VendorHealth.DOWN],
+                result_outage_detail(self.vendor, c.results, c.result_errors) + f" Calls to {self.vendor} are stopped.",
+                logging.ERROR,
+            )
+            return
+        if endpoint is not None and self._endpoint_mostly_not_found(endpoint, self.tuning.not_found_stop_share):
+            self._misconfigured(stopping=True, endpoint=endpoint)
+            return
+        if c.answered < self.tuning.min_sample:
             return
         share = self.settings.vendor_outage_error_share
         if c.errored / c.answered > share:
             self._stop(
                 VendorHealth.DOWN,
-                "vendor_down",
+                NOT_ASKED[VendorHealth.DOWN],
                 f"{self.vendor} looks down: {c.errored} of {c.answered} answered jobs ended in "
                 f"5xx/timeouts/connection errors after retries ({c.errored / c.answered:.0%} > "
                 f"RECONCILE_VENDOR_OUTAGE_ERROR_SHARE={share:g}). Calls to {self.vendor} are stopped "
-                f"for this run. Check the vendor's status, or {self.env.url_var} "
+                f"for this run. Check the vendor's status, or {self.adapter.url_var} "
                 f"({redact(self.base_url)}).",
                 logging.ERROR,
             )
         elif c.not_found / c.answered > self.tuning.not_found_stop_share:
             self._misconfigured(stopping=True)
 
-    def _misconfigured(self, stopping: bool) -> None:
+    def _endpoint_mostly_not_found(self, endpoint: str, share: float) -> bool:
         c = self.counters
-        detail = (
-            f"{self.vendor} answered 'not found' for {c.not_found} of {c.answered} jobs "
-            f"({c.not_found / c.answered:.0%}): is {self.env.url_var} ({redact(self.base_url)}) the right "
-            f"base URL? None of {self.vendor}'s answers may change a job in this run."
-        )
+        answered = c.endpoint_answered[endpoint]
+        return answered >= self.tuning.min_sample and c.endpoint_not_found[endpoint] / answered > share
+
+    def _misconfigured(self, stopping: bool, endpoint: str | None = None) -> None:
+        c = self.counters
+        if endpoint is None:
+            detail = (
+                f"{self.vendor} answered 'not found' for {c.not_found} of {c.answered} jobs "
+                f"({c.not_found / c.answered:.0%}): is {self.adapter.url_var} ({redact(self.base_url)}) the right "
+                f"base URL? None of {self.vendor}'s answers may change a job in this run."
+            )
+        else:
+            found, answered = c.endpoint_not_found[endpoint], c.endpoint_answered[endpoint]
+            detail = (
+                f"{self.vendor} answered 'not found' for {found} of the {answered} jobs sent to its endpoint "
+                f"{endpoint} ({found / answered:.0%}): is that endpoint still the vendor's, and "
+                f"{self.adapter.url_var} ({redact(self.base_url)}) right? None of {self.vendor}'s answers may "
+                "change a job in this run."
+            )
         if stopping:
             self._stop(
                 VendorHealth.MISCONFIGURED,
-                "vendor_misconfigured",
+                NOT_ASKED[VendorHealth.MISCONFIGURED],
                 detail + f" Calls to {self.vendor} are stopped.",
                 logging.ERROR,
             )
@@ -579,13 +652,24 @@ class _VendorRun:
     def _judge_at_end(self) -> None:
         c = self.counters
         if self.health is VendorHealth.OK:
-            if c.answered >= self.tuning.min_sample and c.not_found / c.answered > self.tuning.not_found_share:
+            mostly_not_found = [
+                e for e in c.endpoint_answered if self._endpoint_mostly_not_found(e, self.tuning.not_found_share)
+            ]
+            if result_outage(c.results, c.result_errors):
+                # No minimum sample: with few results, a persistent 5xx on most of them is still no
+                # proof of the apps' failures, and not refunding is the safe side.
+                self.health = VendorHealth.DOWN
+                self.detail = result_outage_detail(self.vendor, c.results, c.result_errors)
+                log.error("%s", self.detail)
+            elif c.answered >= self.tuning.min_sample and c.not_found / c.answered > self.tuning.not_found_share:
                 self._misconfigured(stopping=False)
+            elif mostly_not_found:
+                self._misconfigured(stopping=False, endpoint=mostly_not_found[0])
             else:
                 self.detail = (
                     f"{self.vendor}: {len(self.jobs)} job(s), {c.requests} request(s) "
                     f"in {self.elapsed:.1f} s; "
-                    f"{self.env.url_var} and {self.env.secret_var} work"
+                    f"{self.adapter.url_var} and {self.adapter.secret_var} work"
                 )
                 if c.skipped:
                     self.detail += f" ({c.skipped} job(s) not asked, see the answers' reasons)"
@@ -622,6 +706,8 @@ class _VendorRun:
             "connection_errors": c.connection_errors,
             "not_found": c.not_found,
             "skipped": c.skipped,
+            "results": c.results,
+            "result_errors": c.result_errors,
             "by_state": dict(c.by_state),
             "elapsed_seconds": round(self.elapsed, 3),
             "requests_per_second": round(self.rate(), 1),
@@ -643,6 +729,8 @@ def _empty_stats(jobs: int, transport: str, by_state: dict[str, int]) -> dict[st
         "connection_errors": 0,
         "not_found": 0,
         "skipped": jobs,
+        "results": 0,
+        "result_errors": 0,
         "by_state": by_state,
         "elapsed_seconds": 0.0,
         "requests_per_second": 0.0,
@@ -675,10 +763,10 @@ async def fetch_vendor_truth_async(
         if job.job_id in seen:
             raise ValueError(f"job id {job.job_id!r} appears twice in the input")
         seen.add(job.job_id)
-        if job.vendor in VENDOR_ENV:
+        if registry.is_known(job.vendor):
             by_vendor.setdefault(job.vendor, []).append(job)
         else:
-            answers.append(VendorAnswer(job.job_id, job.vendor, VendorState.UNKNOWN, reason="unknown_vendor"))
+            answers.append(VendorAnswer(job.job_id, job.vendor, VendorState.UNKNOWN, reason=UNKNOWN_VENDOR))
     if len(answers):
         log.warning(
             "%d job(s) name a vendor nobody knows (%s): not asked",
@@ -693,7 +781,7 @@ async def fetch_vendor_truth_async(
     runs: list[_VendorRun] = []
     for vendor, vendor_jobs in by_vendor.items():
         if settings.vendor_secret(vendor) is None:
-            var = VENDOR_ENV[vendor].secret_var
+            var = registry.get(vendor).secret_var
             message = (
                 f"{var} is not set: {vendor} was not called and its {len(vendor_jobs)} job(s) stay as they "
                 f"are; export {var}=... to reconcile them."
@@ -702,7 +790,8 @@ async def fetch_vendor_truth_async(
             health[vendor] = VendorHealth.MISSING_SECRET
             detail[vendor] = message
             answers.extend(
-                VendorAnswer(j.job_id, j.vendor, VendorState.UNKNOWN, reason="missing_secret") for j in vendor_jobs
+                VendorAnswer(j.job_id, j.vendor, VendorState.UNKNOWN, reason=NOT_ASKED[VendorHealth.MISSING_SECRET])
+                for j in vendor_jobs
             )
             stats[vendor] = _empty_stats(len(vendor_jobs), transport_name, {"unknown": len(vendor_jobs)})
             continue

@@ -187,7 +187,7 @@ def test_run_without_the_platform_tables_says_so_in_one_line(tmp_path: Path) -> 
 def test_a_held_lease_fails_the_pass_in_one_line_with_its_fix(db, tmp_path: Path) -> None:
     """A known failure is a Dagster Failure: one line with the fix, also the run's tag (the run page's top),
     no cascade of steps not executed, no stack trace even with -v; the run names its database."""
-    write_population(db.engine, generate_population(60, seed=2, now=utcnow()))
+    write_population(db.engine, generate_population(80, seed=2, now=utcnow()))
     acquire_lease(db.engine, "another-pass", utcnow(), 3600)
     env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, FAL_KEY="k", REPLICATE_API_TOKEN="k", KIE_API_KEY="k")
     for args in (["run"], ["run", "-v"]):

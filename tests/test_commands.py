@@ -29,7 +29,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     root = tmp_path_factory.mktemp("state")
     env = {k: v for k, v in os.environ.items() if not k.startswith(OURS)}
     env.update({"RECONCILE_STATE_DIR": str(root), "PYTHONUNBUFFERED": "1"})
-    demo = subprocess.run([RECONCILE, "demo", "--size", "60"], env=env, cwd="/", capture_output=True, text=True,
+    demo = subprocess.run([RECONCILE, "demo", "--size", "80"], env=env, cwd="/", capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "== reconcile demo: summary ==" in demo.stdout and "report: " in demo.stdout

@@ -22,6 +22,7 @@ from dagster import (
 from assets.resources import ReconcileResource
 from reconcile import markdown
 from reconcile.db.schema import utcnow
+from reconcile.holds import HoldPolicy, hold_refunds, mark_holds
 from reconcile.leakage import CATEGORIES, detect_leakage, previous_findings, write_findings
 from reconcile.refunds import apply_refunds, plan_refunds
 from reconcile.runs import (
@@ -236,9 +237,18 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
     """Every failed, charged, unrefunded job in the lookback window, with the net credits the ledger
     shows were charged. Checked (blocking) before anything is applied."""
     settings = reconcile.settings()
+    now = utcnow()
     with reconcile.engine().connect() as conn:
         # Bounded like the stuck set: after an incident the longest-failed go first, the next pass the rest.
-        plan = plan_refunds(conn, utcnow(), settings.refund_lookback_hours, limit=settings.max_jobs_per_pass)
+        plan = plan_refunds(conn, now, settings.refund_lookback_hours, limit=settings.max_jobs_per_pass)
+        # Refunds over the thresholds are held for a person, never written by the pass.
+        plan = mark_holds(conn, plan, HoldPolicy.from_settings(settings), now)
+    held = plan[plan["hold_rule"] != ""]
+    if not held.empty:
+        context.log.warning(
+            f"{len(held)} refund(s) of {int(held['credits'].sum())} credits held for a person's approval "
+            "(`reconcile refunds list`, then `reconcile refunds approve|reject`)"
+        )
     if len(plan) == settings.max_jobs_per_pass:
         context.log.warning(
             f"{len(plan)} refunds planned, the most one pass takes (RECONCILE_MAX_JOBS_PER_PASS): "
@@ -249,7 +259,10 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
         metadata={
             "refunds": len(plan),
             "credits": int(plan["credits"].sum()),
+            "held": len(held),
+            "held_credits": int(held["credits"].sum()),
             "by_reason_and_vendor": _counts_md(plan, ["reason", "vendor"], "credits"),
+            "held_by_rule_and_vendor": _counts_md(held, ["hold_rule", "vendor"], "credits"),
             "largest": MetadataValue.md(
                 markdown.table(
                     plan.sort_values("credits", ascending=False)[["job_id", "user_id", "vendor", "credits", "reason"]]
@@ -268,8 +281,11 @@ def refunds(
     engine = reconcile.engine()
     now = utcnow()
     acquire_lease(engine, context.run.run_id, now, reconcile.settings().lease_seconds)  # renew: still ours
-    context.log.info(f"applying {len(refund_plan)} refund(s)")
-    result = apply_refunds(engine, refund_plan, context.run.run_id, now)
+    held = refund_plan[refund_plan["hold_rule"] != ""]
+    to_write = refund_plan[refund_plan["hold_rule"] == ""]
+    newly_held = hold_refunds(engine, held, context.run.run_id, now)
+    context.log.info(f"applying {len(to_write)} refund(s); {len(held)} held for approval")
+    result = apply_refunds(engine, to_write, context.run.run_id, now)
     written = result.written
     if not result.skipped.empty:
         context.log.info(f"{len(result.skipped)} planned refund(s) already existed or the job left 'failed'")
@@ -279,6 +295,14 @@ def refunds(
             "refunds_written": len(written),
             "credits_refunded": int(written["credits"].sum()),
             "skipped": len(result.skipped),
+            "held": len(held),
+            "held_credits": int(held["credits"].sum()),
+            "newly_held": newly_held,
+            "held_refunds": MetadataValue.md(
+                markdown.table(
+                    held.sort_values("credits", ascending=False)[["job_id", "vendor", "credits", "hold_detail"]]
+                )
+            ),
             "by_reason_and_vendor": _counts_md(written, ["reason", "vendor"], "credits"),
         },
     )

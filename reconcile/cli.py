@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from reconcile import finance_cli
 from reconcile.db.engine import database_problems
 from reconcile.settings import (
     DEFAULT_DATABASE_URL,
@@ -227,6 +228,8 @@ def ui(port: int) -> None:
                    "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
         sys.exit(subprocess.call(command, env=env, cwd=PROJECT_ROOT))
 
+
+main.add_command(finance_cli.refunds)
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ from dagster import (
     define_asset_job,
 )
 
+from assets.approvals import decide_held_refunds, no_refunds_waiting_for_approval
 from assets.checks import ALL_CHECKS
 from assets.metrics import observation_metrics
 from assets.reconciliation import GROUP, PASS_ASSETS
@@ -42,8 +43,8 @@ every_15_minutes = ScheduleDefinition(
 
 defs = Definitions(
     assets=[*PASS_ASSETS, *REPORT_ASSETS, observation_metrics],
-    asset_checks=ALL_CHECKS,
-    jobs=[reconcile_pass],
+    asset_checks=[*ALL_CHECKS, no_refunds_waiting_for_approval],
+    jobs=[reconcile_pass, decide_held_refunds],
     schedules=[every_15_minutes],
     sensors=[reconcile_pass_failed, reconcile_alerts],
     resources={"reconcile": ReconcileResource()},

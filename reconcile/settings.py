@@ -75,6 +75,14 @@ class Settings(BaseModel):
     # from the database in chunks of this many, by key range.
     chunk_size: int = Field(10_000, alias="RECONCILE_CHUNK_SIZE", gt=0, le=1_000_000)
     reports_dir: Path = Field(DEFAULT_REPORTS_DIR, alias="RECONCILE_REPORTS_DIR")
+    # Refund holds (reconcile/refunds.py): planned but written only once a person approves them.
+    refund_hold_above_credits: int = Field(1_000, alias="RECONCILE_REFUND_HOLD_ABOVE_CREDITS", gt=0)
+    # The mass-failure guard: a vendor whose refunds in one pass exceed a limit, or jump far above its
+    # usual level, has all of that pass's refunds held. On by default.
+    refund_mass_failure_guard: bool = Field(True, alias="RECONCILE_REFUND_MASS_FAILURE_GUARD")
+    refund_hold_vendor_pass_refunds: int = Field(500, alias="RECONCILE_REFUND_HOLD_VENDOR_PASS_REFUNDS", gt=0)
+    refund_hold_vendor_jump_factor: float = Field(10.0, alias="RECONCILE_REFUND_HOLD_VENDOR_JUMP_FACTOR", gt=1)
+    refund_hold_vendor_jump_min: int = Field(50, alias="RECONCILE_REFUND_HOLD_VENDOR_JUMP_MIN", gt=0)
     alert_webhook_url: SecretStr | None = Field(None, alias="RECONCILE_ALERT_WEBHOOK_URL")
     alert_stuck_warning_threshold: int = Field(
         100, alias="RECONCILE_ALERT_STUCK_WARNING_THRESHOLD", gt=0, le=10_000_000

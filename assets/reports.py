@@ -16,7 +16,10 @@ def reconciliation_reports(context: AssetExecutionContext, reconcile: ReconcileR
     """refunds.csv/.html and leakage.csv/.html of this run under RECONCILE_REPORTS_DIR/<UTC time>_<run id>/:
     every refund with its evidence, every finding with what changed since the previous successful run,
     totals by reason, category and vendor, and charts over the last runs. The HTML opens offline."""
-    reports = generate_reports(reconcile.engine(), context.run.run_id, reconcile.settings().reports_dir, utcnow())
+    settings = reconcile.settings()
+    reports = generate_reports(
+        reconcile.engine(), context.run.run_id, settings.reports_dir, utcnow(), settings.refund_lookback_hours
+    )
     for path in reports.paths:
         context.log.info(f"wrote {path}")
     data = reports.data

@@ -20,7 +20,15 @@ from typing import TextIO
 
 from sqlalchemy.engine import Engine
 
-from reconcile.reports.data import NEW, PERSISTING, RESOLVED, ReportData, load_report_data, run_exists
+from reconcile.reports.data import (
+    DEFAULT_LOOKBACK_HOURS,
+    NEW,
+    PERSISTING,
+    RESOLVED,
+    ReportData,
+    load_report_data,
+    run_exists,
+)
 from reconcile.reports.render import leakage_html, refunds_html, write_leakage_csv, write_refunds_csv
 
 __all__ = [
@@ -64,7 +72,10 @@ class ReportSet:
 
     @property
     def credits_at_stake(self) -> int:
-        return sum(f.credits for f in self.data.findings)
+        """Each job's credits once, even when it is in two categories."""
+        from reconcile.reports.render import credits_once
+
+        return credits_once(self.data.findings)
 
     def changes(self) -> dict[str, int]:
         rows = [*self.data.findings, *self.data.resolved]
@@ -95,13 +106,16 @@ def _write_atomically(path: Path, write: Callable[[TextIO], object], encoding: s
     os.replace(tmp, path)
 
 
-def generate_reports(engine: Engine, run_id: str, reports_dir: Path | str, now: datetime) -> ReportSet:
+def generate_reports(
+    engine: Engine, run_id: str, reports_dir: Path | str, now: datetime, lookback_hours: int = DEFAULT_LOOKBACK_HOURS
+) -> ReportSet:
     """Read everything about `run_id` and write its four report files; raise UnknownRun if there is
-    nothing recorded for it."""
+    nothing recorded for it. `lookback_hours` (RECONCILE_REFUND_LOOKBACK_HOURS) judges which failed
+    jobs no pass will refund any more."""
     with engine.connect() as conn:
         if not run_exists(conn, run_id):
             raise UnknownRun(f"no reconcile run {run_id!r} in this database (see recon_runs)")
-        data = load_report_data(conn, run_id)
+        data = load_report_data(conn, run_id, lookback_hours)
     folder = report_folder(Path(reports_dir).resolve(), run_id, data.run.started_at or now)
     folder.mkdir(parents=True, exist_ok=True)
     # CSV with a BOM: spreadsheets then read it as UTF-8 (names in any script survive the round trip).

@@ -9,6 +9,7 @@ from reconcile import markdown
 from reconcile.db.schema import utcnow
 from reconcile.reports import generate_reports
 from reconcile.reports.data import NEW, PERSISTING, RESOLVED
+from reconcile.reports.store import is_url
 
 
 @asset(group_name=GROUP, deps=[credit_leakage], kinds={"csv", "html"})
@@ -35,9 +36,9 @@ def reconciliation_reports(context: AssetExecutionContext, reconcile: ReconcileR
     )  # fmt: skip
     return MaterializeResult(
         metadata={
-            "folder": MetadataValue.path(str(reports.folder)),
+            "folder": _link(reports.folder),
             # refunds_csv, refunds_html, leakage_csv, leakage_html
-            **{path.name.replace(".", "_"): MetadataValue.path(str(path)) for path in reports.paths},
+            **{str(path).rsplit("/", 1)[-1].replace(".", "_"): _link(path) for path in reports.paths},
             "refunds": reports.refunds,
             "credits_refunded": reports.credits_refunded,
             "findings": reports.findings,
@@ -52,6 +53,11 @@ def reconciliation_reports(context: AssetExecutionContext, reconcile: ReconcileR
             ),
         },
     )
+
+
+def _link(where) -> MetadataValue:
+    """A URL (object store) as a link, a local file as a path."""
+    return MetadataValue.url(where) if is_url(where) else MetadataValue.path(str(where))
 
 
 REPORT_ASSETS = [reconciliation_reports]

@@ -109,3 +109,34 @@ def _decision_command(decision: str):
 
 approve = _decision_command("approve")
 reject = _decision_command("reject")
+
+
+def write_book_command(run_id: str | None, day: str | None, month: str | None) -> None:
+    """`reconcile report --day YYYY-MM-DD` / `--month YYYY-MM`: build and write that book."""
+    from reconcile.books import Period
+    from reconcile.db.schema import utcnow
+    from reconcile.reports.book_render import summary_line
+    from reconcile.reports.books_out import write_book
+
+    if run_id or (day and month):
+        click.echo("error: give one of --run-id, --day or --month", err=True)
+        sys.exit(2)
+    settings = load_settings()
+    try:
+        period = Period.parse(day or month or "", settings.business_timezone)
+    except ValueError as exc:
+        option = "--day" if day else "--month"
+        click.echo(f"error: {option} {exc}", err=True)
+        sys.exit(2)
+    engine = _engine()
+    try:
+        written = write_book(engine, period, settings.reports_dir, utcnow(), settings.refund_lookback_hours)
+    finally:
+        engine.dispose()
+    click.echo(summary_line(written.book.summary))
+    tie = written.book.tie_out
+    click.echo("ties out with the ledger" if tie.ties else "DOES NOT tie out with the ledger: see book.html")
+    for path in written.paths:
+        click.echo(f"report: {path}")
+    if not tie.ties:
+        sys.exit(1)

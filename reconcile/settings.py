@@ -74,7 +74,11 @@ class Settings(BaseModel):
     # The most stuck jobs any step holds in memory at once: the pass reads its working set back
     # from the database in chunks of this many, by key range.
     chunk_size: int = Field(10_000, alias="RECONCILE_CHUNK_SIZE", gt=0, le=1_000_000)
-    reports_dir: Path = Field(DEFAULT_REPORTS_DIR, alias="RECONCILE_REPORTS_DIR")
+    # A local directory or an fsspec URL (s3://bucket/prefix, gs://...): where reports and books go.
+    reports_dir: str = Field(str(DEFAULT_REPORTS_DIR), alias="RECONCILE_REPORTS_DIR", min_length=1)
+    # Finance's books: the business day's time zone, and the first day the partitions offer to build.
+    business_timezone: str = Field("UTC", alias="RECONCILE_BUSINESS_TIMEZONE")
+    books_start_date: str = Field("2026-01-01", alias="RECONCILE_BOOKS_START_DATE", pattern=r"^\d{4}-\d{2}-\d{2}$")
     # Refund holds (reconcile/refunds.py): planned but written only once a person approves them.
     refund_hold_above_credits: int = Field(1_000, alias="RECONCILE_REFUND_HOLD_ABOVE_CREDITS", gt=0)
     # The mass-failure guard: a vendor whose refunds in one pass exceed a limit, or jump far above its
@@ -116,6 +120,17 @@ class Settings(BaseModel):
         # The webhook URL of Slack carries its token in the path: held as a secret, checked as a URL.
         if value is not None:
             _check_http_url(value.get_secret_value())
+        return value
+
+    @field_validator("business_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("must be a time zone name such as UTC or Europe/Berlin") from exc
         return value
 
     @field_validator("database_url")

@@ -106,8 +106,8 @@ def _ties_out_check(book_asset):
 
 BOOK_CHECKS = [_ties_out_check(daily_book), _ties_out_check(monthly_book)]
 
-daily_books_job = define_asset_job("daily_books", selection=[daily_book], partitions_def=daily_partitions)
-monthly_books_job = define_asset_job("monthly_books", selection=[monthly_book], partitions_def=monthly_partitions)
+daily_books_job = define_asset_job("daily_books", selection=[daily_book])
+monthly_books_job = define_asset_job("monthly_books", selection=[monthly_book])
 # Yesterday's book, 30 minutes after midnight of the business time zone (the last pass of the day is done).
 yesterdays_book = build_schedule_from_partitioned_job(daily_books_job, hour_of_day=0, minute_of_hour=30)
 last_months_book = build_schedule_from_partitioned_job(monthly_books_job, hour_of_day=1, minute_of_hour=0)

@@ -13,6 +13,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetExecutionContext,
     DailyPartitionsDefinition,
+    Failure,
     MaterializeResult,
     MetadataValue,
     MonthlyPartitionsDefinition,
@@ -23,9 +24,11 @@ from dagster import (
 )
 
 from assets.resources import ReconcileResource
+from reconcile.alerts import WebhookError
 from reconcile.books import Period
 from reconcile.db.schema import utcnow
 from reconcile.reports.books_out import WrittenBook, write_book
+from reconcile.reports.digest import post_digest
 from reconcile.reports.store import is_url
 
 BOOKS_GROUP = "finance_books"
@@ -42,7 +45,17 @@ def _materialize(context: AssetExecutionContext, reconcile: ReconcileResource, k
     written = write_book(reconcile.engine(), period, settings.reports_dir, utcnow(), settings.refund_lookback_hours)
     for path in written.paths:
         context.log.info(f"wrote {path}")
-    return MaterializeResult(metadata=book_metadata(written))
+    metadata = book_metadata(written)
+    if written.book.period.kind == "day" and settings.alert_webhook_url is not None:
+        try:
+            post_digest(settings.alert_webhook_url.get_secret_value(), written)
+        except WebhookError as exc:
+            raise Failure(
+                f"book written, daily digest not delivered to RECONCILE_ALERT_WEBHOOK_URL ({exc}): "
+                "fix the webhook, then materialize this partition again (the book is rewritten the same)"
+            ) from None
+        metadata["digest"] = "posted to RECONCILE_ALERT_WEBHOOK_URL"
+    return MaterializeResult(metadata=metadata)
 
 
 def book_metadata(written: WrittenBook) -> dict:

@@ -286,6 +286,8 @@ def refunds(
     to_write = refund_plan[refund_plan["hold_rule"] == ""]
     newly_held = hold_refunds(engine, held, context.run.run_id, now)
     context.log.info(f"applying {len(to_write)} refund(s); {len(held)} held for approval")
+    if newly_held:
+        _notify_held(context, reconcile, held)
     result = apply_refunds(engine, to_write, context.run.run_id, now)
     written = result.written
     if not result.skipped.empty:
@@ -307,6 +309,26 @@ def refunds(
             "by_reason_and_vendor": _counts_md(written, ["reason", "vendor"], "credits"),
         },
     )
+
+
+def _notify_held(context: AssetExecutionContext, reconcile: ReconcileResource, held: pd.DataFrame) -> None:
+    """Tell finance on the alert webhook that refunds wait for a decision. A webhook that refuses it is
+    logged as an error (the hold itself is recorded, and the refunds check shows it in the UI): the
+    pass goes on to its leakage findings."""
+    from reconcile.alerts import WebhookError, post_webhook
+    from reconcile.reports.digest import held_notice
+
+    text = held_notice(
+        len(held), int(held["credits"].sum()), sorted(held["vendor"].dropna().unique()), context.run.run_id
+    )
+    context.log.warning(text)
+    url = reconcile.settings().alert_webhook_url
+    if url is None:
+        return
+    try:
+        post_webhook(url.get_secret_value(), {"text": text})
+    except WebhookError as exc:
+        context.log.error(f"held refunds not announced on RECONCILE_ALERT_WEBHOOK_URL: {exc}")
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"})

@@ -13,6 +13,7 @@ from dagster import DagsterInstance, materialize
 from assets.books import BOOK_CHECKS, daily_book, monthly_book
 from assets.resources import ReconcileResource
 from tests.reconcile.test_books import week  # noqa: F401 - the simulated week fixture
+from tests.sensors.test_alerts import TOKEN, receiver  # noqa: F401 - a Slack-like webhook on loopback
 
 
 @pytest.fixture
@@ -48,3 +49,24 @@ def test_report_day_and_month_as_a_user_types_them(env) -> None:
         assert f"report: {reports / 'books' / folder / 'book.html'}" in out.stdout
     bad = subprocess.run([reconcile, "report", "--day", "04/03/2026"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr
+
+
+def test_the_daily_digest_reaches_the_webhook_and_a_refusal_fails_loudly(env, receiver, monkeypatch) -> None:  # noqa: F811
+    _db, reports = env
+    monkeypatch.setenv("RECONCILE_ALERT_WEBHOOK_URL", receiver.url)
+    with DagsterInstance.ephemeral() as instance:
+        ok = materialize([daily_book], partition_key="2026-03-08", instance=instance,
+                         resources={"reconcile": ReconcileResource()})  # fmt: skip
+        assert ok.success
+        [digest] = receiver.texts()
+        assert digest.startswith("*reconcile book of 2026-03-08* (UTC)")
+        assert "Held, waiting for approval: 1 (156 credits)" in digest  # Sunday's big refund
+        assert "Ledger: ties out" in digest and "Since 2026-03-07:" in digest
+        assert "Biggest refunds: " in digest and "Biggest holds: " in digest
+        assert f"Book: {reports / 'books' / 'day' / '2026-03-08' / 'book.html'}" in digest
+        receiver.fail_next = 1
+        refused = materialize([daily_book], partition_key="2026-03-08", instance=instance,
+                              resources={"reconcile": ReconcileResource()}, raise_on_error=False)  # fmt: skip
+    assert not refused.success
+    failure = next(e for e in refused.all_events if e.is_failure).event_specific_data.error.message
+    assert "daily digest not delivered to RECONCILE_ALERT_WEBHOOK_URL" in failure and TOKEN not in failure

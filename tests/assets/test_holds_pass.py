@@ -18,18 +18,20 @@ from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from tests.assets.test_pass import FAST_VENDORS, PASS_ASSETS
 from tests.platform import assert_ledger_invariants
+from tests.sensors.test_alerts import receiver  # noqa: F401 - a Slack-like webhook on loopback
 
 
 @pytest.fixture
-def mass_failure(db, monkeypatch: pytest.MonkeyPatch):
+def mass_failure(db, receiver, monkeypatch: pytest.MonkeyPatch):  # noqa: F811
     population = generate_population(200, seed=13, now=utcnow())
     write_population(db.engine, population)
     with SimulatorThread(population.truth) as sim:
         env = {**sim.env(), **FAST_VENDORS, "RECONCILE_DATABASE_URL": db.url,
-               "RECONCILE_REFUND_HOLD_VENDOR_PASS_REFUNDS": "2"}  # fmt: skip
+               "RECONCILE_REFUND_HOLD_VENDOR_PASS_REFUNDS": "2",
+               "RECONCILE_ALERT_WEBHOOK_URL": receiver.url}  # fmt: skip
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        yield db, population
+        yield db, population, receiver
 
 
 def _pass(instance):
@@ -57,7 +59,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_mass_failure_is_held_then_approved_or_rejected(mass_failure) -> None:
-    db, population = mass_failure
+    db, population, webhook = mass_failure
     owed = {j: e.refund_credits for j, e in population.expected.items() if e.refund_credits}
     before = _refunds(db)
     with DagsterInstance.ephemeral() as instance:
@@ -74,6 +76,10 @@ def test_mass_failure_is_held_then_approved_or_rejected(mass_failure) -> None:
                      and e.event_specific_data.check_name == "no_refunds_waiting_for_approval")  # fmt: skip
         assert not check.passed and check.severity.value == "WARN"
         assert check.metadata["held"].value == len(held)
+        # Finance hears of it on the alert webhook, with the command that decides.
+        [notice] = webhook.texts()
+        assert f"{len(held)} refund(s) of {sum(c for _, c, *_ in held.values()):,} credits held for approval" in notice
+        assert f"reconcile refunds approve|reject --run-id {first.run_id}" in notice
 
         approved = _cli("approve", "--vendor", "fal", "--by", "Ada (finance)", "--note", "fal confirmed the outage")
         assert approved.returncode == 0, approved.stderr

@@ -88,8 +88,16 @@ def test_mass_failure_is_held_then_approved_or_rejected(mass_failure) -> None:
         again = _cli("approve", "--vendor", "fal", "--by", "Bob", "--note", "twice")
         assert again.returncode == 1 and "already decided" in again.stderr
 
-        rejected = _cli("reject", "--vendor", "replicate", "--by", "Ada (finance)", "--note", "vendor bug, not ours")
+        replicate_held = sorted(j for j, (vendor, *_) in held.items() if vendor == "replicate")
+        listed = _cli("list", "--vendor", "replicate")
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(line.split("\t")[0] for line in listed.stdout.splitlines()[:-1]) == replicate_held
+        assert listed.stdout.splitlines()[-1].startswith(f"{len(replicate_held)} held refund(s), ")
+        by_job = [arg for job_id in replicate_held for arg in ("--job", job_id)]
+        rejected = _cli("reject", *by_job, "--by", "Ada (finance)", "--note", "vendor bug, not ours")
         assert rejected.returncode == 0, rejected.stderr
+        nothing = _cli("approve", "--by", "Ada", "--note", "which?")
+        assert nothing.returncode == 2 and "--job ID, --run-id ID, --vendor NAME or --all" in nothing.stderr
 
         kie_jobs = sorted(j for j, (vendor, *_) in held.items() if vendor == "kie")
         run_config = {"ops": {"decide_held_refunds_op": {"config": {

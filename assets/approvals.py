@@ -82,7 +82,9 @@ def decide_held_refunds_op(
     )
     frame = pd.DataFrame([d.__dict__ for d in decided], columns=["hold_id", "job_id", "decision", "credits",
                                                                  "refunded", "outcome"])  # fmt: skip
-    context.log.info(f"{len(frame)} held refund(s) of {selection.describe()} {config.decision}d by {config.by}")
+    context.log.info(
+        f"{len(frame)} held refund(s) of {selection.describe()} {DECISIONS[config.decision]} by {config.by}"
+    )
     context.add_output_metadata(
         {
             "decided": len(frame),

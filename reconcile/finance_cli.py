@@ -72,7 +72,7 @@ def _decision_command(decision: str):
     def command(
         job_ids: tuple[str, ...], run_id: str | None, vendor: str | None, everything: bool, by: str, note: str
     ) -> None:
-        from reconcile.holds import HoldSelection, decide_holds
+        from reconcile.holds import DECISIONS, HoldSelection, decide_holds
 
         selection = HoldSelection(job_ids, run_id, vendor, everything)
         if selection.is_empty():
@@ -96,7 +96,7 @@ def _decision_command(decision: str):
                        "see `reconcile refunds list`", err=True)  # fmt: skip
             sys.exit(1)
         written = sum(d.refunded for d in decided)
-        click.echo(f"{len(decided)} held refund(s) {decision}d by {by}; {written:,} credits refunded")
+        click.echo(f"{len(decided)} held refund(s) {DECISIONS[decision]} by {by}; {written:,} credits refunded")
 
     command.__doc__ = (
         f"{decision.capitalize()} held refunds (by job, by pass, by vendor or all); the decision is stored with "

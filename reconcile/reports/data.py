@@ -102,6 +102,7 @@ class ReportData:
     findings: list[FindingRow]  # this run's, each marked NEW or PERSISTING
     resolved: list[FindingRow]  # the previous successful run's findings that are gone
     history: list[RunPoint] = field(default_factory=list)
+    holds: list[tuple] = field(default_factory=list)  # refunds this run held: see held_rows
 
 
 def _summary(text: str | None) -> dict:
@@ -291,4 +292,16 @@ def load_report_data(conn: Connection, run_id: str, lookback_hours: int = DEFAUL
         findings=findings,
         resolved=resolved,
         history=run_history(conn, run),
+        holds=held_rows(conn, run_id),
     )
+
+
+HELD_COLUMNS = ["job_id", "vendor", "credits", "reason", "hold_detail", "status", "decided_by", "decided_at",
+                "decision_note", "outcome"]  # fmt: skip
+
+
+def held_rows(conn: Connection, run_id: str) -> list[tuple]:
+    """The refunds this run held (not written) and, when a person decided since, the decision."""
+    h = recon_refund_holds.c
+    query = select(*(h[name] for name in HELD_COLUMNS)).where(h.run_id == run_id).order_by(h.credits.desc(), h.job_id)
+    return [tuple(row) for row in conn.execute(query)]

@@ -13,7 +13,7 @@ from typing import TextIO
 
 from reconcile.leakage import CATEGORIES
 from reconcile.reports.data import NEW, PERSISTING, RESOLVED, FindingRow, RefundRow, ReportData
-from reconcile.reports.evidence import readable_answer
+from reconcile.reports.evidence import readable_answer, reason_in_words
 from reconcile.reports.safe import Markup, csv_cell, el, esc, visible
 from reconcile.reports.svg import PALETTE, bar_chart, line_chart
 
@@ -305,6 +305,14 @@ def refunds_html(data: ReportData, generated_at: datetime) -> str:
         el("h2", "Over the last runs"),
         *_history(data, [("credits_refunded", "Credits refunded per run", "credits"),
                          ("refunds", "Refunds per run", "refunds")]),
+        el("h2", "Held for approval"),
+        el("p", "Planned but not written: over a threshold (RECONCILE_REFUND_HOLD_*). A person decides with "
+                "`reconcile refunds approve|reject --run-id ", el("code", data.run.run_id),
+                " --by NAME --note TEXT` (or --job, --vendor, --all). Their credits are not in the totals above.",
+           class_="note"),
+        _cards([("held", len(data.holds)), ("credits held", sum(int(h[2]) for h in data.holds))]),
+        _rows_table("held", HELD_PAGE_COLUMNS, [_held_cells(h) for h in data.holds[:HTML_ROW_LIMIT]],
+                    len(data.holds), "recon_refund_holds"),
         el("h2", "Every refund of the run"),
         el("p", "Why: the reason in words. Error message: the job's error_message. Vendor's answer: what the "
                 "vendor answered when reconcile failed the job (state, reason, HTTP status, an excerpt; the CSV has it "
@@ -320,6 +328,26 @@ REFUND_PAGE_COLUMNS = [
     ("why", "text"), ("error message", "text"), ("vendor state", ""), ("vendor request id", "id"),
     ("vendor's answer", "text"), ("refunded at", ""),
 ]  # fmt: skip
+
+
+HELD_PAGE_COLUMNS = [
+    ("job", "id"),
+    ("vendor", "id"),
+    ("credits", "num"),
+    ("why", "text"),
+    ("why held", "text"),
+    ("status", ""),
+    ("decided by", ""),
+    ("decided at", ""),
+    ("note", "text"),
+    ("outcome", "text"),
+]
+
+
+def _held_cells(h: tuple) -> list[object]:
+    job_id, vendor, credits, reason, detail, status, by, at, note, outcome = h
+    return [job_id, vendor or NO_VENDOR, int(credits), reason_in_words(reason), detail, status, by or "",
+            timestamp(at), note or "", outcome or ""]  # fmt: skip
 
 
 def refund_cells(r: RefundRow) -> list[object]:

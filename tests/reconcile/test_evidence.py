@@ -59,3 +59,26 @@ def test_findings_say_what_the_vendor_answered_and_what_to_do(db) -> None:
     assert rows["stuck-running"].vendor_said == 'state running, HTTP 202: {"status": "IN_PROGRESS"}'
     assert rows["stuck-running"].action.startswith("still queued or running at the vendor")
     assert rows["never-sent"].action.startswith("never reached a vendor: check the worker")
+
+
+def test_the_runs_refund_page_lists_what_it_held_and_the_decisions(db, tmp_path) -> None:
+    from reconcile.reports import generate_reports
+    from tests.reconcile.test_reports import Page
+
+    p = Platform(db.engine)
+    for job_id, credits in (("held-a", 2000), ("held-b", 3000)):
+        p.job(job_id, status="failed", credits=credits)
+    record_run(db.engine, "pass-1", NOW)
+    hold = pd.DataFrame([
+        {"job_id": j, "user_id": "u1", "vendor": "fal", "model": "m", "type": "image", "credits": c, "charged": c,
+         "refunded": 0, "reason": "vendor_failed", "hold_rule": "single_refund", "hold_detail": "over 1,000"}
+        for j, c in (("held-a", 2000), ("held-b", 3000))
+    ])  # fmt: skip
+    hold_refunds(db.engine, hold, "pass-1", NOW)
+    decide_holds(db.engine, HoldSelection(job_ids=["held-b"]), "approve", "Ada", "ok", "d", NOW)
+    reports = generate_reports(db.engine, "pass-1", tmp_path, NOW)
+    page = Page(reports.paths[1].read_text())
+    rows = {cells[0]: cells for cells in page.body_rows("held")}
+    assert sorted(rows) == ["held-a", "held-b"]
+    assert rows["held-a"][5] == "held" and rows["held-b"][5:7] == ["approved", "Ada"]
+    assert rows["held-b"][9] == "refunded 3,000 credits"

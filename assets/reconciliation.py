@@ -7,6 +7,9 @@ stuck_jobs -> vendor_statuses_<vendor> -> job_status_sync -> refund_plan -> refu
 Each asset is thin: it calls `reconcile` and describes what happened in its metadata.
 """
 
+import multiprocessing
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,24 +19,24 @@ from dagster import (
     AssetIn,
     AssetsDefinition,
     Config,
+    DagsterInstance,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
 from assets.resources import ReconcileResource
+from assets.retries import TRANSIENT_DB_RETRY, retry_only_transient
 from reconcile import markdown
 from reconcile.db.schema import utcnow
 from reconcile.leakage import CATEGORIES, detect_leakage, previous_findings, write_findings
 from reconcile.refunds import apply_refunds, plan_refunds
 from reconcile.runs import (
-    acquire_lease,
     choose_scope,
     last_successful_run,
     ledger_watermark,
     record_run_end,
     record_run_start,
-    release_lease,
     run_scope,
 )
 from reconcile.staging import (
@@ -71,16 +74,37 @@ class VendorTruth:
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-@asset(group_name=GROUP, kinds={"sql", "pandas"})
+def _run_process_id() -> int:
+    """The process whose life is the run's: this one for an in-process run (`reconcile run`, a run
+    worker's in-process executor); under the multiprocess executor, the orchestrating process that
+    started this step's process (the step's own process ends with the step)."""
+    parent = multiprocessing.parent_process()
+    return parent.pid if parent is not None and parent.pid is not None else os.getpid()
+
+
+def _run_finished(instance: DagsterInstance):
+    """Whether a lease holder's Dagster run has finished in this instance (failed, canceled or
+    succeeded, e.g. marked failed by run monitoring after its worker died)."""
+
+    def finished(run_id: str) -> bool:
+        run = instance.get_run_by_id(run_id)
+        return run is not None and run.is_finished
+
+    return finished
+
+
+@asset(group_name=GROUP, kinds={"sql", "pandas"}, retry_policy=TRANSIENT_DB_RETRY)
+@retry_only_transient
 def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: ReconcileResource) -> MaterializeResult:
     """Non-terminal jobs untouched for RECONCILE_STUCK_AFTER_MINUTES, sorted into dispatched,
     never-dispatched (waiting or due to fail) and invalid rows, and staged in recon_pass_jobs for the
-    later steps to read back in chunks of RECONCILE_CHUNK_SIZE. Takes the pass lease first."""
+    later steps to read back in chunks of RECONCILE_CHUNK_SIZE. Takes the pass lease first (then
+    renewed by a heartbeat while any step of the pass works)."""
     settings = reconcile.settings()
     engine = reconcile.engine()
     run_id = context.run.run_id
+    reconcile.take_lease(run_id, socket.gethostname(), _run_process_id(), _run_finished(context.instance))
     now = utcnow()
-    acquire_lease(engine, run_id, now, settings.lease_seconds)
     with engine.connect() as conn:
         scope = choose_scope(conn, now, settings.full_audit_every_hours, config.full_audit)
         watermark = ledger_watermark(conn)
@@ -150,14 +174,18 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
         description=f"{vendor}'s true status of every dispatched stuck {vendor} job, asked concurrently and "
         "politely (rate limit, Retry-After, bounded retries) a chunk at a time, staged in recon_pass_answers; "
         "the vendor's health for the run.",
+        retry_policy=TRANSIENT_DB_RETRY,
     )
+    @retry_only_transient
     def _vendor_statuses(
         context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
     ) -> MaterializeResult:
         total = stuck_jobs.count(DISPATCHED, vendor)
+        lease = reconcile.keep_lease(context.run.run_id)
         context.log.info(f"asking {vendor} about {total} dispatched stuck job(s)")
 
         def progress(stage: VendorStage) -> None:
+            lease.check()  # a pass that lost its lease stops asking
             if total > stuck_jobs.chunk_size:
                 context.log.info(f"{vendor}: {stage.answers} of {total} answered ({stage.health})")
 
@@ -194,7 +222,9 @@ VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in regi
     group_name=GROUP,
     kinds={"sql"},
     ins={registry.step_name(vendor): AssetIn(step.key) for vendor, step in VENDOR_STATUS_ASSETS.items()},
+    retry_policy=TRANSIENT_DB_RETRY,
 )
+@retry_only_transient
 def job_status_sync(
     context: AssetExecutionContext,
     reconcile: ReconcileResource,
@@ -208,13 +238,20 @@ def job_status_sync(
     settings = reconcile.settings()
     engine = reconcile.engine()
     run_id = context.run.run_id
+    lease = reconcile.keep_lease(run_id)
 
     def before_chunk(changes: pd.DataFrame) -> None:
-        acquire_lease(engine, run_id, utcnow(), settings.lease_seconds)  # renew: still ours
         context.log.info(f"syncing {len(changes)} status change(s) by compare-and-set")
 
     totals = sync_staged_pass(
-        engine, stuck_jobs, health, run_id, utcnow(), settings.undispatched_fail_after_minutes, before_chunk
+        engine,
+        stuck_jobs,
+        health,
+        run_id,
+        utcnow(),
+        settings.undispatched_fail_after_minutes,
+        before_chunk,
+        fence=lease.fence,  # each chunk's transaction first checks that the lease is still ours
     )
     if totals.lost_race:
         context.log.info(f"{totals.lost_race} job(s) changed since read (e.g. a webhook): left to it")
@@ -232,11 +269,13 @@ def job_status_sync(
     )
 
 
-@asset(group_name=GROUP, kinds={"sql", "pandas"}, deps=[job_status_sync])
+@asset(group_name=GROUP, kinds={"sql", "pandas"}, deps=[job_status_sync], retry_policy=TRANSIENT_DB_RETRY)
+@retry_only_transient
 def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) -> MaterializeResult:
     """Every failed, charged, unrefunded job in the lookback window, with the net credits the ledger
     shows were charged. Checked (blocking) before anything is applied."""
     settings = reconcile.settings()
+    reconcile.keep_lease(context.run.run_id)
     with reconcile.engine().connect() as conn:
         # Bounded like the stuck set: after an incident the longest-failed go first, the next pass the rest.
         plan = plan_refunds(conn, utcnow(), settings.refund_lookback_hours, limit=settings.max_jobs_per_pass)
@@ -260,17 +299,20 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
     )
 
 
-@asset(group_name=GROUP, kinds={"sql"})
+@asset(group_name=GROUP, kinds={"sql"}, retry_policy=TRANSIENT_DB_RETRY)
+@retry_only_transient
 def refunds(
     context: AssetExecutionContext, reconcile: ReconcileResource, refund_plan: pd.DataFrame
 ) -> MaterializeResult:
     """The checked plan applied: ledger row, balance and recon_refunds row in one transaction, each
     refund exactly once whatever retries, crashes or concurrent passes happen."""
     engine = reconcile.engine()
+    lease = reconcile.keep_lease(context.run.run_id)
     now = utcnow()
-    acquire_lease(engine, context.run.run_id, now, reconcile.settings().lease_seconds)  # renew: still ours
     context.log.info(f"applying {len(refund_plan)} refund(s)")
-    result = apply_refunds(engine, refund_plan, context.run.run_id, now)
+    # Each batch's transaction first checks that the lease is still ours (a pass paused past its
+    # expiry and taken over writes nothing); a batch retried after a cut connection is idempotent.
+    result = apply_refunds(engine, refund_plan, context.run.run_id, now, fence=lease.fence)
     written = result.written
     if not result.skipped.empty:
         context.log.info(f"{len(result.skipped)} planned refund(s) already existed or the job left 'failed'")
@@ -285,7 +327,8 @@ def refunds(
     )
 
 
-@asset(group_name=GROUP, kinds={"sql", "pandas"})
+@asset(group_name=GROUP, kinds={"sql", "pandas"}, retry_policy=TRANSIENT_DB_RETRY)
+@retry_only_transient
 def credit_leakage(
     context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet, refunds: pd.DataFrame
 ) -> MaterializeResult:
@@ -293,6 +336,7 @@ def credit_leakage(
     without a job...: one row per finding in recon_leakage_findings, for finance. Ends the pass."""
     settings = reconcile.settings()
     engine = reconcile.engine()
+    lease = reconcile.keep_lease(context.run.run_id)
     now = utcnow()
     # Invalid rows are data errors, normally few (at most RECONCILE_MAX_JOBS_PER_PASS): read whole.
     invalid_chunks = iter_pass_jobs(engine, stuck_jobs.pass_id, stuck_jobs.chunk_size, category=INVALID)
@@ -310,9 +354,10 @@ def credit_leakage(
         "credits_at_stake": int(findings["credits"].sum()),
     }
     with engine.begin() as conn:
+        lease.fence(conn)
         write_findings(conn, findings, context.run.run_id, now)
         record_run_end(conn, context.run.run_id, now, "succeeded", summary)
-    release_lease(engine, context.run.run_id)
+    reconcile.end_lease(context.run.run_id)
     by_category = markdown.counts(findings, ["category"], "credits")
     return MaterializeResult(
         value=findings,

@@ -32,6 +32,22 @@ run_coordinator:
     tag_concurrency_limits:
       - key: reconcile/pass
         limit: 1
+# As deploy/dagster.yaml: runs that never start or never end are failed by dagster-daemon (`make ui`),
+# a killed worker's pass by the reconcile_pass_orphaned sensor; ticks are purged.
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 300
+  max_runtime_seconds: 3600
+  poll_interval_seconds: 60
+  max_resume_run_attempts: 0
+retention:
+  schedule:
+    purge_after_days: 30
+  sensor:
+    purge_after_days:
+      skipped: 2
+      failure: 30
+      success: 7
 """
 
 

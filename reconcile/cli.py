@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from reconcile.db.engine import database_problems
+from reconcile.db.engine import database_problems, wait_for_database
 from reconcile.settings import (
     DEFAULT_DATABASE_URL,
     PROJECT_ROOT,
@@ -87,8 +87,10 @@ def _print_outcome(outcome) -> None:
 )
 def run(full_audit: bool, verbose: bool, processes: int) -> None:
     """One full reconciliation pass against the configured database; exit 0 when it succeeded."""
-    _load_or_exit()
+    settings = _load_or_exit()
     _report_missing_secrets()
+    # A database that is starting up (or failing over) is waited for, saying so, within a bound.
+    wait_for_database(settings.database_url, settings.database_wait_seconds, lambda m: click.echo(m, err=True))
     from assets.runner import execute_pass
 
     outcome = execute_pass(full_audit=full_audit, verbose=verbose, processes=processes)
@@ -172,7 +174,7 @@ def _has_reconcile_tables(engine) -> bool:
     from sqlalchemy import inspect
 
     with engine.connect() as conn:
-        names = set(inspect(conn).get_table_names())
+        names = set(inspect(conn).get_table_names()) | set(inspect(conn).get_view_names())
     return {"recon_runs", "recon_refunds", "recon_leakage_findings", "recon_status_changes"} <= names
 
 

@@ -20,7 +20,7 @@ from assets.reconciliation import GROUP, PASS_ASSETS
 from assets.reports import REPORT_ASSETS
 from assets.resources import ReconcileResource
 from sensors.alerts import reconcile_alerts
-from sensors.run_failures import reconcile_pass_failed
+from sensors.run_failures import reconcile_pass_failed, reconcile_pass_orphaned
 
 PASS_TAG = "reconcile/pass"
 
@@ -45,6 +45,6 @@ defs = Definitions(
     asset_checks=ALL_CHECKS,
     jobs=[reconcile_pass],
     schedules=[every_15_minutes],
-    sensors=[reconcile_pass_failed, reconcile_alerts],
+    sensors=[reconcile_pass_failed, reconcile_pass_orphaned, reconcile_alerts],
     resources={"reconcile": ReconcileResource()},
 )

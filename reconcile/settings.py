@@ -91,7 +91,13 @@ class _CoreSettings(BaseModel):
     )
     refund_lookback_hours: int = Field(24 * 7, alias="RECONCILE_REFUND_LOOKBACK_HOURS", gt=0)
     full_audit_every_hours: int = Field(24, alias="RECONCILE_FULL_AUDIT_EVERY_HOURS", gt=0)
-    lease_seconds: int = Field(900, alias="RECONCILE_LEASE_SECONDS", gt=0)
+    # A pass renews its lease 4 times per period while it works; a crashed pass's lease is taken over
+    # at once when its process or Dagster run is provably gone, else after this long.
+    lease_seconds: int = Field(60, alias="RECONCILE_LEASE_SECONDS", gt=0, le=3600)
+    # `reconcile run` waits this long for a database that is starting up (connection refused, ...).
+    database_wait_seconds: int = Field(60, alias="RECONCILE_DATABASE_WAIT_SECONDS", ge=0, le=3600)
+    # Observation metrics older than this are purged by the metrics step (the method needs 48 h).
+    metrics_retention_days: int = Field(7, alias="RECONCILE_METRICS_RETENTION_DAYS", ge=3, le=3650)
     # Bounds one pass's memory and vendor calls after an incident; the oldest stuck jobs go first.
     max_jobs_per_pass: int = Field(50_000, alias="RECONCILE_MAX_JOBS_PER_PASS", gt=0)
     # The most stuck jobs any step holds in memory at once: the pass reads its working set back

@@ -25,6 +25,7 @@ from dagster import (
     asset,
 )
 
+from assets.failures import DATABASE_TAG, PASS_TAG, known_failures
 from assets.resources import ReconcileResource
 from assets.retries import TRANSIENT_DB_RETRY, retry_only_transient
 from reconcile import markdown
@@ -39,6 +40,7 @@ from reconcile.runs import (
     record_run_start,
     run_scope,
 )
+from reconcile.settings import database_label
 from reconcile.staging import (
     PASS_JOB_COLUMNS,
     StuckSet,
@@ -94,6 +96,7 @@ def _run_finished(instance: DagsterInstance):
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"}, retry_policy=TRANSIENT_DB_RETRY)
+@known_failures
 @retry_only_transient
 def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: ReconcileResource) -> MaterializeResult:
     """Non-terminal jobs untouched for RECONCILE_STUCK_AFTER_MINUTES, sorted into dispatched,
@@ -109,7 +112,8 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
         scope = choose_scope(conn, now, settings.full_audit_every_hours, config.full_audit)
         watermark = ledger_watermark(conn)
     record_run_start(engine, run_id, now, scope, watermark, settings.config_hash())
-    context.instance.add_run_tags(run_id, {"reconcile/config_hash": settings.config_hash()})
+    tags = {PASS_TAG: "true", DATABASE_TAG: database_label(settings.database_url)}
+    context.instance.add_run_tags(run_id, {**tags, "reconcile/config_hash": settings.config_hash()})
     purged = purge_old_passes(engine, now)
     stuck = stage_stuck_jobs(
         engine,
@@ -124,7 +128,8 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
     if undispatched:
         context.log.warning(
             f"{undispatched} stuck job(s) never reached a vendor (no vendor_task_id): is a worker "
-            f"deployed without its secrets? {stuck.count(UNDISPATCHED_DUE)} are past "
+            f"deployed without its secrets? {stuck.count(UNDISPATCHED_DUE)} of them "
+            f"{'is' if stuck.count(UNDISPATCHED_DUE) == 1 else 'are'} past "
             f"RECONCILE_UNDISPATCHED_FAIL_AFTER_MINUTES and will be failed and refunded."
         )
     if stuck.stuck_total > stuck.count():
@@ -133,7 +138,8 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
             "(RECONCILE_MAX_JOBS_PER_PASS), the next passes the rest"
         )
     context.log.info(
-        f"stuck jobs: {stuck.count()} ({stuck.count(DISPATCHED)} dispatched, {stuck.count(INVALID)} invalid), "
+        f"stuck jobs: {stuck.count()} ({stuck.count(DISPATCHED)} dispatched, {undispatched} never dispatched, "
+        f"{stuck.count(INVALID)} invalid), "
         f"staged in {stuck.chunks} chunk(s) of at most {stuck.chunk_size}"
     )
     return MaterializeResult(
@@ -176,6 +182,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
         "the vendor's health for the run.",
         retry_policy=TRANSIENT_DB_RETRY,
     )
+    @known_failures
     @retry_only_transient
     def _vendor_statuses(
         context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
@@ -224,6 +231,7 @@ VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in regi
     ins={registry.step_name(vendor): AssetIn(step.key) for vendor, step in VENDOR_STATUS_ASSETS.items()},
     retry_policy=TRANSIENT_DB_RETRY,
 )
+@known_failures
 @retry_only_transient
 def job_status_sync(
     context: AssetExecutionContext,
@@ -270,6 +278,7 @@ def job_status_sync(
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"}, deps=[job_status_sync], retry_policy=TRANSIENT_DB_RETRY)
+@known_failures
 @retry_only_transient
 def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) -> MaterializeResult:
     """Every failed, charged, unrefunded job in the lookback window, with the net credits the ledger
@@ -300,6 +309,7 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
 
 
 @asset(group_name=GROUP, kinds={"sql"}, retry_policy=TRANSIENT_DB_RETRY)
+@known_failures
 @retry_only_transient
 def refunds(
     context: AssetExecutionContext, reconcile: ReconcileResource, refund_plan: pd.DataFrame
@@ -328,6 +338,7 @@ def refunds(
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"}, retry_policy=TRANSIENT_DB_RETRY)
+@known_failures
 @retry_only_transient
 def credit_leakage(
     context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet, refunds: pd.DataFrame

@@ -2,7 +2,7 @@
 
 from collections.abc import Callable
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 from sqlalchemy.engine import Engine
 
@@ -25,6 +25,14 @@ class ReconcileResource(ConfigurableResource):
     _settings: Settings | None = PrivateAttr(default=None)
     _engine: Engine | None = PrivateAttr(default=None)
     _heartbeat: LeaseHeartbeat | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        # Before any step of the run loads its inputs: a run holding some of the pass's steps but not
+        # all (a subset materialized in the UI or the CLI, a re-execution from failure) is refused.
+        if context.dagster_run is not None and context.instance is not None:
+            from assets.failures import refuse_partial_pass
+
+            refuse_partial_pass(context.instance, context.dagster_run)
 
     def settings(self) -> Settings:
         if self._settings is None:

@@ -14,15 +14,15 @@ from dagster import (
     define_asset_job,
 )
 
+from assets.alert_checks import ALERT_CHECKS
 from assets.checks import ALL_CHECKS
+from assets.failures import PASS_TAG
 from assets.metrics import observation_metrics
 from assets.reconciliation import GROUP, PASS_ASSETS
 from assets.reports import REPORT_ASSETS
 from assets.resources import ReconcileResource
 from sensors.alerts import reconcile_alerts
 from sensors.run_failures import reconcile_pass_failed, reconcile_pass_orphaned
-
-PASS_TAG = "reconcile/pass"
 
 reconcile_pass = define_asset_job(
     "reconcile_pass",
@@ -42,7 +42,7 @@ every_15_minutes = ScheduleDefinition(
 
 defs = Definitions(
     assets=[*PASS_ASSETS, *REPORT_ASSETS, observation_metrics],
-    asset_checks=ALL_CHECKS,
+    asset_checks=[*ALL_CHECKS, *ALERT_CHECKS],
     jobs=[reconcile_pass],
     schedules=[every_15_minutes],
     sensors=[reconcile_pass_failed, reconcile_pass_orphaned, reconcile_alerts],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,10 @@ def _check_http_url(value: str | None) -> str | None:
         raise ValueError("must be an http:// or https:// URL with a host")
     if parts.query or parts.fragment:
         raise ValueError("must be a base URL without a query string or fragment")
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ValueError("has a port that is not a number from 0 to 65535") from None
     return value.rstrip("/")
 
 
@@ -135,8 +140,12 @@ class _CoreSettings(BaseModel):
 
         try:
             url = make_url(value)
-        except ArgumentError as exc:
-            raise ValueError("is not a SQLAlchemy URL such as postgresql+psycopg://host/db") from exc
+        except (ArgumentError, ValueError) as exc:
+            # Never the parser's own text: it can quote the password (e.g. a non-numeric port).
+            raise ValueError(
+                "is not a SQLAlchemy URL such as postgresql+psycopg://user@host:5432/db: check that the port "
+                "is a number and that special characters of the password are %-escaped"
+            ) from exc
         if url.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("must point at PostgreSQL or SQLite")
         return value
@@ -168,6 +177,8 @@ class _CoreSettings(BaseModel):
                 out[field.alias] = "set" if value is not None else "unset"
             elif name == "database_url":
                 out[field.alias] = redact_url(value)
+            elif isinstance(value, str):
+                out[field.alias] = mask_credentials(value)  # e.g. a vendor URL with user:password@
             else:
                 out[field.alias] = str(value) if isinstance(value, Path) else value
         return out
@@ -207,11 +218,47 @@ Settings = create_model(
 _SECRET_FIELDS = {"alert_webhook_url", *(e.secret_field for e in VENDOR_ENV.values())}
 
 
+_SENSITIVE_KEY = re.compile("pass|secret|token|key", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """A database URL with its password hidden."""
+    """A database URL with its password hidden (a URL SQLAlchemy cannot parse: its credentials masked)."""
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        parsed = make_url(url)
+        # A password can also travel as a query parameter (`?password=...`, libpq's conninfo keys).
+        query = {k: ("redacted" if _SENSITIVE_KEY.search(k) else v) for k, v in parsed.query.items()}
+        return parsed.set(query=query).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - any malformed URL: shown with its credentials masked instead
+        return mask_credentials(url)
+
+
+def database_label(url: str) -> str:
+    """Which database a run works on, for its tags and its Dagster home: backend, host, port and name;
+    never the user nor the password."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return f"sqlite:{parsed.database or ':memory:'}"
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.get_backend_name()}://{parsed.host or 'localhost'}{port}/{parsed.database or ''}"
+
+
+def mask_credentials(text: str) -> str:
+    """`text` with whatever may be a credential masked, whatever its shape: the user information of a
+    URL (everything before the last '@', so a password holding '@', '/' or ':' unescaped is covered too,
+    with or without a scheme or a host) and the query string and fragment (`?password=...`)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    if "@" in rest:
+        rest = "***@" + rest[rest.rfind("@") + 1 :]
+    for mark in "?#":
+        if mark in rest:
+            rest = rest.split(mark, 1)[0] + f"{mark}***"
+    return scheme + sep + rest
 
 
 @dataclass(frozen=True)
@@ -268,8 +315,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         problems = []
         for err in exc.errors():
             alias = str(err["loc"][0]) if err["loc"] else "configuration"
-            shown = "<hidden>" if alias in _SECRET_ALIASES else repr(raw.get(alias, ""))[:80]
-            reason = err["msg"].removeprefix("Value error, ")
+            value = raw.get(alias, "")
+            shown = "<hidden>" if alias in _SECRET_ALIASES else repr(mask_credentials(value))[:80]
+            reason = err["msg"].removeprefix("Value error, ")  # the validators never quote the value
             problems.append(Problem(alias, f"is {shown}, which is invalid ({reason})", _default_hint(alias)))
         raise ConfigError(problems) from None
 

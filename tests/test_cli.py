@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from dagster import DagsterInstance
 from sqlalchemy import select
 
-from reconcile.db.schema import ai_generations, recon_refunds, recon_runs, utcnow
+from reconcile.db.schema import ai_generations, recon_lease, recon_refunds, recon_runs, utcnow
+from reconcile.runs import acquire_lease
+from reconcile.settings import database_label
 from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from tests.platform import assert_statuses_and_refunds_are_the_truth
@@ -44,10 +48,17 @@ def test_run_reconciles_a_platform_made_by_the_contract_ddl(db, tmp_path: Path) 
     (tmp_path / "dagster_home").mkdir()
     with SimulatorThread(population.truth) as sim:
         env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, **sim.env())
+        # A wrong KIE key: the pass completes, KIE's jobs are left untouched, and the exit code says so.
+        degraded = _reconcile({**env, "KIE_API_KEY": "wrong-key"}, "run")
+        degraded_out, degraded_err = degraded.communicate(timeout=300)
         proc = _reconcile(env, "run")
         out, err = proc.communicate(timeout=300)
+    assert degraded.returncode == 3, degraded_err
+    assert "warning: kie did not answer (unauthorized)" in degraded_err
+    assert "== reconcile run: summary ==" in degraded_out
     assert proc.returncode == 0, err
     assert "succeeded" in out
+    assert "== reconcile run: summary ==" in out and "status changes:" in out and "refunds:" in out
     assert "[stuck_jobs] stuck jobs:" in err  # progress by stage, not Dagster's debug lines
     assert "STEP_START" not in err
     g = ai_generations.c
@@ -157,3 +168,45 @@ def test_a_pass_paused_past_its_lease_stops_before_moving_money(db, tmp_path: Pa
         writers = set(conn.execute(select(f.run_id)).scalars())
     assert len(succeeded) == 1 and writers <= set(succeeded)  # every refund by the pass that held the lease
     assert_statuses_and_refunds_are_the_truth(db.engine, population)
+
+
+def test_run_without_the_platform_tables_says_so_in_one_line(tmp_path: Path) -> None:
+    """Checked before Dagster starts, as check-config checks it: one clear line, no cascade, no trace."""
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).execute("CREATE TABLE unrelated (x)").connection.close()
+    for args in (["run"], ["run", "-v"]):
+        proc = _reconcile(_env(tmp_path, RECONCILE_DATABASE_URL=f"sqlite:///{empty}"), *args)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        assert "has no platform table(s) ai_generations, credit_balances, credit_transactions" in err
+        assert "point it at the platform database" in err  # the fix
+        assert "Not executing" not in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) <= 3, err
+
+
+def test_a_held_lease_fails_the_pass_in_one_line_with_its_fix(db, tmp_path: Path) -> None:
+    """A known failure is a Dagster Failure: one line with the fix, also the run's tag (the run page's top),
+    no cascade of steps not executed, no stack trace even with -v; the run names its database."""
+    write_population(db.engine, generate_population(60, seed=2, now=utcnow()))
+    acquire_lease(db.engine, "another-pass", utcnow(), 3600)
+    env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, FAL_KEY="k", REPLICATE_API_TOKEN="k", KIE_API_KEY="k")
+    for args in (["run"], ["run", "-v"]):
+        proc = _reconcile(env, *args)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, out + err
+        assert "FAILED: another reconcile pass (another-pass) holds the lease until" in err
+        assert "Fix: wait for that pass to end" in err
+        assert "Traceback" not in err and "Stack Trace" not in err
+        if args == ["run"]:
+            assert "Not executing" not in err and "not executed" not in err
+            assert len([line for line in err.splitlines() if "FAILED" in line]) == 1, err
+    with DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        runs = instance.get_runs()
+    assert len(runs) == 2
+    for run in runs:
+        assert run.tags["reconcile/failure"].startswith("another reconcile pass (another-pass) holds the lease")
+        assert run.tags["reconcile/database"] == database_label(db.url)
+        assert "@" not in run.tags["reconcile/database"]
+    with db.engine.connect() as conn:
+        (holder,) = conn.execute(select(recon_lease.c.holder)).scalars().all()
+    assert holder == "another-pass"  # the failed passes freed only their own lease, never another's

@@ -25,7 +25,7 @@ from reconcile.alerts import CRITICAL, Observation, alert_thresholds, findings
 from reconcile.db.schema import ai_generations, recon_refunds, utcnow
 from reconcile.simulator import Outcome, SimulatorThread, TaskTruth
 from reconcile.vendors import kie
-from sensors.alerts import vendor_reports
+from assets.alert_checks import vendor_reports
 from tests.platform import Platform
 
 PASS_ASSETS = [*STAGES, *ALL_CHECKS]

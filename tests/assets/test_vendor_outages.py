@@ -18,6 +18,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 from sqlalchemy import func, select
 
+from assets.alert_checks import vendor_reports
 from assets.checks import ALL_CHECKS
 from assets.reconciliation import PASS_ASSETS as STAGES
 from assets.resources import ReconcileResource
@@ -25,7 +26,6 @@ from reconcile.alerts import CRITICAL, Observation, alert_thresholds, findings
 from reconcile.db.schema import ai_generations, recon_refunds, utcnow
 from reconcile.simulator import Outcome, SimulatorThread, TaskTruth
 from reconcile.vendors import kie
-from assets.alert_checks import vendor_reports
 from tests.platform import Platform
 
 PASS_ASSETS = [*STAGES, *ALL_CHECKS]

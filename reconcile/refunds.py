@@ -8,6 +8,7 @@ running at the same moment can therefore never write a second refund for the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -150,13 +151,21 @@ class RefundResult:
 
 
 def apply_refunds(
-    engine: Engine, plan: pd.DataFrame, run_id: str, now: datetime, batch_size: int = 1000
+    engine: Engine,
+    plan: pd.DataFrame,
+    run_id: str,
+    now: datetime,
+    batch_size: int = 1000,
+    fence: Callable[[Connection], None] | None = None,
 ) -> RefundResult:
-    """Write the planned refunds, each exactly once, in batches of one transaction each."""
+    """Write the planned refunds, each exactly once, in batches of one transaction each; `fence` runs
+    first in each (the pass checks there that its lease is still its own: `runs.fence_lease`)."""
     written_ids: set[str] = set()
     for start in range(0, len(plan), batch_size):
         batch = plan.iloc[start : start + batch_size]
         with engine.begin() as conn:
+            if fence:
+                fence(conn)
             written_ids.update(_apply_batch(conn, batch, run_id, now))
     mask = plan["job_id"].isin(written_ids)
     return RefundResult(written=plan[mask], skipped=plan[~mask])

@@ -40,7 +40,7 @@ CATEGORY_MEANING = {
     "missing_charge": "completed, credits_charged > 0, no charge row",
     "orphan_transaction": "a charge or refund whose job does not exist",
     "invalid_job": "a row reconcile could not process (unknown vendor, negative charge, ...)",
-    "completed_without_result": "completed from a vendor answer with no result URL: nothing the user can fetch",
+    "completed_without_result": "an image or video job set completed from a vendor answer with no result URL",
 }
 NO_VENDOR = "(no job)"
 

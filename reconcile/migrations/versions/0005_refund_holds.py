@@ -1,7 +1,7 @@
 """Refund holds: refunds over a threshold wait here for a person's decision.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-29
 """
 
@@ -11,7 +11,7 @@ from alembic import op
 from reconcile.db.schema import BigIntId, UtcDateTime
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

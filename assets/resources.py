@@ -29,10 +29,10 @@ class ReconcileResource(ConfigurableResource):
     def setup_for_execution(self, context: InitResourceContext) -> None:
         # Before any step of the run loads its inputs: a run holding some of the pass's steps but not
         # all (a subset materialized in the UI or the CLI, a re-execution from failure) is refused.
-        if context.dagster_run is not None and context.instance is not None:
+        if context.run is not None and context.instance is not None:
             from assets.failures import refuse_partial_pass
 
-            refuse_partial_pass(context.instance, context.dagster_run)
+            refuse_partial_pass(context.instance, context.run)
 
     def settings(self) -> Settings:
         if self._settings is None:

@@ -30,6 +30,7 @@ from assets.resources import ReconcileResource
 from assets.retries import TRANSIENT_DB_RETRY, retry_only_transient
 from reconcile import markdown
 from reconcile.db.schema import utcnow
+from reconcile.holds import HoldPolicy, hold_refunds, mark_holds
 from reconcile.leakage import CATEGORIES, detect_leakage, previous_findings, write_findings
 from reconcile.refunds import apply_refunds, plan_refunds
 from reconcile.runs import (
@@ -285,9 +286,18 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
     shows were charged. Checked (blocking) before anything is applied."""
     settings = reconcile.settings()
     reconcile.keep_lease(context.run.run_id)
+    now = utcnow()
     with reconcile.engine().connect() as conn:
         # Bounded like the stuck set: after an incident the longest-failed go first, the next pass the rest.
-        plan = plan_refunds(conn, utcnow(), settings.refund_lookback_hours, limit=settings.max_jobs_per_pass)
+        plan = plan_refunds(conn, now, settings.refund_lookback_hours, limit=settings.max_jobs_per_pass)
+        # Refunds over the thresholds are held for a person, never written by the pass.
+        plan = mark_holds(conn, plan, HoldPolicy.from_settings(settings), now)
+    held = plan[plan["hold_rule"] != ""]
+    if not held.empty:
+        context.log.warning(
+            f"{len(held)} refund(s) of {int(held['credits'].sum())} credits held for a person's approval "
+            "(`reconcile refunds list`, then `reconcile refunds approve|reject`)"
+        )
     if len(plan) == settings.max_jobs_per_pass:
         context.log.warning(
             f"{len(plan)} refunds planned, the most one pass takes (RECONCILE_MAX_JOBS_PER_PASS): "
@@ -298,7 +308,10 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
         metadata={
             "refunds": len(plan),
             "credits": int(plan["credits"].sum()),
+            "held": len(held),
+            "held_credits": int(held["credits"].sum()),
             "by_reason_and_vendor": _counts_md(plan, ["reason", "vendor"], "credits"),
+            "held_by_rule_and_vendor": _counts_md(held, ["hold_rule", "vendor"], "credits"),
             "largest": MetadataValue.md(
                 markdown.table(
                     plan.sort_values("credits", ascending=False)[["job_id", "user_id", "vendor", "credits", "reason"]]
@@ -319,10 +332,15 @@ def refunds(
     engine = reconcile.engine()
     lease = reconcile.keep_lease(context.run.run_id)
     now = utcnow()
-    context.log.info(f"applying {len(refund_plan)} refund(s)")
+    held = refund_plan[refund_plan["hold_rule"] != ""]
+    to_write = refund_plan[refund_plan["hold_rule"] == ""]
+    newly_held = hold_refunds(engine, held, context.run.run_id, now)
+    context.log.info(f"applying {len(to_write)} refund(s); {len(held)} held for approval")
+    if newly_held:
+        _notify_held(context, reconcile, held)
     # Each batch's transaction first checks that the lease is still ours (a pass paused past its
     # expiry and taken over writes nothing); a batch retried after a cut connection is idempotent.
-    result = apply_refunds(engine, refund_plan, context.run.run_id, now, fence=lease.fence)
+    result = apply_refunds(engine, to_write, context.run.run_id, now, fence=lease.fence)
     written = result.written
     if not result.skipped.empty:
         context.log.info(f"{len(result.skipped)} planned refund(s) already existed or the job left 'failed'")
@@ -332,9 +350,37 @@ def refunds(
             "refunds_written": len(written),
             "credits_refunded": int(written["credits"].sum()),
             "skipped": len(result.skipped),
+            "held": len(held),
+            "held_credits": int(held["credits"].sum()),
+            "newly_held": newly_held,
+            "held_refunds": MetadataValue.md(
+                markdown.table(
+                    held.sort_values("credits", ascending=False)[["job_id", "vendor", "credits", "hold_detail"]]
+                )
+            ),
             "by_reason_and_vendor": _counts_md(written, ["reason", "vendor"], "credits"),
         },
     )
+
+
+def _notify_held(context: AssetExecutionContext, reconcile: ReconcileResource, held: pd.DataFrame) -> None:
+    """Tell finance on the alert webhook that refunds wait for a decision. A webhook that refuses it is
+    logged as an error (the hold itself is recorded, and the refunds check shows it in the UI): the
+    pass goes on to its leakage findings."""
+    from reconcile.alerts import WebhookError, post_webhook
+    from reconcile.reports.digest import held_notice
+
+    text = held_notice(
+        len(held), int(held["credits"].sum()), sorted(held["vendor"].dropna().unique()), context.run.run_id
+    )
+    context.log.warning(text)
+    url = reconcile.settings().alert_webhook_url
+    if url is None:
+        return
+    try:
+        post_webhook(url.get_secret_value(), {"text": text})
+    except WebhookError as exc:
+        context.log.error(f"held refunds not announced on RECONCILE_ALERT_WEBHOOK_URL: {exc}")
 
 
 @asset(group_name=GROUP, kinds={"sql", "pandas"}, retry_policy=TRANSIENT_DB_RETRY)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from reconcile import finance_cli
 from reconcile.db.engine import database_problems, wait_for_database
 from reconcile.settings import (
     DEFAULT_DATABASE_URL,
@@ -182,8 +183,14 @@ def _demo_reports(engine, outcome) -> list[Path]:
 
 @main.command("report")
 @click.option("--run-id", default=None, help="The pass to report on (default: the last successful one).")
-def report(run_id: str | None) -> None:
-    """Write the refund and leakage reports (CSV and offline HTML) of a pass again, from the database."""
+@click.option("--day", default=None, help="Write the book of this business day (YYYY-MM-DD) instead.")
+@click.option("--month", default=None, help="Write the book of this business month (YYYY-MM) instead.")
+def report(run_id: str | None, day: str | None, month: str | None) -> None:
+    """Write the refund and leakage reports (CSV and offline HTML) of a pass again, from the database;
+    or finance's book of a business day or month (--day / --month)."""
+    if day or month:
+        finance_cli.write_book_command(run_id, day, month)
+        return
     from reconcile.db.engine import make_engine
     from reconcile.db.schema import utcnow
     from reconcile.reports import UnknownRun, last_successful_run_id, write_reports
@@ -377,6 +384,8 @@ def _stop_group(child: subprocess.Popen, grace_seconds: float = 20) -> None:
         os.killpg(child.pid, signal.SIGKILL)
     child.wait(timeout=10)
 
+
+main.add_command(finance_cli.refunds)
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,8 @@ from dagster import (
 )
 
 from assets.alert_checks import ALERT_CHECKS
+from assets.approvals import decide_held_refunds, no_refunds_waiting_for_approval
+from assets.books import BOOK_ASSETS, BOOK_CHECKS, BOOK_JOBS, BOOK_SCHEDULES
 from assets.checks import ALL_CHECKS
 from assets.failures import PASS_TAG
 from assets.metrics import observation_metrics
@@ -41,10 +43,10 @@ every_15_minutes = ScheduleDefinition(
 )
 
 defs = Definitions(
-    assets=[*PASS_ASSETS, *REPORT_ASSETS, observation_metrics],
-    asset_checks=[*ALL_CHECKS, *ALERT_CHECKS],
-    jobs=[reconcile_pass],
-    schedules=[every_15_minutes],
+    assets=[*PASS_ASSETS, *REPORT_ASSETS, observation_metrics, *BOOK_ASSETS],
+    asset_checks=[*ALL_CHECKS, *ALERT_CHECKS, no_refunds_waiting_for_approval, *BOOK_CHECKS],
+    jobs=[reconcile_pass, decide_held_refunds, *BOOK_JOBS],
+    schedules=[every_15_minutes, *BOOK_SCHEDULES],
     sensors=[reconcile_pass_failed, reconcile_pass_orphaned, reconcile_alerts],
     resources={"reconcile": ReconcileResource()},
 )

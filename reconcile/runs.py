@@ -139,11 +139,13 @@ def acquire_lease(
 
 
 def renew_lease(engine: Engine, holder: str, now: datetime, ttl_seconds: int, token: int | None = None) -> int:
-    """Extend `holder`'s unexpired lease (of fencing `token` when given) and return its token, or raise
-    LeaseLost: a lease that expired is never renewed, even when nobody took it, because another pass
-    may have started working in between."""
+    """Extend `holder`'s lease (of fencing `token` when given) and return its token, or raise LeaseLost
+    when another pass holds it or it was released. A lease that expired but that nobody took is
+    renewed: run ids are unique, so the holder still being `holder` proves nobody worked meanwhile
+    (e.g. a step pod that took longer than the expiry to start). Money-moving transactions are
+    stricter: `fence_lease` refuses an expired lease."""
     lease = recon_lease.c
-    query = update(recon_lease).where(lease.name == LEASE_NAME, lease.holder == holder, lease.expires_at > now)
+    query = update(recon_lease).where(lease.name == LEASE_NAME, lease.holder == holder)
     if token is not None:
         query = query.where(lease.token == token)
     with engine.begin() as conn:
@@ -172,8 +174,10 @@ def fence_lease(conn: Connection, holder: str, token: int, now: datetime) -> Non
 
 
 def _lost_message(holder: str, current: LeaseRow | None) -> str:
-    if current is None or current.holder in (holder, FREE):
+    if current is None or current.holder == holder:
         state = "it expired (the pass was paused or stalled longer than RECONCILE_LEASE_SECONDS)"
+    elif current.holder == FREE:
+        state = "it was released (the pass was recorded as failed)"
     else:
         state = f"pass {current.holder} took it over"
     return (

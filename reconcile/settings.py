@@ -108,7 +108,19 @@ class _CoreSettings(BaseModel):
     # The most stuck jobs any step holds in memory at once: the pass reads its working set back
     # from the database in chunks of this many, by key range.
     chunk_size: int = Field(10_000, alias="RECONCILE_CHUNK_SIZE", gt=0, le=1_000_000)
-    reports_dir: Path = Field(DEFAULT_REPORTS_DIR, alias="RECONCILE_REPORTS_DIR")
+    # A local directory or an fsspec URL (s3://bucket/prefix, gs://...): where reports and books go.
+    reports_dir: str = Field(str(DEFAULT_REPORTS_DIR), alias="RECONCILE_REPORTS_DIR", min_length=1)
+    # Finance's books: the business day's time zone, and the first day the partitions offer to build.
+    business_timezone: str = Field("UTC", alias="RECONCILE_BUSINESS_TIMEZONE")
+    books_start_date: str = Field("2026-01-01", alias="RECONCILE_BOOKS_START_DATE", pattern=r"^\d{4}-\d{2}-\d{2}$")
+    # Refund holds (reconcile/refunds.py): planned but written only once a person approves them.
+    refund_hold_above_credits: int = Field(1_000, alias="RECONCILE_REFUND_HOLD_ABOVE_CREDITS", gt=0)
+    # The mass-failure guard: a vendor whose refunds in one pass exceed a limit, or jump far above its
+    # usual level, has all of that pass's refunds held. On by default.
+    refund_mass_failure_guard: bool = Field(True, alias="RECONCILE_REFUND_MASS_FAILURE_GUARD")
+    refund_hold_vendor_pass_refunds: int = Field(500, alias="RECONCILE_REFUND_HOLD_VENDOR_PASS_REFUNDS", gt=0)
+    refund_hold_vendor_jump_factor: float = Field(10.0, alias="RECONCILE_REFUND_HOLD_VENDOR_JUMP_FACTOR", gt=1)
+    refund_hold_vendor_jump_min: int = Field(50, alias="RECONCILE_REFUND_HOLD_VENDOR_JUMP_MIN", gt=0)
     alert_webhook_url: SecretStr | None = Field(None, alias="RECONCILE_ALERT_WEBHOOK_URL")
     alert_stuck_warning_threshold: int = Field(
         100, alias="RECONCILE_ALERT_STUCK_WARNING_THRESHOLD", gt=0, le=10_000_000
@@ -130,6 +142,17 @@ class _CoreSettings(BaseModel):
         # The webhook URL of Slack carries its token in the path: held as a secret, checked as a URL.
         if value is not None:
             _check_http_url(value.get_secret_value())
+        return value
+
+    @field_validator("business_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("must be a time zone name such as UTC or Europe/Berlin") from exc
         return value
 
     @field_validator("database_url")

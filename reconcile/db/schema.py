@@ -301,6 +301,46 @@ recon_pass_answers = Table(
 )
 
 
+# Refund holds and their decisions (revision 0005). A planned refund over a threshold is held here,
+# never written, until a person approves (then it goes through the same exactly-once path) or rejects
+# it (then it stays a failed_unrefunded finding). The row is the plan row the person decided on; the
+# decision (who, when, note, what it did) is written on it, once: a decided hold is never decided again.
+recon_refund_holds = Table(
+    "recon_refund_holds",
+    recon_metadata,
+    Column("id", BigIntId(), Identity(always=False), primary_key=True, autoincrement=True),
+    Column("job_id", Text, nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("vendor", Text),
+    Column("model", Text),
+    Column("type", Text),
+    Column("credits", BigInteger, nullable=False),
+    Column("charged", BigInteger, nullable=False),
+    Column("refunded", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("hold_rule", Text, nullable=False),
+    Column("hold_detail", Text, nullable=False),
+    Column("run_id", Text, nullable=False),  # the pass that held it
+    Column("held_at", UtcDateTime, nullable=False),
+    Column("status", Text, nullable=False),  # 'held' | 'approved' | 'rejected'
+    Column("decided_by", Text),
+    Column("decided_at", UtcDateTime),
+    Column("decision_note", Text),
+    Column("decision_id", Text),  # the Dagster run (or CLI decision) that decided; recon_refunds.run_id
+    Column("outcome", Text),  # what the decision did, in words
+    Column("refunded_credits", BigInteger),  # what the approval wrote (0: nothing)
+    Index("recon_ix_refund_holds_job_id", "job_id"),
+    Index("recon_ix_refund_holds_status", "status", "vendor"),
+    Index(
+        "recon_ux_refund_holds_open",
+        "job_id",
+        unique=True,
+        sqlite_where=text("status = 'held'"),
+        postgresql_where=text("status = 'held'"),
+    ),
+    sqlite_autoincrement=True,
+)
+
 # The metrics read the refunds of the last 48 h by time, never the whole table (revision 0002).
 Index("recon_ix_refunds_created_at", recon_refunds.c.created_at)
 

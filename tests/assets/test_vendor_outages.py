@@ -18,6 +18,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 from sqlalchemy import func, select
 
+from assets.alert_checks import vendor_reports
 from assets.checks import ALL_CHECKS
 from assets.reconciliation import PASS_ASSETS as STAGES
 from assets.resources import ReconcileResource
@@ -25,7 +26,6 @@ from reconcile.alerts import CRITICAL, Observation, alert_thresholds, findings
 from reconcile.db.schema import ai_generations, recon_refunds, utcnow
 from reconcile.simulator import Outcome, SimulatorThread, TaskTruth
 from reconcile.vendors import kie
-from assets.alert_checks import vendor_reports
 from tests.platform import Platform
 
 PASS_ASSETS = [*STAGES, *ALL_CHECKS]
@@ -48,16 +48,19 @@ def fal_result_endpoint_failing(p: Platform, tasks: list[TaskTruth]) -> None:
 
 
 def kie_product_answering_record_is_null(p: Platform, tasks: list[TaskTruth]) -> None:
-    for _ in range(25):  # Veo answers 422 "recordInfo is null" for every one of them
-        _job(p, tasks, "kie", "veo3_fast", None)
-    for _ in range(3):  # the Market's failed jobs would be refunded if KIE's answers were trusted
+    for _ in range(25):  # interleaved: whatever order the jobs are asked in, KIE as a whole looks fine
+        _job(p, tasks, "kie", "veo3_fast", None)  # Veo answers 422 "recordInfo is null" for every one
+        # The Market's failed jobs would be refunded if KIE's answers were trusted.
+        _job(p, tasks, "kie", "google/nano-banana", Outcome.FAILED, error="generation failed")
+    for _ in range(5):
         _job(p, tasks, "kie", "google/nano-banana", Outcome.FAILED, error="generation failed")
 
 
 def kie_product_endpoint_moved(p: Platform, tasks: list[TaskTruth]) -> None:
     for _ in range(25):  # they exist, but reconcile asks a path the vendor does not serve: HTTP 404
         _job(p, tasks, "kie", "runway-gen4-turbo", Outcome.FAILED, error="would be refunded")
-    for _ in range(3):
+        _job(p, tasks, "kie", "google/nano-banana", Outcome.FAILED, error="generation failed")
+    for _ in range(5):
         _job(p, tasks, "kie", "google/nano-banana", Outcome.FAILED, error="generation failed")
 
 

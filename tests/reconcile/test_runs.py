@@ -169,3 +169,16 @@ def test_an_expired_lease_is_lost_even_when_nobody_took_it(db) -> None:
     time.sleep(1.2)
     with pytest.raises(LeaseLost, match="it expired"), db.engine.begin() as conn:
         fence_lease(conn, "paused", token, utcnow())
+
+
+def test_a_step_that_starts_after_the_expiry_renews_a_lease_nobody_took(db) -> None:
+    """E.g. a step pod scheduled slowly: the holder is still this run, so nobody worked meanwhile."""
+    upgrade_schema(db.engine)
+    now = utcnow()
+    token = acquire_lease(db.engine, "slow-start", now, 60)
+    assert renew_lease(db.engine, "slow-start", now + timedelta(seconds=90), 60) == token
+    with pytest.raises(LeaseHeld):
+        acquire_lease(db.engine, "next", now + timedelta(seconds=91), 60)
+    release_lease(db.engine, "slow-start")
+    with pytest.raises(LeaseLost, match="released"):
+        renew_lease(db.engine, "slow-start", now + timedelta(seconds=92), 60)

@@ -45,7 +45,12 @@ def check_config() -> None:
         problems = exc.problems + missing_secret_problems()
         settings = None
     else:
-        problems = missing_secret_problems() + database_problems(settings.database_url)
+        from reconcile.vendor_stage import vendors_in_use_at
+
+        problems = database_problems(settings.database_url)
+        # Configured vendors only: a missing secret matters for a vendor the platform has open jobs of.
+        in_use = None if problems else vendors_in_use_at(settings.database_url)
+        problems = missing_secret_problems(in_use=in_use) + problems
 
     if settings is not None:
         click.echo(f"configuration (hash {settings.config_hash()}):")
@@ -60,8 +65,10 @@ def check_config() -> None:
     sys.exit(1)
 
 
-def _report_missing_secrets() -> None:
-    for problem in missing_secret_problems():
+def _report_missing_secrets(settings: Settings) -> None:
+    from reconcile.vendor_stage import vendors_in_use_at
+
+    for problem in missing_secret_problems(in_use=vendors_in_use_at(settings.database_url)):
         click.echo(f"warning: {problem}", err=True)
 
 
@@ -87,8 +94,7 @@ def _print_outcome(outcome) -> None:
 )
 def run(full_audit: bool, verbose: bool, processes: int) -> None:
     """One full reconciliation pass against the configured database; exit 0 when it succeeded."""
-    _load_or_exit()
-    _report_missing_secrets()
+    _report_missing_secrets(_load_or_exit())
     from assets.runner import execute_pass
 
     outcome = execute_pass(full_audit=full_audit, verbose=verbose, processes=processes)

@@ -15,6 +15,8 @@ from reconcile.simulator.population import (
     CASE_NAMES,
     HOSTILE_ERROR,
     LAYOUT_SIZE,
+    UNKNOWN_VENDOR,
+    VENDOR_NAMES,
     Population,
     generate_population,
     write_population,
@@ -30,7 +32,7 @@ LOOKBACK = timedelta(hours=24 * 7)
 
 @pytest.fixture(scope="module")
 def pop() -> Population:
-    return generate_population(60, seed=1, now=NOW)
+    return generate_population(LAYOUT_SIZE, seed=1, now=NOW)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +67,8 @@ def test_same_seed_same_rows_other_seed_other_rows() -> None:
     assert {r["id"] for r in a.generations}.isdisjoint({r["id"] for r in c.generations})
 
 
-def test_every_case_appears_at_size_60(pop: Population) -> None:
-    assert len(pop.generations) == 60
+def test_every_case_appears_in_the_layout(pop: Population) -> None:
+    assert len(pop.generations) == LAYOUT_SIZE
     assert set(pop.case_counts) == set(CASE_NAMES)
     assert min(pop.case_counts.values()) >= 1, {c: n for c, n in pop.case_counts.items() if n == 0}
     jobs = {row["id"] for row in pop.generations}
@@ -88,7 +90,7 @@ def test_the_fill_follows_the_weights_at_larger_sizes(big: Population) -> None:
     counts = big.case_counts
     assert counts["terminal_completed"] > 3000 * 0.3
     assert counts["stuck_completed"] > counts["stuck_unmapped"]
-    assert {row["vendor"] for row in big.generations} == {"fal", "replicate", "kie", "midjourney"}
+    assert {row["vendor"] for row in big.generations} == {*VENDOR_NAMES, UNKNOWN_VENDOR}
     assert {row["type"] for row in big.generations} == {"image", "video", "text"}
 
 
@@ -283,7 +285,7 @@ def test_invalid_rows_are_young_enough_that_no_reading_refunds_them(pop: Populat
 
 def test_hostile_strings(pop: Population) -> None:
     hostile = pop.ids("hostile_completed") + pop.ids("hostile_failed")
-    assert {pop.job(j)["vendor"] for j in hostile} == {"fal", "replicate", "kie"}
+    assert {pop.job(j)["vendor"] for j in hostile} == set(VENDOR_NAMES)
     task_ids = [pop.job(j)["vendor_task_id"] for j in hostile]
     for char in "/?#%&+ \u202e":
         assert any(char in task_id for task_id in task_ids), char
@@ -335,11 +337,11 @@ def test_write_population_on_both_databases(db: Database, use_copy: bool) -> Non
 
 
 def test_write_population_inside_the_callers_transaction(db: Database) -> None:
-    pop = generate_population(60, seed=3, now=NOW)
+    pop = generate_population(LAYOUT_SIZE, seed=3, now=NOW)
     with db.engine.connect() as conn:
         transaction = conn.begin()
         write_population(conn, pop)
-        assert conn.scalar(select(func.count()).select_from(ai_generations)) == 60
+        assert conn.scalar(select(func.count()).select_from(ai_generations)) == LAYOUT_SIZE
         transaction.rollback()
     with db.engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(ai_generations)) == 0

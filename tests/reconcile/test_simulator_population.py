@@ -82,9 +82,22 @@ def _ask_runway(http: httpx.Client, base: str, model: str, task_id: str) -> tupl
     return (OPEN, None) if body["status"] in ("PENDING", "THROTTLED", "RUNNING") else (UNKNOWN, None)
 
 
+def _ask_luma(http: httpx.Client, base: str, model: str, task_id: str) -> tuple[str, str | None]:
+    headers = {"Authorization": f"Bearer {DEFAULT_SECRETS['luma']}", "X-Request-Id": "accept"}
+    response = http.get(f"{base}/dream-machine/v1/generations/{quote(task_id, safe='')}", headers=headers)
+    if response.status_code == 404:
+        return UNKNOWN, None
+    body = response.json()
+    if body["state"] == "completed":
+        return COMPLETED, (body["assets"] or {}).get(body["generation_type"])
+    if body["state"] == "failed":
+        return FAILED, None
+    return (OPEN, None) if body["state"] in ("queued", "dreaming") else (UNKNOWN, None)
+
+
 # Each vendor read the way the contract describes it, written out by hand (not through reconcile's
 # vendor modules, whose truth this checks). A vendor missing here fails the test (KeyError).
-ASKERS = {"fal": _ask_fal, "replicate": _ask_replicate, "kie": _ask_kie, "runway": _ask_runway}
+ASKERS = {"fal": _ask_fal, "replicate": _ask_replicate, "kie": _ask_kie, "runway": _ask_runway, "luma": _ask_luma}
 
 
 def ask(http: httpx.Client, sim: SimulatorThread, vendor: str, model: str, task_id: str) -> tuple[str, str | None]:

@@ -115,13 +115,6 @@ def step_name(vendor: str) -> str:
     return STEP_PREFIX + get(vendor).name
 
 
-def vendor_of_step(step: str) -> str | None:
-    """The vendor whose status stage `step` is, or None if it is no vendor's."""
-    if step.startswith(STEP_PREFIX) and is_known(step.removeprefix(STEP_PREFIX)):
-        return step.removeprefix(STEP_PREFIX)
-    return None
-
-
 def simulated() -> tuple[Vendor, ...]:
     """The vendors the built-in simulator can play."""
     return tuple(v for v in _vendors().values() if v.simulator is not None)

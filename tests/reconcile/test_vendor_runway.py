@@ -1,21 +1,17 @@
-"""Runway, a direct vendor: its documented answers (tests/fixtures/vendors/runway, from runwayml/sdk-python
-and docs.dev.runwayml.com) read through reconcile/vendors/runway.py and answered by the simulator."""
+"""Runway, a direct vendor (tests/fixtures/vendors/runway, from runwayml/sdk-python and
+docs.dev.runwayml.com): its registration; the fixtures are read by test_vendor_conformance.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
 from pathlib import Path
 
-import httpx
-import pytest
-
 from reconcile.models import JobRef
-from reconcile.simulator import SimulatorThread
 from reconcile.vendors import registry
-from tests import conformance
 
-FIXTURES = conformance.fixtures("runway")
-SIMULATED = [path for path in FIXTURES if "simulator" in conformance.load(path)]
+# Its documented answers (tests/fixtures/vendors/runway) are read through the module, and asked of the
+# simulator, by tests/reconcile/test_vendor_conformance.py with every other vendor's.
+FIXTURES = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "vendors" / "runway").glob("*.json"))
 
 
 def test_runway_is_registered_with_the_contracts_names() -> None:
@@ -33,29 +29,5 @@ def test_runway_is_registered_with_the_contracts_names() -> None:
 
 
 def test_every_documented_state_has_a_fixture() -> None:
-    states = {conformance.load(p)["exchanges"][-1]["response"].get("body", {}).get("status") for p in FIXTURES}
+    states = {json.loads(p.read_text())["exchanges"][-1]["response"].get("body", {}).get("status") for p in FIXTURES}
     assert {"PENDING", "THROTTLED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"} <= states
-
-
-@pytest.mark.parametrize("path", FIXTURES, ids=conformance.case_id)
-def test_runway_reads_the_documented_answer(path: Path) -> None:
-    fixture = conformance.load(path)
-    conformance.check(fixture, conformance.read(fixture))
-
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread([], seed=5) as simulator:
-        yield simulator
-
-
-@pytest.fixture(scope="module")
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(trust_env=False, timeout=5.0) as client:
-        yield client
-
-
-@pytest.mark.parametrize("path", SIMULATED, ids=conformance.case_id)
-def test_the_simulator_answers_in_runways_shape(path: Path, sim: SimulatorThread, http: httpx.Client) -> None:
-    problems = conformance.simulator_problems(conformance.load(path), sim, http)
-    assert not problems, "\n".join(problems)

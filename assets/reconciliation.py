@@ -190,7 +190,12 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
     ) -> MaterializeResult:
         total = stuck_jobs.count(DISPATCHED, vendor)
         lease = reconcile.keep_lease(context.run.run_id)
-        context.log.info(f"asking {vendor} about {total} dispatched stuck job(s)")
+        configured = reconcile.settings().vendor_secret(vendor) is not None
+        if total == 0 and not configured:
+            # Configured vendors only: no job of it and no secret, so it is not the platform's vendor.
+            context.log.info(f"{vendor}: not configured and no stuck job of it: nothing to do")
+        else:
+            context.log.info(f"asking {vendor} about {total} dispatched stuck job(s)")
 
         def progress(stage: VendorStage) -> None:
             lease.check()  # a pass that lost its lease stops asking
@@ -206,6 +211,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
                 "answers": stage.answers,
                 "unknown": stage.states.get("unknown", 0),
                 "health": str(stage.health),
+                "configured": configured,
                 "chunks": len(stage.chunk_sizes),
                 "largest_chunk": max(stage.chunk_sizes, default=0),
                 "answers_by_state": _tally_md(stage.states, "state"),

@@ -49,7 +49,12 @@ def check_config() -> None:
         problems = exc.problems + missing_secret_problems()
         settings = None
     else:
-        problems = missing_secret_problems() + database_problems(settings.database_url)
+        from reconcile.vendor_stage import vendors_in_use_at
+
+        problems = database_problems(settings.database_url)
+        # Configured vendors only: a missing secret matters for a vendor the platform has open jobs of.
+        in_use = None if problems else vendors_in_use_at(settings.database_url)
+        problems = missing_secret_problems(in_use=in_use) + problems
 
     if settings is not None:
         click.echo(f"configuration (hash {settings.config_hash()}):")
@@ -88,8 +93,11 @@ def preflight(settings: Settings) -> list[Problem]:
     return database_problems(settings.database_url)
 
 
-def _report_missing_secrets() -> None:
-    for problem in missing_secret_problems():
+def _report_missing_secrets(settings: Settings) -> None:
+    from reconcile.vendor_stage import vendors_in_use_at
+
+    # Configured vendors only: a missing secret matters for a vendor the platform has open jobs of.
+    for problem in missing_secret_problems(in_use=vendors_in_use_at(settings.database_url)):
         click.echo(f"warning: {problem}", err=True)
 
 
@@ -142,7 +150,7 @@ def run(full_audit: bool, verbose: bool, processes: int) -> None:
             click.echo(f"error: {problem}", err=True)
         click.echo("reconcile run did not start (nothing was touched): `reconcile check-config` shows all.", err=True)
         sys.exit(EXIT_NOT_STARTED)
-    _report_missing_secrets()
+    _report_missing_secrets(settings)
     outcome = _dagster_layer().execute_pass(full_audit=full_audit, verbose=verbose, processes=processes)
     sys.exit(_finish(outcome, settings.database_url, "reconcile run"))
 

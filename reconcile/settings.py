@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,12 +348,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 _SECRET_ALIASES = {Settings.model_fields[n].alias for n in _SECRET_FIELDS}
 
 
-def missing_secret_problems(environ: Mapping[str, str] | None = None) -> list[Problem]:
-    """One non-fatal problem per vendor whose secret is unset: its jobs cannot be reconciled."""
+def missing_secret_problems(
+    environ: Mapping[str, str] | None = None, in_use: Collection[str] | None = None
+) -> list[Problem]:
+    """One non-fatal problem per vendor that matters and whose secret is unset: its jobs cannot be reconciled.
+
+    The rule ("configured vendors only"): a vendor matters when the platform has open dispatched jobs of
+    it (`in_use`, from `reconcile.vendor_stage.vendors_in_use`) or when its base URL variable is set (a
+    half-done configuration). A vendor with neither is not the platform's: nobody is told its secret is
+    missing. With `in_use=None` (the database could not tell) every vendor without a secret is reported.
+    """
     raw = _raw_from_env(os.environ if environ is None else environ)
     problems = []
     for vendor, names in VENDOR_ENV.items():
-        if names.secret_var not in raw:
+        matters = in_use is None or vendor in in_use or names.url_var in raw
+        if matters and names.secret_var not in raw:
             problems.append(
                 Problem(
                     names.secret_var,

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from reconcile.db.schema import recon_pass_answers
+from reconcile.db.schema import ai_generations, recon_pass_answers
 from reconcile.models import VendorAnswer, VendorHealth, VendorState
 from reconcile.settings import Settings
 from reconcile.staging import StuckSet, analyze, clear_answers, iter_pass_jobs, write_answers
@@ -64,6 +65,31 @@ class VendorStage:
         if stats and "transport" in stats:
             merged["transport"] = stats["transport"]
         self.stats = merged
+
+
+def vendors_in_use(engine: Engine) -> frozenset[str]:
+    """The vendors the platform has open dispatched jobs of (`pending`/`processing` with a task id):
+    the ones whose secret reconcile needs. See `reconcile.settings.missing_secret_problems`."""
+    g = ai_generations.c
+    query = select(g.vendor).where(g.status.in_(("pending", "processing")), g.vendor_task_id.is_not(None)).distinct()
+    with engine.connect() as conn:
+        return frozenset(conn.scalars(query))
+
+
+def vendors_in_use_at(database_url: str) -> frozenset[str] | None:
+    """`vendors_in_use` of the database at `database_url`; None when it cannot be read (no platform
+    tables yet, or unreachable: `database_problems` says which), so the caller reports every vendor."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from reconcile.db.engine import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        return vendors_in_use(engine)
+    except SQLAlchemyError:
+        return None
+    finally:
+        engine.dispose()
 
 
 def ask_vendor(

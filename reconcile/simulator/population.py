@@ -1,7 +1,8 @@
 """A deterministic synthetic platform: jobs, ledger, balances and the vendors' truth, with expectations.
 
 `generate_population(size, seed, now)` lays out one job of every case of the contract first (one per
-vendor where the vendor matters), then fills the rest by fixed weights, so 60 rows already hold every
+vendor where the vendor matters: every registered vendor with a simulator and population hints), then
+fills the rest by fixed weights, so LAYOUT_SIZE rows (which grows with the vendors) already hold every
 case and a million rows look like production (mostly finished jobs, a tail of stuck and odd ones).
 Each job carries an `Expected`: what one correct reconcile pass must leave behind.
 
@@ -62,6 +63,7 @@ HOSTILE_TEXT_UNIT = (
 HOSTILE_ERROR = (HOSTILE_TEXT_UNIT * (10_240 // len(HOSTILE_TEXT_UNIT) + 1))[:10_240]  # ~10 KB
 
 
+EVERY = "*"  # in a layout: one row for each vendor the case allows (CaseSpec.vendors)
 # KIE's products other than the Market: the variants of KIE's population models (reconcile/vendors/kie.py).
 KIE_PRODUCT_VARIANTS = tuple(range(4, len(MODELS["kie"])))
 KIE_PRODUCT_ROWS = tuple(("kie", variant) for variant in KIE_PRODUCT_VARIANTS)
@@ -74,25 +76,29 @@ _CASE_STATUS_WORDS = {"stuck_completed_callback_failed": "4", "stuck_running_par
 @dataclass(frozen=True)
 class CaseSpec:
     name: str
-    layout: tuple[tuple[str, int], ...]  # (vendor, variant) rows laid out first
+    layout: tuple[tuple[str, int], ...]  # (vendor or EVERY, variant) rows laid out first
     weight: float  # share in the random fill
-    vendors: tuple[str, ...] = VENDOR_NAMES  # allowed in the fill
+    vendors: tuple[str, ...] = VENDOR_NAMES  # allowed in the fill (and what EVERY lays out)
+
+    def rows(self) -> tuple[tuple[str, int], ...]:
+        """The layout with EVERY expanded: a case where the vendor matters gets a row of each vendor."""
+        return tuple(
+            (vendor, variant)
+            for name, variant in self.layout
+            for vendor in (self.vendors if name == EVERY else (name,))
+        )
 
 
 CASES: tuple[CaseSpec, ...] = (
     # Not stuck: updated within stuck_after; never sent to a vendor.
     CaseSpec("fresh_pending", (("fal", 0),), 3),
     CaseSpec("fresh_processing", (("replicate", 0),), 5),
-    # Stuck, dispatched (processing with vendor_task_id): the vendor decides.
-    CaseSpec("stuck_queued", (("fal", 0), ("replicate", 0), ("kie", 0)), 4),
-    CaseSpec("stuck_running", (("fal", 1), ("replicate", 1), ("kie", 1)), 6),
-    CaseSpec(
-        "stuck_completed",
-        (("fal", 0), ("fal", 1), ("fal", 5), ("replicate", 0), ("replicate", 1), ("kie", 0), *KIE_PRODUCT_ROWS),
-        8,
-    ),
-    CaseSpec("stuck_completed_no_output", (("fal", 0), ("replicate", 0), ("kie", 0)), 0.5),
-    CaseSpec("stuck_failed", (("fal", 0), ("replicate", 0), ("kie", 0), *KIE_PRODUCT_ROWS), 4),
+    # Stuck, dispatched (processing with vendor_task_id): the vendor decides, so every vendor has one.
+    CaseSpec("stuck_queued", ((EVERY, 0),), 4),
+    CaseSpec("stuck_running", ((EVERY, 1),), 6),
+    CaseSpec("stuck_completed", ((EVERY, 0), (EVERY, 1), ("fal", 5), *KIE_PRODUCT_ROWS), 8),
+    CaseSpec("stuck_completed_no_output", ((EVERY, 0),), 0.5),
+    CaseSpec("stuck_failed", ((EVERY, 0), *KIE_PRODUCT_ROWS), 4),
     # fal: COMPLETED without error, the result request answers 422 (variant 0, 6: comfy/) or 500 (variant 1).
     CaseSpec("stuck_app_failure", (("fal", 0), ("fal", 1), ("fal", 6)), 0.3, ("fal",)),
     # Replicate: succeeded, its output deleted since (data retention): completed with no URL, a finding.
@@ -101,12 +107,12 @@ CASES: tuple[CaseSpec, ...] = (
     # ("callback failed") is a success; Suno's FIRST_SUCCESS (one track done) is not final.
     CaseSpec("stuck_completed_callback_failed", (("kie", KIE_LUMA),), 0, ("kie",)),
     CaseSpec("stuck_running_partial", (("kie", KIE_SUNO),), 0, ("kie",)),
-    CaseSpec("stuck_canceled", (("replicate", 0),), 0.5, _vendors_with(Outcome.CANCELED)),
-    CaseSpec("stuck_aborted", (("replicate", 1),), 0.5, _vendors_with(Outcome.ABORTED)),
+    CaseSpec("stuck_canceled", ((EVERY, 0),), 0.5, _vendors_with(Outcome.CANCELED)),
+    CaseSpec("stuck_aborted", ((EVERY, 1),), 0.5, _vendors_with(Outcome.ABORTED)),
     CaseSpec("stuck_failed_zero_credits", (("kie", 0),), 0.3),
     CaseSpec("stuck_failed_already_refunded", (("fal", 0),), 0.5),
-    CaseSpec("stuck_unmapped", (("fal", 0), ("replicate", 0), ("kie", 0)), 0.5),
-    CaseSpec("stuck_vendor_404", (("fal", 0), ("replicate", 0), ("kie", 0)), 0.5),
+    CaseSpec("stuck_unmapped", ((EVERY, 0),), 0.5, _vendors_with(Outcome.UNMAPPED)),
+    CaseSpec("stuck_vendor_404", ((EVERY, 0),), 0.5),
     # Stuck pending WITH vendor_task_id: the vendor accepted it, the worker never said so.
     CaseSpec("pending_dispatched_completed", (("kie", 1),), 0.5),
     CaseSpec("pending_dispatched_failed", (("fal", 1),), 0.5),
@@ -130,14 +136,14 @@ CASES: tuple[CaseSpec, ...] = (
     CaseSpec("invalid_unknown_vendor", ((UNKNOWN_VENDOR, 0),), 0.2, (UNKNOWN_VENDOR,)),
     CaseSpec("invalid_negative_credits", (("kie", 0),), 0.2),
     CaseSpec("invalid_processing_no_task", (("fal", 0),), 0.2),
-    # Hostile strings (ids with '/', '?', '#', '%', '+', '&', unicode; SQL; 10 KB errors).
-    CaseSpec("hostile_completed", (("fal", 1), ("replicate", 1), ("kie", 0)), 0.2),
-    CaseSpec("hostile_failed", (("fal", 0), ("replicate", 0), ("kie", 1)), 0.2),
+    # Hostile strings (ids with '/', '?', '#', '%', '+', '&', unicode; SQL; 10 KB errors): every vendor.
+    CaseSpec("hostile_completed", ((EVERY, 1),), 0.2),
+    CaseSpec("hostile_failed", ((EVERY, 0),), 0.2),
 )
 # Ledger rows whose job does not exist; they add to `size` jobs (one each, then ~0.1% of size each).
 ORPHAN_CASES = ("orphan_charge", "orphan_refund")
 CASE_NAMES = tuple(spec.name for spec in CASES) + ORPHAN_CASES
-LAYOUT_SIZE = sum(len(spec.layout) for spec in CASES)
+LAYOUT_SIZE = sum(len(spec.rows()) for spec in CASES)
 
 
 _STUCK_OUTCOMES = {
@@ -578,7 +584,7 @@ def _generate(
     gen.hostile_users = [f"{HOSTILE_USER_FRAGMENT}{gen.token(3)}" for _ in range(3)]
 
     for spec in CASES:
-        for vendor, variant in spec.layout:
+        for vendor, variant in spec.rows():
             gen.make(spec.name, vendor, variant)
     for case, vendor, variant in _fill_plan(gen.rng, size - LAYOUT_SIZE):
         gen.make(case, vendor, variant)

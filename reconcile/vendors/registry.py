@@ -1,8 +1,10 @@
 """The vendor registry: every vendor reconcile knows, each defined by one module.
 
-Built-in vendors are the modules listed in `BUILTIN_MODULES` (each defines `VENDOR`, a
-`reconcile.vendors.base.Vendor`). A platform adds its own vendor from its own package through the entry
-point group `reconcile.vendors` (see the README, "How to add a vendor"):
+Built-in vendors are the modules of the `reconcile.vendors` package, found by listing it: every module
+but the infrastructure (`INFRASTRUCTURE`: base, fetch, registry) and private ones (`_name`) is a vendor
+module and must define `VENDOR`, a `reconcile.vendors.base.Vendor` whose `name` is the module's name.
+Adding a built-in vendor is adding its module; nothing else is edited. A platform adds its own vendor
+from its own package through the entry point group `reconcile.vendors` (README, "How to add a vendor"):
 
     [project.entry-points."reconcile.vendors"]
     acme = "acme_reconcile.vendor:VENDOR"
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import pkgutil
 from importlib.metadata import entry_points
 
 from reconcile.vendors.base import Vendor
@@ -26,7 +29,7 @@ from reconcile.vendors.base import Vendor
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "reconcile.vendors"
-BUILTIN_MODULES = ("reconcile.vendors.fal", "reconcile.vendors.replicate", "reconcile.vendors.kie")
+INFRASTRUCTURE = frozenset({"base", "fetch", "registry"})
 STEP_PREFIX = "vendor_statuses_"
 
 
@@ -56,11 +59,21 @@ def _check(vendor: object, source: str, expected_name: str | None = None) -> Ven
     return vendor
 
 
+def builtin_modules() -> tuple[str, ...]:
+    """The vendor modules of the reconcile.vendors package, by name."""
+    package = importlib.import_module("reconcile.vendors")
+    names = (m.name for m in pkgutil.iter_modules(package.__path__) if not m.ispkg)
+    return tuple(sorted(f"reconcile.vendors.{n}" for n in names if n not in INFRASTRUCTURE and not n.startswith("_")))
+
+
 @functools.cache
 def _vendors() -> dict[str, Vendor]:
     found: dict[str, Vendor] = {}
-    for module_name in BUILTIN_MODULES:
-        vendor = _check(getattr(importlib.import_module(module_name), "VENDOR", None), f"{module_name}.VENDOR")
+    for module_name in builtin_modules():
+        source = f"{module_name}.VENDOR"
+        vendor = _check(getattr(importlib.import_module(module_name), "VENDOR", None), source)
+        if vendor.name != module_name.rsplit(".", 1)[1]:
+            raise VendorRegistryError(f"{source} is named {vendor.name!r}: a vendor module is named after its vendor")
         found[vendor.name] = vendor
     for point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: p.name):
         source = f"entry point {point.name!r} ({point.value}) of group {ENTRY_POINT_GROUP!r}"
@@ -77,7 +90,7 @@ def _vendors() -> dict[str, Vendor]:
 
 
 def all_vendors() -> tuple[Vendor, ...]:
-    """Every vendor, built-in first (in BUILTIN_MODULES order), then entry points by name."""
+    """Every vendor, built-in first (by module name), then entry points by name."""
     return tuple(_vendors().values())
 
 
@@ -100,13 +113,6 @@ def is_known(name: object) -> bool:
 def step_name(vendor: str) -> str:
     """The Dagster asset (and step) name of a vendor's status stage: the one place it is built."""
     return STEP_PREFIX + get(vendor).name
-
-
-def vendor_of_step(step: str) -> str | None:
-    """The vendor whose status stage `step` is, or None if it is no vendor's."""
-    if step.startswith(STEP_PREFIX) and is_known(step.removeprefix(STEP_PREFIX)):
-        return step.removeprefix(STEP_PREFIX)
-    return None
 
 
 def simulated() -> tuple[Vendor, ...]:

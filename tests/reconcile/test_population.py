@@ -15,11 +15,14 @@ from reconcile.simulator.population import (
     CASE_NAMES,
     HOSTILE_ERROR,
     LAYOUT_SIZE,
+    UNKNOWN_VENDOR,
+    VENDOR_NAMES,
     Population,
     generate_population,
     write_population,
 )
 from reconcile.simulator.truth import FAILURE_OUTCOMES, Outcome
+from reconcile.vendors import registry
 from tests.conftest import Database
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -30,7 +33,7 @@ LOOKBACK = timedelta(hours=24 * 7)
 
 @pytest.fixture(scope="module")
 def pop() -> Population:
-    return generate_population(80, seed=1, now=NOW)
+    return generate_population(LAYOUT_SIZE, seed=1, now=NOW)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +68,8 @@ def test_same_seed_same_rows_other_seed_other_rows() -> None:
     assert {r["id"] for r in a.generations}.isdisjoint({r["id"] for r in c.generations})
 
 
-def test_every_case_appears_at_size_80(pop: Population) -> None:
-    assert len(pop.generations) == 80
+def test_every_case_appears_in_the_layout(pop: Population) -> None:
+    assert len(pop.generations) == LAYOUT_SIZE
     assert set(pop.case_counts) == set(CASE_NAMES)
     assert min(pop.case_counts.values()) >= 1, {c: n for c, n in pop.case_counts.items() if n == 0}
     jobs = {row["id"] for row in pop.generations}
@@ -79,16 +82,16 @@ def test_too_small_or_inconsistent_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match=str(LAYOUT_SIZE)):
         generate_population(LAYOUT_SIZE - 1, seed=1, now=NOW)
     with pytest.raises(ValueError, match="timezone"):
-        generate_population(80, seed=1, now=datetime(2025, 6, 1))
+        generate_population(LAYOUT_SIZE, seed=1, now=datetime(2025, 6, 1))
     with pytest.raises(ValueError, match="undispatched"):
-        generate_population(80, seed=1, now=NOW, stuck_after_minutes=120, undispatched_fail_after_minutes=60)
+        generate_population(LAYOUT_SIZE, seed=1, now=NOW, stuck_after_minutes=120, undispatched_fail_after_minutes=60)
 
 
 def test_the_fill_follows_the_weights_at_larger_sizes(big: Population) -> None:
     counts = big.case_counts
     assert counts["terminal_completed"] > 3000 * 0.3
     assert counts["stuck_completed"] > counts["stuck_unmapped"]
-    assert {row["vendor"] for row in big.generations} == {"fal", "replicate", "kie", "midjourney"}
+    assert {row["vendor"] for row in big.generations} == {*VENDOR_NAMES, UNKNOWN_VENDOR}
     assert {row["type"] for row in big.generations} == {"image", "video", "text"}
 
 
@@ -186,7 +189,9 @@ def test_stuck_dispatched_jobs_and_their_vendor_truth(big: Population) -> None:
     for job_id in big.ids("stuck_vendor_404"):
         assert big.job(job_id)["vendor_task_id"] and big.truth_for(job_id) is None
     assert all(big.truth_for(j).result_url is None for j in big.ids("stuck_completed_no_output"))
-    assert {big.job(j)["vendor"] for j in big.ids("stuck_canceled") + big.ids("stuck_aborted")} == {"replicate"}
+    for case, outcome in (("stuck_canceled", Outcome.CANCELED), ("stuck_aborted", Outcome.ABORTED)):
+        having = {v.name for v in registry.populated() if outcome in v.simulator.status_words}
+        assert {big.job(j)["vendor"] for j in big.ids(case)} == having, case  # only vendors that have it
 
 
 def test_fal_failures_are_completed_with_an_error(pop: Population) -> None:
@@ -283,7 +288,7 @@ def test_invalid_rows_are_young_enough_that_no_reading_refunds_them(pop: Populat
 
 def test_hostile_strings(pop: Population) -> None:
     hostile = pop.ids("hostile_completed") + pop.ids("hostile_failed")
-    assert {pop.job(j)["vendor"] for j in hostile} == {"fal", "replicate", "kie"}
+    assert {pop.job(j)["vendor"] for j in hostile} == set(VENDOR_NAMES)
     task_ids = [pop.job(j)["vendor_task_id"] for j in hostile]
     for char in "/?#%&+ \u202e":
         assert any(char in task_id for task_id in task_ids), char
@@ -335,11 +340,11 @@ def test_write_population_on_both_databases(db: Database, use_copy: bool) -> Non
 
 
 def test_write_population_inside_the_callers_transaction(db: Database) -> None:
-    pop = generate_population(80, seed=3, now=NOW)
+    pop = generate_population(LAYOUT_SIZE, seed=3, now=NOW)
     with db.engine.connect() as conn:
         transaction = conn.begin()
         write_population(conn, pop)
-        assert conn.scalar(select(func.count()).select_from(ai_generations)) == 80
+        assert conn.scalar(select(func.count()).select_from(ai_generations)) == LAYOUT_SIZE
         transaction.rollback()
     with db.engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(ai_generations)) == 0

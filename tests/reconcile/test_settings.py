@@ -17,6 +17,8 @@ from reconcile.settings import (
     load_settings,
     missing_secret_problems,
 )
+from reconcile.vendors import registry
+from tests.platform import Platform
 
 SECRET = "sk-live-0123456789abcdef-DO-NOT-LEAK"
 
@@ -89,7 +91,8 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_empty_secret_counts_as_unset() -> None:
     settings = load_settings({"FAL_KEY": "   "})
     assert settings.vendor_secret("fal") is None
-    problems = missing_secret_problems({"FAL_KEY": "", "REPLICATE_API_TOKEN": "t", "KIE_API_KEY": "k"})
+    others = {v.secret_var: "s" for v in registry.all_vendors() if v.name != "fal"}
+    problems = missing_secret_problems({**others, "FAL_KEY": ""})
     assert [str(p) for p in problems] == ["FAL_KEY is not set: export FAL_KEY=... (fal jobs cannot be reconciled)"]
     assert not problems[0].fatal
 
@@ -128,8 +131,11 @@ def test_settings_are_immutable() -> None:
         settings.stuck_after_minutes = 1  # type: ignore[misc]
 
 
+VENDOR_VARIABLES = {name for v in registry.all_vendors() for name in (v.url_var, v.secret_var)}
+
+
 def _check_config(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILE_", "FAL_", "REPLICATE_", "KIE_"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILE_") and k not in VENDOR_VARIABLES}
     return subprocess.run(
         [sys.executable, "-m", "reconcile.cli", "check-config"],
         env={**clean, **env},
@@ -164,6 +170,29 @@ def test_check_config_passes_when_everything_is_right(db, tmp_path: Path) -> Non
     result = _check_config(env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "ok: no problems found" in result.stdout
+
+
+def test_check_config_asks_only_for_the_secrets_of_vendors_in_use(db, tmp_path: Path) -> None:
+    """Configured vendors only: a platform whose open jobs are all KIE's is told about KIE_API_KEY alone;
+    a vendor with no open job and no variable set is not the platform's, and nobody mentions it."""
+    platform = Platform(db.engine)
+    platform.job("k1", vendor="kie", model="google/nano-banana", vendor_task_id="t1")
+    platform.job("f-done", vendor="fal", status="completed", vendor_task_id="t2")  # settled: not in use
+    platform.job("r-undispatched", vendor="replicate", status="pending", vendor_task_id=None)
+    result = _check_config({"RECONCILE_DATABASE_URL": db.url}, tmp_path)
+    assert result.returncode == 1
+    assert "KIE_API_KEY is not set: export KIE_API_KEY=... (kie jobs cannot be reconciled)" in result.stderr
+    assert "1 problem(s)" in result.stderr, result.stderr
+    others = [v for v in registry.all_vendors() if v.name != "kie"]
+    assert not [v.secret_var for v in others if f"{v.secret_var} is not set" in result.stderr]
+
+    ok = _check_config({"RECONCILE_DATABASE_URL": db.url, "KIE_API_KEY": SECRET}, tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: no problems found" in ok.stdout and SECRET not in ok.stdout + ok.stderr
+
+    # A vendor whose base URL is set but not its secret is half configured: that is reported.
+    half = _check_config({"RECONCILE_DATABASE_URL": db.url, "KIE_API_KEY": "k", "FAL_QUEUE_URL": "https://q"}, tmp_path)
+    assert half.returncode == 1 and "FAL_KEY is not set" in half.stderr
 
 
 def test_check_config_reports_unreachable_database(tmp_path: Path) -> None:

@@ -95,9 +95,39 @@ def _ask_kie(http: httpx.Client, base: str, model: str, task_id: str) -> tuple[s
     return state, None
 
 
+def _ask_runway(http: httpx.Client, base: str, model: str, task_id: str) -> tuple[str, str | None]:
+    headers = {
+        "Authorization": f"Bearer {DEFAULT_SECRETS['runway']}",
+        "X-Runway-Version": "2024-11-06",
+        "X-Request-Id": "accept",
+    }
+    response = http.get(f"{base}/v1/tasks/{quote(task_id, safe='')}", headers=headers)
+    if response.status_code == 404:
+        return UNKNOWN, None
+    body = response.json()
+    if body["status"] == "SUCCEEDED":
+        return COMPLETED, (body["output"] or [None])[0]
+    if body["status"] in ("FAILED", "CANCELLED"):
+        return FAILED, None
+    return (OPEN, None) if body["status"] in ("PENDING", "THROTTLED", "RUNNING") else (UNKNOWN, None)
+
+
+def _ask_luma(http: httpx.Client, base: str, model: str, task_id: str) -> tuple[str, str | None]:
+    headers = {"Authorization": f"Bearer {DEFAULT_SECRETS['luma']}", "X-Request-Id": "accept"}
+    response = http.get(f"{base}/dream-machine/v1/generations/{quote(task_id, safe='')}", headers=headers)
+    if response.status_code == 404:
+        return UNKNOWN, None
+    body = response.json()
+    if body["state"] == "completed":
+        return COMPLETED, (body["assets"] or {}).get(body["generation_type"])
+    if body["state"] == "failed":
+        return FAILED, None
+    return (OPEN, None) if body["state"] in ("queued", "dreaming") else (UNKNOWN, None)
+
+
 # Each vendor read the way the contract describes it, written out by hand (not through reconcile's
 # vendor modules, whose truth this checks). A vendor missing here fails the test (KeyError).
-ASKERS = {"fal": _ask_fal, "replicate": _ask_replicate, "kie": _ask_kie}
+ASKERS = {"fal": _ask_fal, "replicate": _ask_replicate, "kie": _ask_kie, "runway": _ask_runway, "luma": _ask_luma}
 
 
 def ask(http: httpx.Client, sim: SimulatorThread, vendor: str, model: str, task_id: str) -> tuple[str, str | None]:

@@ -152,7 +152,7 @@ def http() -> Iterator[httpx.Client]:
 
 
 def _auth(vendor: str) -> dict[str, str]:
-    scheme = "Key" if vendor == "fal" else "Bearer"
+    scheme = registry.get(vendor).auth_scheme  # an unknown vendor fails here, never gets another's scheme
     return {"Authorization": f"{scheme} {DEFAULT_SECRETS[vendor]}", "X-Request-Id": "conformance"}
 
 

@@ -14,7 +14,7 @@ from assets.reconciliation import PASS_ASSETS
 from assets.resources import ReconcileResource
 from reconcile.db.schema import recon_lease, recon_runs, utcnow
 from reconcile.runs import acquire_lease, lease_holder, release_lease
-from reconcile.simulator.population import generate_population, write_population
+from reconcile.simulator.population import LAYOUT_SIZE, generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from sensors.run_failures import reconcile_pass_failed
 
@@ -26,7 +26,7 @@ def test_failed_pass_is_recorded_and_its_lease_released(db, monkeypatch: pytest.
         raise RuntimeError("planner crashed")
 
     monkeypatch.setattr(stage, "plan_refunds", broken_planner)
-    population = generate_population(80, seed=31, now=utcnow())
+    population = generate_population(LAYOUT_SIZE, seed=31, now=utcnow())
     write_population(db.engine, population)
     with SimulatorThread(population.truth) as sim, DagsterInstance.ephemeral() as instance:
         for name, value in {**sim.env(), "RECONCILE_DATABASE_URL": db.url}.items():

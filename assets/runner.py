@@ -116,9 +116,12 @@ def pass_job_with_progress() -> JobDefinition:
     return job.with_logger_defs({**job.loggers, "progress": progress_logger})
 
 
-def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: int = 1) -> PassOutcome:
+def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: int | None = 1) -> PassOutcome:
     """One reconciliation pass (every asset and check, as the schedule runs it).
 
+    processes=None: the job's own executor, as the daemon runs it (reconcile/definitions.py: each step in
+    a process forked from a preloaded server, the vendors side by side); `reconcile run` uses it. Its
+    step processes keep the environment of this process's first pass: one pass per process.
     processes=1: every step in this process. processes>1: Dagster's multiprocess executor, each step
     (e.g. each vendor's stage) in its own process, at most `processes` at once. Either way through
     `execute_job`, as the daemon's runs go: unlike `execute_in_process`, it keeps no step's output in
@@ -126,13 +129,15 @@ def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: 
     """
     run_config: dict[str, Any] = {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
     target = pass_job
-    if processes > 1:
+    if processes is None:
+        pass  # the job's own executor
+    elif processes > 1:
         run_config["execution"] = {"config": {"multiprocess": {"max_concurrent": processes}}}
     else:
         run_config["execution"] = {"config": {"in_process": {}}}
     if verbose:
         run_config["loggers"] = {"console": {"config": {"log_level": "DEBUG"}}}
-    elif processes > 1:
+    elif processes is not None and processes > 1:
         run_config["loggers"] = {"console": {"config": {"log_level": "INFO"}}}
     else:
         run_config["loggers"] = {"progress": {}}

@@ -81,11 +81,11 @@ def _print_outcome(outcome) -> None:
 @click.option(
     "--processes",
     type=click.IntRange(1, 64),
-    default=1,
-    show_default=True,
-    help="Steps run in this many processes at once (Dagster's multiprocess executor); 1 runs in-process.",
+    default=None,
+    help="Steps run in this many processes at once (Dagster's multiprocess executor); 1 runs in-process. "
+    "Default: as the schedule runs it, each step in its own process, the vendors side by side.",
 )
-def run(full_audit: bool, verbose: bool, processes: int) -> None:
+def run(full_audit: bool, verbose: bool, processes: int | None) -> None:
     """One full reconciliation pass against the configured database; exit 0 when it succeeded."""
     _load_or_exit()
     _report_missing_secrets()

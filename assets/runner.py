@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, JobDefinition, execute_job, logger, reconstructable
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    JobDefinition,
+    build_reconstructable_job,
+    execute_job,
+    logger,
+    reconstructable,
+)
 
 from reconcile.settings import STATE_DIR
 
@@ -143,20 +151,37 @@ def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: 
         run_config["loggers"] = {"progress": {}}
         target = pass_job_with_progress
     with _instance() as instance:
-        result = execute_job(reconstructable(target), instance=instance, run_config=run_config)
-        outcome = PassOutcome(run_id=result.run_id, success=result.success)
-        for event in result.all_events:
-            if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
-                materialization = event.event_specific_data.materialization
-                outcome.metadata[materialization.asset_key.to_user_string()] = {
-                    k: v.value for k, v in materialization.metadata.items()
-                }
-            elif event.event_type == DagsterEventType.STEP_FAILURE:
-                outcome.failures.append(
-                    f"{event.step_key}: {_root_cause(event.event_specific_data.error, event.message)}"
-                )
-            elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
-                evaluation = event.event_specific_data
-                if not evaluation.passed:
-                    outcome.failures.append(f"check {evaluation.check_name} failed: {evaluation.description}")
+        return _outcome(execute_job(reconstructable(target), instance=instance, run_config=run_config))
+
+
+CELERY_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "celery"
+
+
+def execute_pass_on_celery(*, full_audit: bool = False) -> PassOutcome:
+    """One pass on Dagster's Celery executor (deploy/celery): each step a task for the workers of its
+    queue, this process only orchestrating. DAGSTER_HOME must be an instance the workers share
+    (PostgreSQL), RECONCILE_CELERY_BROKER_URL and RECONCILE_IO_DIR set."""
+    job = build_reconstructable_job(
+        "reconcile_celery", "pass_job", reconstructor_working_directory=str(CELERY_DEPLOY_DIR)
+    )
+    run_config = {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
+    with _instance() as instance:
+        return _outcome(execute_job(job, instance=instance, run_config=run_config))
+
+
+def _outcome(result: Any) -> PassOutcome:
+    """What the CLI tells of a run: its failures (root causes) and each asset's metadata."""
+    outcome = PassOutcome(run_id=result.run_id, success=result.success)
+    for event in result.all_events:
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            materialization = event.event_specific_data.materialization
+            outcome.metadata[materialization.asset_key.to_user_string()] = {
+                k: v.value for k, v in materialization.metadata.items()
+            }
+        elif event.event_type == DagsterEventType.STEP_FAILURE:
+            outcome.failures.append(f"{event.step_key}: {_root_cause(event.event_specific_data.error, event.message)}")
+        elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+            evaluation = event.event_specific_data
+            if not evaluation.passed:
+                outcome.failures.append(f"check {evaluation.check_name} failed: {evaluation.description}")
     return outcome

@@ -85,13 +85,23 @@ def _print_outcome(outcome) -> None:
     help="Steps run in this many processes at once (Dagster's multiprocess executor); 1 runs in-process. "
     "Default: as the schedule runs it, each step in its own process, the vendors side by side.",
 )
-def run(full_audit: bool, verbose: bool, processes: int | None) -> None:
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "celery"]),
+    default="local",
+    show_default=True,
+    help="celery: every step a task for the Celery workers of deploy/celery (README, Deployment).",
+)
+def run(full_audit: bool, verbose: bool, processes: int | None, executor: str) -> None:
     """One full reconciliation pass against the configured database; exit 0 when it succeeded."""
     _load_or_exit()
     _report_missing_secrets()
-    from assets.runner import execute_pass
+    from assets.runner import execute_pass, execute_pass_on_celery
 
-    outcome = execute_pass(full_audit=full_audit, verbose=verbose, processes=processes)
+    if executor == "celery":
+        outcome = execute_pass_on_celery(full_audit=full_audit)
+    else:
+        outcome = execute_pass(full_audit=full_audit, verbose=verbose, processes=processes)
     _print_outcome(outcome)
     sys.exit(0 if outcome.success else 1)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dagster import DagsterEventType, DagsterInstance
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
@@ -79,6 +80,7 @@ class Worker:
         command = [sys.executable, "-m", "celery", "--workdir", str(CELERY_DIR), "-A", "reconcile_celery", "worker",
                    "-Q", ",".join(queues), "-n", f"{name}@%h", "--pool", "solo", "-l", "INFO",
                    "--without-gossip", "--without-mingle"]  # fmt: skip
+        env = {**env, "PYTHONUNBUFFERED": "1"}  # its log is read while it runs, and after a kill -9
         self.process = subprocess.Popen(command, env=env, cwd="/", stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -89,11 +91,6 @@ class Worker:
             assert self.process.poll() is None, f"worker {self.name} exited:\n{self.log.read_text()[-3000:]}"
             time.sleep(0.5)
         raise AssertionError(f"worker {self.name} not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def steps(self) -> list[str]:
-        """The steps this worker was handed (its own log)."""
-        return [line.split("Executing steps ", 1)[1].split(" in celery")[0]
-                for line in self.log.read_text().splitlines() if "Executing steps " in line]  # fmt: skip
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -138,6 +135,24 @@ def _run_pass(env: dict[str, str]) -> str:
     return out
 
 
+def _workers_by_step(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> list[dict[str, list[str]]]:
+    """Per run (oldest first), the Celery workers (names) each step was handed, from Dagster's own
+    event log: dagster-celery records "Executing steps ... in celery worker" with the worker's name."""
+    for name in ("DAGSTER_HOME", "DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_DB", "DAGSTER_PG_USER",
+                 "DAGSTER_PG_PASSWORD"):  # fmt: skip
+        monkeypatch.setenv(name, env[name])
+    runs = []
+    with DagsterInstance.get() as instance:
+        for run in reversed(instance.get_runs()):
+            by_step: dict[str, list[str]] = {}
+            for entry in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT):
+                worker = entry.dagster_event.event_specific_data.metadata.get("Celery worker")
+                if worker is not None and entry.step_key:
+                    by_step.setdefault(entry.step_key, []).append(worker.value.split("@")[0])
+            runs.append(by_step)
+    return runs
+
+
 def _assert_one_pass_held_the_lock(db, runs: int) -> None:
     with db.engine.connect() as conn:
         assert conn.execute(select(recon_lease)).all() == []  # released by the pass that held it
@@ -171,51 +186,25 @@ def test_code_location_routes_each_vendor_to_its_queue_and_validates(monkeypatch
     assert location.queues() == ["reconcile", *(f"vendor-{v}" for v in VENDORS)]
 
 
-def test_pass_on_celery_workers_ends_exactly_right(db, tmp_path: Path) -> None:
-    """Two workers, separate processes on different queues: the vendors' steps on one, the rest on the
-    other. A whole pass, then a second that finds nothing left: every job at its vendor truth, exactly
-    the owed refunds, the ledger balanced, the lease held by one pass at a time and released."""
-    _postgres_only(db)
-    population = generate_population(300, seed=31, now=utcnow())
-    write_population(db.engine, population)
-    location = _code_location()
-    default_queue, *vendor_queues = location.queues()
-    with SimulatorThread(population.truth) as sim, celery_deployment(db, tmp_path, sim) as env:
-        workers = [
-            Worker(env, "default", [default_queue], tmp_path / "default.log"),
-            Worker(env, "vendors", vendor_queues, tmp_path / "vendors.log"),
-        ]
-        try:
-            for worker in workers:
-                worker.wait_ready()
-            _run_pass(env)
-            _run_pass(env)
-        finally:
-            for worker in workers:
-                worker.stop()
-    default_steps, vendor_steps = (set(w.steps()) for w in workers)
-    assert vendor_steps == {f"vendor_statuses_{v}" for v in VENDORS}
-    assert {"stuck_jobs", "job_status_sync", "refunds"} <= default_steps
-    assert_statuses_and_refunds_are_the_truth(db.engine, population)
-    _assert_one_pass_held_the_lock(db, runs=2)
-
-
-def test_worker_killed_mid_vendor_step_the_step_runs_again_and_money_moves_once(db, tmp_path: Path) -> None:
-    """kill -9 of the worker running fal's step, while fal is being asked: the broker hands the
-    unacknowledged step to the replacement worker (task_acks_late), which asks fal again. The pass
-    completes, no refund is written twice, and the next pass ends exactly right."""
+def test_pass_on_celery_workers_survives_a_worker_killed_mid_step_and_ends_exactly_right(
+    db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery workers as separate processes on different queues (fal's on one, the rest on another), a
+    whole pass on PostgreSQL, and kill -9 of the worker running fal's step while it asks fal: the broker
+    hands the unacknowledged step to the replacement worker (task_acks_late), which asks fal again. The
+    pass completes, the next pass ends exactly right: every job at its vendor truth, exactly the owed
+    refunds (none twice), the ledger balanced, the lease held by one pass at a time and released."""
     _postgres_only(db)
     population = generate_population(300, seed=37, now=utcnow())
     write_population(db.engine, population)
-    location = _code_location()
-    default_queue, *vendor_queues = location.queues()
+    default_queue, *vendor_queues = _code_location().queues()
     fal_queue = "vendor-fal"
-    asked_fal = threading.Event()
+    asked_fal, killed = threading.Event(), threading.Event()
 
     def on_request(vendor: str, _task_id: str) -> None:
         if vendor == "fal":
             asked_fal.set()
-            time.sleep(0.05)  # fal's step lasts long enough to be killed in the middle of it
+            killed.wait(120)  # fal's step is certainly in the middle of asking when its worker dies
 
     with SimulatorThread(population.truth, on_request=on_request) as sim, celery_deployment(db, tmp_path, sim) as env:
         others = [q for q in vendor_queues if q != fal_queue]
@@ -230,15 +219,34 @@ def test_worker_killed_mid_vendor_step_the_step_runs_again_and_money_moves_once(
             assert asked_fal.wait(300), "fal was never asked"
             workers[1].process.send_signal(signal.SIGKILL)  # the machine running fal's step is gone
             workers[1].process.wait()
-            assert "vendor_statuses_fal" in workers[1].steps()
+            killed.set()
             workers.append(Worker(env, "fal-replacement", [fal_queue], tmp_path / "fal-replacement.log"))
             workers[2].wait_ready()
             _out, err = run.communicate(timeout=600)
             assert run.returncode == 0, err[-4000:]
-            assert workers[2].steps() == ["vendor_statuses_fal"]  # redelivered, asked again
             _run_pass(env)
         finally:
+            killed.set()
             for worker in workers:
                 worker.stop()
+        faulted, following = _workers_by_step(env, monkeypatch)
+    handed = faulted["vendor_statuses_fal"]
+    assert (handed[0], handed[-1]) == ("fal", "fal-replacement"), handed  # redelivered, asked again
+    # Each step on a worker of its queue.
+    assert following["vendor_statuses_fal"][0] == "fal-replacement"
+    assert {following[step][0] for step in ("stuck_jobs", "vendor_statuses_kie", "job_status_sync", "refunds")} == {
+        "default"
+    }
     assert_statuses_and_refunds_are_the_truth(db.engine, population)
     _assert_one_pass_held_the_lock(db, runs=2)
+
+
+def test_celery_workspace_loads_as_the_readme_says(tmp_path: Path) -> None:
+    """`dagster definitions validate -w deploy/celery/workspace.yaml`, from another directory."""
+    env = _env(tmp_path, RECONCILE_CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:5672//")
+    (tmp_path / "dagster_home").mkdir()
+    dagster = Path(sys.executable).with_name("dagster")
+    done = subprocess.run([str(dagster), "definitions", "validate", "-w", str(CELERY_DIR / "workspace.yaml")],
+                          env=env, cwd="/", capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Validation successful for code location reconcile_celery.py:defs" in done.stdout + done.stderr

@@ -1,6 +1,8 @@
 """The reconciliation pass as software-defined assets:
 
-stuck_jobs -> vendor_statuses_{fal,replicate,kie} -> job_status_sync -> refund_plan -> refunds -> credit_leakage
+stuck_jobs -> vendor_statuses_<vendor> -> job_status_sync -> refund_plan -> refunds -> credit_leakage
+
+(one vendor_statuses_<vendor> step per vendor of reconcile.vendors.registry)
 
 Each asset is thin: it calls `reconcile` and describes what happened in its metadata.
 """
@@ -35,7 +37,6 @@ from reconcile.runs import (
     release_lease,
     run_scope,
 )
-from reconcile.settings import VENDORS
 from reconcile.staging import (
     PASS_JOB_COLUMNS,
     StuckSet,
@@ -46,6 +47,7 @@ from reconcile.staging import (
 from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING
 from reconcile.sync import sync_staged_pass
 from reconcile.vendor_stage import VendorStage, ask_vendor
+from reconcile.vendors import registry
 
 GROUP = "reconciliation"
 
@@ -152,7 +154,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
     so one vendor's outage or slowness never delays another."""
 
     @asset(
-        name=f"vendor_statuses_{vendor}",
+        name=registry.step_name(vendor),
         group_name=GROUP,
         kinds={"python", "sql"},
         ins={"stuck_jobs": AssetIn("stuck_jobs")},
@@ -197,25 +199,24 @@ def _tally_md(tally: dict[str, int], name: str) -> MetadataValue:
     return MetadataValue.md(markdown.table(frame, 20))
 
 
-VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in VENDORS}
+VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in registry.names()}
 
 
 @asset(
     group_name=GROUP,
     kinds={"sql"},
-    ins={f"vendor_statuses_{vendor}": AssetIn(f"vendor_statuses_{vendor}") for vendor in VENDORS},
+    ins={registry.step_name(vendor): AssetIn(step.key) for vendor, step in VENDOR_STATUS_ASSETS.items()},
 )
 def job_status_sync(
     context: AssetExecutionContext,
     reconcile: ReconcileResource,
     stuck_jobs: StuckSet,
-    vendor_statuses_fal: VendorTruth,
-    vendor_statuses_replicate: VendorTruth,
-    vendor_statuses_kie: VendorTruth,
+    **vendor_truths: VendorTruth,
 ) -> MaterializeResult:
     """The vendors' terminal answers written back by compare-and-set, a chunk at a time: a late webhook
-    always wins. What happened to each job is kept on its staged row (recon_pass_jobs.outcome)."""
-    health = {**vendor_statuses_fal.health, **vendor_statuses_replicate.health, **vendor_statuses_kie.health}
+    always wins. What happened to each job is kept on its staged row (recon_pass_jobs.outcome).
+    `vendor_truths`: every vendor step's VendorTruth, keyed by the step's name."""
+    health = {vendor: h for truth in vendor_truths.values() for vendor, h in truth.health.items()}
     settings = reconcile.settings()
     engine = reconcile.engine()
     run_id = context.run.run_id

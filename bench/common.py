@@ -19,11 +19,13 @@ from sqlalchemy.engine import Engine, make_url
 
 from reconcile.db.engine import make_engine, upgrade_schema
 from reconcile.db.schema import create_platform_tables
+from reconcile.vendors import registry
 
 DEFAULT_POSTGRES_URL = os.environ.get(
     "RECONCILE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-VENDOR_NAMES = ("fal", "replicate", "kie")
+# The vendors the benchmarks drive: every vendor the simulator plays (from the registry).
+VENDOR_NAMES = tuple(v.name for v in registry.simulated())
 
 
 def load_average() -> str:

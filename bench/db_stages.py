@@ -29,7 +29,7 @@ import pandas as pd
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Engine
 
-from bench.common import Databases, Timer, analyze, note
+from bench.common import VENDOR_NAMES, Databases, Timer, analyze, note
 from reconcile.db.engine import upgrade_schema
 from reconcile.leakage import Scope, detect_leakage, previous_findings, write_findings
 from reconcile.models import VendorAnswer, VendorState
@@ -185,7 +185,7 @@ def run_db_stages(engine: Engine, now: datetime, answers: pd.DataFrame) -> Stage
     """The pass's database work, stage by stage, as the assets call it (no Dagster, no HTTP)."""
     run_id = "bench-pass"
     out = StageTimes()
-    health = {"fal": "ok", "replicate": "ok", "kie": "ok"}
+    health = dict.fromkeys(VENDOR_NAMES, "ok")
 
     started = time.perf_counter()
     acquire_lease(engine, run_id, now, 900)

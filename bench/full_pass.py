@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.celery_workers import celery_deployment
-from bench.common import Databases, analyze, note
+from bench.common import VENDOR_NAMES, Databases, analyze, note
 from reconcile.simulator import SimulatorProcess, generate_population, save_truth, write_population
 from reconcile.simulator.population import CASE_NAMES
 
@@ -56,7 +56,7 @@ def run_pass(
         analyze(engine)
     del population
     note(f"pass {label}: {size:,} jobs ({stuck_expected:,} stuck) loaded in {time.perf_counter() - started:.1f}s")
-    knobs = {v: {"latency_ms": 20, "rate_limit_per_second": limit} for v in ("fal", "replicate", "kie")}
+    knobs = {v: {"latency_ms": 20, "rate_limit_per_second": limit} for v in VENDOR_NAMES}
     with SimulatorProcess(truth_path, knobs, track_tasks=False) as sim:
         env = {
             **os.environ,

@@ -52,6 +52,7 @@ from bench import db_stages, full_pass, refunds_rowwise, vendor_stage  # noqa: E
 from bench.common import DEFAULT_POSTGRES_URL, Databases, Report, load_average, machine, note  # noqa: E402
 from bench.drain import TICK_SECONDS, ticks_to_drain  # noqa: E402
 from reconcile.settings import VENDORS, load_settings  # noqa: E402
+from reconcile.vendors import registry  # noqa: E402
 
 SECTIONS = ("transport", "vendor", "speedup", "db", "refunds", "pass")
 
@@ -293,9 +294,9 @@ def section_pass(report: Report, dbs: Databases, sizes: dict) -> None:
 def drain_figure(report: Report, measured: dict) -> None:
     """ticks_to_drain for a 200,000-stuck-job incident at the default settings, from the measured pass."""
     settings = load_settings({})
-    vendor_seconds = max(v for k, v in measured["steps"].items() if k.startswith("vendor_statuses_"))
+    vendor_seconds = max(measured["steps"][registry.step_name(v)] for v in VENDORS)
     other_per_job = max(0.0, measured["seconds"] - vendor_seconds) / measured["stuck"]
-    jobs = {v: measured["metadata"][f"vendor_statuses_{v}"]["answers"] for v in VENDORS}
+    jobs = {v: measured["metadata"][registry.step_name(v)]["answers"] for v in VENDORS}
     drain = ticks_to_drain(DRAIN_INCIDENT, jobs, measured["requests_by_vendor"], other_per_job, settings)
     report.add(
         "ticks_to_drain",

@@ -29,7 +29,8 @@ from reconcile.models import JobRef
 from reconcile.settings import load_settings
 from reconcile.simulator import SimulatorProcess, generate_population, save_truth
 from reconcile.simulator.truth import Outcome, TaskTruth
-from reconcile.vendors.adapters import ADAPTERS, Kind, RawAnswer, request_id
+from reconcile.vendors import registry
+from reconcile.vendors.base import Kind, RawAnswer, request_id
 from reconcile.vendors.fetch import fetch_vendor_truth
 
 LATENCY_MS = 20.0
@@ -37,8 +38,9 @@ CONCURRENCY = 32
 
 
 def request_cost(task: TaskTruth) -> int:
-    """Requests one job costs: fal asks for the result of a completed request too."""
-    return 2 if task.vendor == "fal" and task.outcome is Outcome.COMPLETED and task.error is None else 1
+    """Requests one job costs: a vendor with a result request (fal) asks it for a completed task too."""
+    asks_result = registry.get(task.vendor).result_route is not None
+    return 2 if asks_result and task.outcome is Outcome.COMPLETED and task.error is None else 1
 
 
 @dataclass
@@ -65,7 +67,7 @@ def make_jobs(total: int, workdir: Path, seed: int = 5) -> JobSet:
     mean_cost = {v: sum(map(request_cost, ts[:2000])) / min(len(ts), 2000) for v, ts in by_vendor.items()}
     weight = {v: 1 / c for v, c in mean_cost.items()}
     counts = {v: round(total * w / sum(weight.values())) for v, w in weight.items()}
-    counts["kie"] += total - sum(counts.values())
+    counts[VENDOR_NAMES[-1]] += total - sum(counts.values())
     chosen = [t for v in VENDOR_NAMES for t in by_vendor[v][: counts[v]]]
     rng.shuffle(chosen)
     jobs = [JobRef(f"bench-{i:06d}", t.vendor, t.model, t.vendor_task_id) for i, t in enumerate(chosen)]
@@ -135,7 +137,7 @@ def naive_loop(sim: SimulatorProcess, jobs: Sequence[JobRef]) -> tuple[float, in
     started = time.perf_counter()
     with httpx.Client(timeout=10.0, trust_env=False) as client:
         for job in jobs:
-            adapter = ADAPTERS[job.vendor]
+            adapter = registry.get(job.vendor)
             secret = settings.vendor_secret(job.vendor).get_secret_value()
             base = settings.vendor_url(job.vendor)
             rid = request_id("bench-naive", job.job_id)
@@ -145,7 +147,7 @@ def naive_loop(sim: SimulatorProcess, jobs: Sequence[JobRef]) -> tuple[float, in
             parsed = adapter.parse_status(
                 job, RawAnswer(response.status_code, dict(response.headers), response.content)
             )
-            if parsed.kind is Kind.NEEDS_RESULT and adapter.result_request and adapter.parse_result:
+            if parsed.kind is Kind.NEEDS_RESULT and adapter.parse_result:
                 request = adapter.result_request(job, base, secret, rid)
                 response = client.get(request.url, headers=request.headers)
                 requests += 1

@@ -21,6 +21,7 @@ from reconcile.db.schema import (
     utcnow,
 )
 from reconcile.settings import DEFAULT_DATABASE_URL, STATE_DIR, VENDOR_ENV
+from reconcile.vendors import registry
 
 DEMO_TRUTH_PATH = STATE_DIR / "simulator_truth.sqlite"
 
@@ -74,7 +75,7 @@ def prepare_demo(size: int, seed: int) -> Iterator[DemoWorld]:
 def summarise(engine: Engine, run_id: str, metadata: dict[str, dict[str, Any]]) -> str:
     """The demo's closing summary: what the pass found, asked, changed, refunded and reported."""
     stuck = metadata.get("stuck_jobs", {})
-    vendors = {k.removeprefix("vendor_statuses_"): v for k, v in metadata.items() if k.startswith("vendor_statuses_")}
+    vendors = {registry.vendor_of_step(k): v for k, v in metadata.items() if registry.vendor_of_step(k)}
     c, r, f = recon_status_changes.c, recon_refunds.c, recon_leakage_findings.c
     with engine.connect() as conn:
         changes = conn.execute(select(c.to_status, func.count()).where(c.run_id == run_id).group_by(c.to_status)).all()

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, field_validator
+
+from reconcile.vendors import registry
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The embedded default's files (SQLite database, demo truth, Dagster home): the checkout's .reconcile/,
@@ -25,24 +27,34 @@ STATE_DIR = Path(os.environ.get("RECONCILE_STATE_DIR") or PROJECT_ROOT / ".recon
 DEFAULT_DATABASE_URL = f"sqlite:///{STATE_DIR / 'platform.db'}"
 DEFAULT_REPORTS_DIR = STATE_DIR / "reports"
 
-VENDORS = ("fal", "replicate", "kie")
-
 
 @dataclass(frozen=True)
 class VendorEnv:
-    """The environment names of one vendor, as the contract fixes them."""
+    """The environment names of one vendor (from its module), and its settings fields' names.
+
+    The naming rule is written here only: the settings field of a vendor's base URL is
+    `<vendor>_base_url`, of its secret `<vendor>_secret`; each field's alias is the vendor's own
+    environment variable (`Vendor.url_var`, `Vendor.secret_var`).
+    """
 
     vendor: str
     url_var: str
     default_url: str
     secret_var: str
 
+    @property
+    def url_field(self) -> str:
+        return f"{self.vendor}_base_url"
+
+    @property
+    def secret_field(self) -> str:
+        return f"{self.vendor}_secret"
+
 
 VENDOR_ENV: dict[str, VendorEnv] = {
-    "fal": VendorEnv("fal", "FAL_QUEUE_URL", "https://queue.fal.run", "FAL_KEY"),
-    "replicate": VendorEnv("replicate", "REPLICATE_API_URL", "https://api.replicate.com", "REPLICATE_API_TOKEN"),
-    "kie": VendorEnv("kie", "KIE_API_URL", "https://api.kie.ai", "KIE_API_KEY"),
+    v.name: VendorEnv(v.name, v.url_var, v.default_url, v.secret_var) for v in registry.all_vendors()
 }
+VENDORS: tuple[str, ...] = tuple(VENDOR_ENV)
 
 
 def _check_http_url(value: str | None) -> str | None:
@@ -56,8 +68,8 @@ def _check_http_url(value: str | None) -> str | None:
     return value.rstrip("/")
 
 
-class Settings(BaseModel):
-    """The effective configuration of one reconcile process."""
+class _CoreSettings(BaseModel):
+    """The configuration that is not any one vendor's (the vendors' fields are added below)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -92,18 +104,6 @@ class Settings(BaseModel):
     vendor_time_budget_seconds: float = Field(600.0, alias="RECONCILE_VENDOR_TIME_BUDGET_SECONDS", gt=0, le=3600)
     vendor_outage_error_share: float = Field(0.5, alias="RECONCILE_VENDOR_OUTAGE_ERROR_SHARE", gt=0, le=1)
 
-    fal_queue_url: str = Field(VENDOR_ENV["fal"].default_url, alias="FAL_QUEUE_URL")
-    replicate_api_url: str = Field(VENDOR_ENV["replicate"].default_url, alias="REPLICATE_API_URL")
-    kie_api_url: str = Field(VENDOR_ENV["kie"].default_url, alias="KIE_API_URL")
-    fal_key: SecretStr | None = Field(None, alias="FAL_KEY")
-    replicate_api_token: SecretStr | None = Field(None, alias="REPLICATE_API_TOKEN")
-    kie_api_key: SecretStr | None = Field(None, alias="KIE_API_KEY")
-
-    @field_validator("fal_queue_url", "replicate_api_url", "kie_api_url")
-    @classmethod
-    def _vendor_url(cls, value: str) -> str:
-        return _check_http_url(value)  # type: ignore[return-value]
-
     @field_validator("alert_webhook_url")
     @classmethod
     def _webhook_url(cls, value: SecretStr | None) -> SecretStr | None:
@@ -127,10 +127,10 @@ class Settings(BaseModel):
         return value
 
     def vendor_url(self, vendor: str) -> str:
-        return getattr(self, VENDOR_ENV[vendor].url_var.lower())
+        return getattr(self, _vendor_env(vendor).url_field)
 
     def vendor_secret(self, vendor: str) -> SecretStr | None:
-        return getattr(self, VENDOR_ENV[vendor].secret_var.lower())
+        return getattr(self, _vendor_env(vendor).secret_field)
 
     def redacted(self) -> dict[str, Any]:
         """Every setting by its environment name; secrets only as 'set' / 'unset'."""
@@ -151,7 +151,32 @@ class Settings(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_SECRET_FIELDS = {"fal_key", "replicate_api_token", "kie_api_key", "alert_webhook_url"}
+def _vendor_env(vendor: str) -> VendorEnv:
+    try:
+        return VENDOR_ENV[vendor]
+    except KeyError:
+        raise registry.UnknownVendor(vendor) from None
+
+
+def _checked_vendor_url(value: str) -> str:
+    return _check_http_url(value)  # type: ignore[return-value]
+
+
+# One base-URL field and one secret field per registered vendor, named by VendorEnv's rule.
+_VENDOR_FIELDS: dict[str, Any] = {}
+for _env in VENDOR_ENV.values():
+    _VENDOR_FIELDS[_env.url_field] = (str, Field(_env.default_url, alias=_env.url_var))
+    _VENDOR_FIELDS[_env.secret_field] = (SecretStr | None, Field(None, alias=_env.secret_var))
+
+Settings = create_model(
+    "Settings",
+    __base__=_CoreSettings,
+    __doc__="The effective configuration of one reconcile process (every vendor's fields included).",
+    __validators__={"_vendor_urls": field_validator(*(e.url_field for e in VENDOR_ENV.values()))(_checked_vendor_url)},
+    **_VENDOR_FIELDS,
+)
+
+_SECRET_FIELDS = {"alert_webhook_url", *(e.secret_field for e in VENDOR_ENV.values())}
 
 
 def redact_url(url: str) -> str:

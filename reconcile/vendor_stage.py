@@ -21,15 +21,8 @@ from reconcile.models import VendorAnswer, VendorHealth, VendorState
 from reconcile.settings import Settings
 from reconcile.staging import StuckSet, analyze, clear_answers, iter_pass_jobs, write_answers
 from reconcile.stuck import DISPATCHED, Classified
-from reconcile.vendors.fetch import fetch_vendor_truth
+from reconcile.vendors.fetch import NOT_ASKED, TIME_BUDGET_EXHAUSTED, fetch_vendor_truth
 
-# The answers' reason for the jobs of later chunks once the vendor is judged unhealthy.
-NOT_ASKED = {
-    VendorHealth.MISSING_SECRET: "missing_secret",
-    VendorHealth.UNAUTHORIZED: "vendor_unauthorized",
-    VendorHealth.DOWN: "vendor_down",
-    VendorHealth.MISCONFIGURED: "vendor_misconfigured",
-}
 _SUMMED = ("jobs", "requests", "retries", "http_429", "http_5xx", "timeouts", "connection_errors", "not_found")
 
 
@@ -80,7 +73,7 @@ def ask_vendor(
         refs = Classified(chunk).job_refs()
         stage.chunk_sizes.append(len(refs))
         budget = deadline - time.monotonic()
-        reason = NOT_ASKED.get(stage.health) or ("time_budget_exhausted" if budget <= 0 else None)
+        reason = NOT_ASKED.get(stage.health) or (TIME_BUDGET_EXHAUSTED if budget <= 0 else None)
         if reason:
             answers = [VendorAnswer(r.job_id, r.vendor, VendorState.UNKNOWN, reason=reason) for r in refs]
             stage.add(answers, None, skipped=len(answers))

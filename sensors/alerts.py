@@ -40,6 +40,7 @@ from reconcile.alerts import (
 from reconcile.db.schema import utcnow
 from reconcile.metrics import recent_metric_runs, recent_pass_stuck
 from reconcile.settings import VENDORS
+from reconcile.vendors import registry
 
 METRICS_ASSET = AssetKey("observation_metrics")
 LEGACY_VENDOR_ASSET = AssetKey("vendor_statuses")  # before the per-vendor split: one report for all
@@ -73,7 +74,7 @@ def vendor_reports(instance: DagsterInstance) -> dict[str, VendorReport]:
 
     consider(LEGACY_VENDOR_ASSET, None)
     for vendor in VENDORS:
-        consider(AssetKey(f"vendor_statuses_{vendor}"), vendor)
+        consider(AssetKey(registry.step_name(vendor)), vendor)
     return {vendor: report for vendor, (_, report) in found.items()}
 
 

@@ -25,10 +25,12 @@ from dagster import DagsterEventType, DagsterInstance
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
+from assets.reconciliation import vendor_queue
 from reconcile.db.schema import recon_lease, recon_runs, utcnow
 from reconcile.settings import VENDORS
 from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
+from reconcile.vendors import registry
 from tests.conftest import IN_CI, _create_postgres_database, _drop_postgres_database, require_postgres
 from tests.platform import assert_statuses_and_refunds_are_the_truth
 from tests.test_cli import _env, _reconcile
@@ -181,9 +183,10 @@ def test_code_location_routes_each_vendor_to_its_queue_and_validates(monkeypatch
     monkeypatch.setenv("RECONCILE_IO_DIR", "/shared/reconcile-io")
     assert validate_run_config(job, {})  # the schedule's runs: no execution section, the baked config
     queues = {node.name: node.tags.get("dagster-celery/queue") for node in job.graph.nodes}
-    assert {queues[f"vendor_statuses_{v}"] for v in VENDORS} == {f"vendor-{v}" for v in VENDORS}
-    assert {q for name, q in queues.items() if not name.startswith("vendor_statuses_")} == {None}  # default queue
-    assert location.queues() == ["reconcile", *(f"vendor-{v}" for v in VENDORS)]
+    assert {queues[registry.step_name(v)] for v in VENDORS} == {vendor_queue(v) for v in VENDORS}
+    vendor_steps = {registry.step_name(v) for v in VENDORS}
+    assert {q for name, q in queues.items() if name not in vendor_steps} == {None}  # the default queue
+    assert location.queues() == ["reconcile", *(vendor_queue(v) for v in VENDORS)]
 
 
 def test_pass_on_celery_workers_survives_a_worker_killed_mid_step_and_ends_exactly_right(
@@ -198,7 +201,7 @@ def test_pass_on_celery_workers_survives_a_worker_killed_mid_step_and_ends_exact
     population = generate_population(300, seed=37, now=utcnow())
     write_population(db.engine, population)
     default_queue, *vendor_queues = _code_location().queues()
-    fal_queue = "vendor-fal"
+    fal_queue = vendor_queue("fal")
     asked_fal, killed = threading.Event(), threading.Event()
 
     def on_request(vendor: str, _task_id: str) -> None:
@@ -230,11 +233,11 @@ def test_pass_on_celery_workers_survives_a_worker_killed_mid_step_and_ends_exact
             for worker in workers:
                 worker.stop()
         faulted, following = _workers_by_step(env, monkeypatch)
-    handed = faulted["vendor_statuses_fal"]
+    handed = faulted[registry.step_name("fal")]
     assert (handed[0], handed[-1]) == ("fal", "fal-replacement"), handed  # redelivered, asked again
     # Each step on a worker of its queue.
-    assert following["vendor_statuses_fal"][0] == "fal-replacement"
-    assert {following[step][0] for step in ("stuck_jobs", "vendor_statuses_kie", "job_status_sync", "refunds")} == {
+    assert following[registry.step_name("fal")][0] == "fal-replacement"
+    assert {following[step][0] for step in ("stuck_jobs", registry.step_name("kie"), "job_status_sync", "refunds")} == {
         "default"
     }
     assert_statuses_and_refunds_are_the_truth(db.engine, population)

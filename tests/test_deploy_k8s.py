@@ -36,7 +36,7 @@ from dagster._core.instance.ref import InstanceRef
 from dagster._serdes import deserialize_value
 from dagster._serdes.config_class import ConfigurableClassData, class_from_code_pointer
 
-from reconcile.settings import VENDORS
+from reconcile.vendors import registry
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ RELEASE = "dagster"
 NAMESPACE = "reconcile"
 SECRET_ENV = ("FAL_KEY", "REPLICATE_API_TOKEN", "KIE_API_KEY", "RECONCILE_DATABASE_URL")
 APP_SECRET = "reconcile-secrets"
-VENDOR_STEPS = tuple(f"vendor_statuses_{vendor}" for vendor in VENDORS)
+VENDOR_STEPS = tuple(registry.step_name(vendor) for vendor in registry.names())
 PASS_LIMIT = [{"key": "reconcile/pass", "limit": 1}]
 # Only for StringSource fields ({env: ...}) while validating; never real values.
 TEST_PG_ENV = {
@@ -367,7 +367,8 @@ def _load_code_location() -> ModuleType:
 
 
 def _run_config() -> dict[str, Any]:
-    return _yaml(K8S / "run_config.yaml")
+    """The run config the code location builds from run_config.yaml (a block per registered vendor)."""
+    return _load_code_location().run_config()
 
 
 def test_run_config_is_valid_for_the_pass_with_k8s_job_executor(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -376,6 +377,7 @@ def test_run_config_is_valid_for_the_pass_with_k8s_job_executor(monkeypatch: pyt
     from dagster_k8s import k8s_job_executor
 
     monkeypatch.setenv("RECONCILE_IO_DIR", "/opt/dagster/io")
+    assert set(_yaml(K8S / "run_config.yaml")) == {"execution", "vendor_step_k8s_config"}
     run_config = _run_config()
     assert set(run_config) == {"execution"}
     # Against the executor's own schema...

@@ -15,12 +15,13 @@ from reconcile.db.schema import utcnow
 from reconcile.settings import VENDORS
 from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
+from reconcile.vendors import registry
 from tests.conftest import require_postgres
 from tests.platform import assert_statuses_and_refunds_are_the_truth
 from tests.test_cli import _env, _reconcile
 
 pytestmark = pytest.mark.slow
-VENDOR_STEPS = [f"vendor_statuses_{vendor}" for vendor in VENDORS]
+VENDOR_STEPS = [registry.step_name(vendor) for vendor in VENDORS]
 
 
 class AllVendorsAtOnce:
@@ -85,7 +86,7 @@ def test_multiprocess_pass_beside_another_pass_stays_exactly_once(db, tmp_path: 
             (run,) = instance.get_runs()
             events = instance.all_logs(run.run_id)
         starts = [e for e in events if e.dagster_event is not None and e.dagster_event.event_type_value == "STEP_START"]
-        assert {"vendor_statuses_fal", "vendor_statuses_replicate", "vendor_statuses_kie"} <= {
+        assert {registry.step_name("fal"), "vendor_statuses_replicate", registry.step_name("kie")} <= {
             e.step_key for e in starts
         }
         assert len({e.dagster_event.pid for e in starts}) > 1, "steps did not run in separate processes"

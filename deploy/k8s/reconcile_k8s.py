@@ -5,7 +5,8 @@ The image (deploy/Dockerfile) copies this file and run_config.yaml beside each o
 `dagster code-server start -m reconcile_k8s -a defs`. It is `reconcile.definitions.build_definitions` with:
 
 - the executor: dagster-k8s's `k8s_job_executor`, configured with the `execution` section of
-  run_config.yaml (one Kubernetes Job per step, each vendor's step sized on its own), for every run of
+  run_config.yaml (one Kubernetes Job per step, each vendor's step sized on its own: one block for
+  every registered vendor), for every run of
   the location, the schedule's included;
 - the IO manager: Dagster's filesystem IO manager on the directory RECONCILE_IO_DIR, a ReadWriteMany
   volume that the code location, the run pods and the step pods all mount, because each step reads its
@@ -17,6 +18,7 @@ Local runs (`make demo`, `reconcile run`, `make ui`) do not use this module.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,26 @@ from dagster import Definitions, EnvVar, ExecutorDefinition, FilesystemIOManager
 from dagster_k8s import k8s_job_executor
 
 from reconcile.definitions import build_definitions
+from reconcile.vendors import registry
 
 RUN_CONFIG_PATH = Path(__file__).resolve().with_name("run_config.yaml")
 IO_DIR_ENV = "RECONCILE_IO_DIR"
 
 
 def executor_config(path: Path = RUN_CONFIG_PATH) -> dict[str, Any]:
-    """The k8s_job_executor configuration: run_config.yaml's `execution.config`."""
-    return yaml.safe_load(path.read_text())["execution"]["config"]
+    """The k8s_job_executor configuration: run_config.yaml's `execution.config`, with its
+    `vendor_step_k8s_config` under every registered vendor's step name in `per_step_k8s_config`."""
+    document = yaml.safe_load(path.read_text())
+    config = document["execution"]["config"]
+    per_step = config.setdefault("per_step_k8s_config", {})
+    for vendor in registry.names():
+        per_step.setdefault(registry.step_name(vendor), copy.deepcopy(document["vendor_step_k8s_config"]))
+    return config
+
+
+def run_config(path: Path = RUN_CONFIG_PATH) -> dict[str, Any]:
+    """The run config a pass runs with: `{"execution": {"config": executor_config()}}`."""
+    return {"execution": {"config": executor_config(path)}}
 
 
 def build_defs(executor: ExecutorDefinition) -> Definitions:

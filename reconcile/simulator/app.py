@@ -1,4 +1,5 @@
-"""The simulator's ASGI app: the three vendor status APIs under /fal, /replicate and /kie, plus /_admin.
+"""The simulator's ASGI app: each simulated vendor's status API under /{vendor} (/fal, /replicate, ...),
+plus /_admin. Which vendors, their routes and their answers come from the vendor registry.
 
 Vendor requests are parsed from the *raw* path: the server's decoded `path` has already turned a
 task id's `%2F` into `/`, which would make `a/b` and `a%2Fb` the same request. Each segment is
@@ -23,7 +24,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote_to_bytes
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,10 +31,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match, NoMatchFound, Route
 from starlette.types import Receive, Scope, Send
 
-from reconcile.settings import VENDORS
 from reconcile.simulator import render
 from reconcile.simulator.knobs import KnobsArg, VendorKnobs, build_knobs
 from reconcile.simulator.truth import TaskTruth, TruthStore, open_truth
+from reconcile.simulator.wire import SimRoute
+from reconcile.vendors import registry
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +123,12 @@ class SimulatorState:
         self.on_request = on_request
         self.initial_knobs = build_knobs(knobs)
         self.knobs: dict[str, VendorKnobs] = dict(self.initial_knobs)
-        self._rngs = {vendor: random.Random(f"{seed}:{vendor}") for vendor in VENDORS}
+        self.vendors = tuple(v.name for v in registry.simulated())
+        self._rngs = {vendor: random.Random(f"{seed}:{vendor}") for vendor in self.vendors}
         self._buckets: dict[str, _TokenBucket] = {}
         # Guards the stats against a snapshot taken from another thread while the loop counts.
         self.lock = threading.Lock()
-        self.stats: dict[str, VendorStats] = {vendor: VendorStats() for vendor in VENDORS}
+        self.stats: dict[str, VendorStats] = {vendor: VendorStats() for vendor in self.vendors}
         # Set by the runner: lets the `reset` down mode find the connection behind a request.
         self.server_state: Any = None
 
@@ -134,7 +136,7 @@ class SimulatorState:
 
     def set_knobs(self, vendor: str, **changes: Any) -> VendorKnobs:
         if vendor not in self.knobs:
-            raise ValueError(f"unknown vendor {vendor!r}; vendors: {VENDORS}")
+            raise ValueError(f"unknown vendor {vendor!r}; vendors: {self.vendors}")
         new = self.knobs[vendor].with_changes(**changes)
         self.knobs[vendor] = new
         return new
@@ -148,7 +150,7 @@ class SimulatorState:
 
     def reset_stats(self) -> None:
         with self.lock:
-            self.stats = {vendor: VendorStats() for vendor in VENDORS}
+            self.stats = {vendor: VendorStats() for vendor in self.vendors}
 
     def knobs_dict(self) -> dict[str, dict[str, Any]]:
         return {vendor: knobs.to_dict() for vendor, knobs in self.knobs.items()}
@@ -183,10 +185,6 @@ async def _send(send: Send, answer: render.Answer, extra: list[tuple[bytes, byte
     await send({"type": "http.response.body", "body": body})
 
 
-def _decode_segment(raw: bytes) -> str:
-    return unquote_to_bytes(raw).decode("utf-8", errors="replace")
-
-
 def _origin(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"host":
@@ -195,39 +193,11 @@ def _origin(scope: Scope) -> str:
     return f"http://{host}:{port}"
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    task_id: str
-    kind: str  # 'status' | 'result'
-    fal_model: str = ""  # fal: owner/name from the path
-
-
-def _parse(vendor: str, scope: Scope) -> _Parsed | None:
+def _parse(vendor: str, scope: Scope) -> SimRoute | None:
     """The task a vendor request names, or None when the path is no route of that vendor."""
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
-    parts = raw.split(b"/")  # b'/fal/a/b' -> ['', 'fal', 'a', 'b']
-    if vendor == "fal":
-        # /fal/{owner}/{name}/requests/{id}[/status]
-        if len(parts) in (6, 7) and parts[4] == b"requests" and all(parts[2:6]):
-            if len(parts) == 7 and parts[6] != b"status":
-                return None
-            model = f"{_decode_segment(parts[2])}/{_decode_segment(parts[3])}"
-            kind = "status" if len(parts) == 7 else "result"
-            return _Parsed(_decode_segment(parts[5]), kind, model)
-        return None
-    if vendor == "replicate":
-        # /replicate/v1/predictions/{id}
-        if len(parts) == 5 and parts[2] == b"v1" and parts[3] == b"predictions" and parts[4]:
-            return _Parsed(_decode_segment(parts[4]), "status")
-        return None
-    # /kie/api/v1/jobs/recordInfo?taskId=...
-    if raw != b"/kie/api/v1/jobs/recordInfo":
-        return None
-    query = scope.get("query_string", b"").decode("utf-8", errors="replace")
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name == "taskId":
-            return _Parsed(value, "status")
-    return _Parsed("", "status")  # a kie route without taskId: kie answers with an error envelope
+    parts = raw.split(b"/")[2:]  # b'/fal/a/b' -> [b'a', b'b']
+    return render.simulated(vendor).route(parts, scope.get("query_string", b""))
 
 
 def _reset_connection(state: SimulatorState, scope: Scope) -> bool:
@@ -338,7 +308,7 @@ class VendorHandler:
             else:
                 stats.request_ids[request_id] += 1
 
-        scheme = b"Key " if vendor == "fal" else b"Bearer "
+        scheme = registry.get(vendor).auth_scheme.encode() + b" "
         if knobs.unauthorized or authorization != scheme + knobs.secret_for(vendor).encode():
             state.count(vendor, "unauthorized")
             await _send(send, render.unauthorized(vendor))
@@ -393,27 +363,29 @@ class VendorHandler:
         await _send(send, answer)
 
     async def _answer(
-        self, vendor: str, parsed: _Parsed, scope: Scope, fault: str | None, rng: random.Random
+        self, vendor: str, parsed: SimRoute, scope: Scope, fault: str | None, rng: random.Random
     ) -> tuple[render.Answer, bool]:
         """The truth's answer to a request, and whether it counts as a status answer."""
         state = self.state
-        if vendor == "kie" and not parsed.task_id:
-            return render.kie_error(422, "taskId is required"), False
+        sim = render.simulated(vendor)
+        if parsed.error is not None:  # on the vendor's route, but naming no task
+            return parsed.error, False
         task = state.truth.get(vendor, parsed.task_id)
         if state.on_request is not None and parsed.kind == "status":
             task = await self._run_hook(vendor, parsed.task_id, task)
-        if vendor == "fal" and task is not None and render.fal_model_path(task.model) != parsed.fal_model:
-            # fal scopes request ids to the app: asking under another model path finds nothing.
-            task = None
+        if task is not None and not sim.serves(task, parsed):
+            task = None  # e.g. fal scopes request ids to the app: another model path finds nothing
         if task is None:
             state.count(vendor, "not_found")
             return render.not_found(vendor), False
         if parsed.kind == "result":
-            return render.fal_result(task), False
+            if sim.result_answer is None:
+                return render.wrong_path(), False
+            return sim.result_answer(task), False
         word = None
         if fault == "unknown_status_share":
             state.count(vendor, "unknown_status")
-            word = rng.choice(render.UNKNOWN_STATUS_WORDS[vendor])
+            word = sim.unknown_word(task, rng.choice)
         return render.status_answer(task, _origin(scope), word), fault != "garbage_share"
 
     async def _latency(self, vendor: str, knobs: VendorKnobs) -> None:
@@ -520,7 +492,7 @@ def create_app(
     """The simulator app; its SimulatorState is `app.state.sim`. `truth`: a path, tasks, or a store."""
     state = SimulatorState(open_truth(truth), knobs, seed=seed, track_tasks=track_tasks, on_request=on_request)
     handler = VendorHandler(state)
-    routes: list[BaseRoute] = [_VendorRoute(vendor, handler) for vendor in VENDORS]
+    routes: list[BaseRoute] = [_VendorRoute(vendor, handler) for vendor in state.vendors]
     routes.extend(_admin_routes(state))
     app = Starlette(routes=routes)
     app.state.sim = state

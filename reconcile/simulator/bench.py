@@ -1,7 +1,7 @@
 """Throughput of the simulator in its own process: `python -m reconcile.simulator.bench`.
 
 Makes a population's truth file, starts SimulatorProcess and drives it from this process with
-keep-alive connections, cycling over real task ids of all three vendors. Two clients:
+keep-alive connections, cycling over real task ids of every simulated vendor. Two clients:
 `raw` (a minimal asyncio HTTP/1.1 client: measures the server, not the client), `httpx` and
 `httpx-aiohttp` (httpx over aiohttp, as reconcile's vendor client: realistic, client-bound figures).
 """
@@ -15,27 +15,26 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import uvloop
 
+from reconcile.models import JobRef
 from reconcile.simulator.knobs import DEFAULT_SECRETS
 from reconcile.simulator.population import generate_population
-from reconcile.simulator.render import fal_model_path
 from reconcile.simulator.server import SimulatorProcess
 from reconcile.simulator.truth import TaskTruth, save_truth
+from reconcile.vendors import registry
 
 
 def request_path(task: TaskTruth) -> tuple[str, str]:
-    """(path, authorization header) of the status request for a task, as a client sends it."""
-    secret = DEFAULT_SECRETS[task.vendor]
-    if task.vendor == "fal":
-        path = f"/fal/{fal_model_path(task.model)}/requests/{quote(task.vendor_task_id, safe='')}/status"
-        return path, f"Key {secret}"
-    if task.vendor == "replicate":
-        return f"/replicate/v1/predictions/{quote(task.vendor_task_id, safe='')}", f"Bearer {secret}"
-    return f"/kie/api/v1/jobs/recordInfo?{urlencode({'taskId': task.vendor_task_id})}", f"Bearer {secret}"
+    """(path, authorization header) of the status request for a task, built by the vendor's own module."""
+    vendor = registry.get(task.vendor)
+    job = JobRef("bench", task.vendor, task.model, task.vendor_task_id)
+    request = vendor.status_request(job, f"http://simulator/{vendor.name}", DEFAULT_SECRETS[vendor.name], "bench")
+    path = urlsplit(request.url).path + (f"?{urlencode(request.params)}" if request.params else "")
+    return path, request.headers["Authorization"]
 
 
 async def _raw_worker(host: str, port: int, requests: list[bytes], deadline: float, counts: list[int]) -> None:

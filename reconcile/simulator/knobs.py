@@ -11,13 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reconcile.settings import VENDORS
+from reconcile.vendors import registry
 
-DEFAULT_SECRETS: dict[str, str] = {
-    "fal": "sim-fal-key",
-    "replicate": "sim-replicate-token",
-    "kie": "sim-kie-key",
-}
+# Each simulated vendor's secret unless a knob sets another (from the vendor's module).
+DEFAULT_SECRETS: dict[str, str] = {v.name: v.simulator.default_secret for v in registry.simulated()}  # type: ignore[union-attr]
 DOWN_MODES = ("503", "reset")
 SHARE_FIELDS = ("error_share", "timeout_share", "garbage_share", "unknown_status_share")
 
@@ -32,7 +29,7 @@ class VendorKnobs:
     rate_limit_per_second: float | None = None  # token bucket; None: unlimited
     burst: float | None = None  # bucket size; None: max(1, rate)
     retry_after: float | None = 1.0  # seconds sent in `Retry-After` with a 429; None: no header
-    error_share: float = 0.0  # answer with a 5xx (kie: HTTP 200 {"code": 500})
+    error_share: float = 0.0  # answer with the vendor's own 5xx (kie: HTTP 200 {"code": 500})
     error_statuses: tuple[int, ...] = (500, 502, 503)
     timeout_share: float = 0.0  # hang `timeout_seconds` (or until the client leaves), then answer
     timeout_seconds: float = 30.0
@@ -100,10 +97,10 @@ KnobsArg = Mapping[str, VendorKnobs | Mapping[str, Any]] | None
 
 def build_knobs(knobs: KnobsArg = None) -> dict[str, VendorKnobs]:
     """Every vendor's knobs: defaults, overlaid with `knobs` (VendorKnobs or partial dicts per vendor)."""
-    out = {vendor: VendorKnobs() for vendor in VENDORS}
+    out = {vendor: VendorKnobs() for vendor in DEFAULT_SECRETS}
     for vendor, value in (knobs or {}).items():
         if vendor not in out:
-            raise ValueError(f"unknown vendor {vendor!r} in knobs; vendors: {VENDORS}")
+            raise ValueError(f"unknown vendor {vendor!r} in knobs; vendors: {tuple(DEFAULT_SECRETS)}")
         if isinstance(value, VendorKnobs):
             out[vendor] = value.validate()
         else:

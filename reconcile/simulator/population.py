@@ -28,48 +28,30 @@ from sqlalchemy.engine import Connection, Engine
 from reconcile.db.engine import can_copy, copy_rows
 from reconcile.db.schema import ai_generations, credit_balances, credit_transactions
 from reconcile.simulator.truth import Outcome, TaskTruth
+from reconcile.vendors import registry
+from reconcile.vendors.base import PopulationHints
 
+# The vendors the population makes jobs of, and their hints, from their own modules.
+HINTS: dict[str, PopulationHints] = {v.name: v.population for v in registry.populated()}  # type: ignore[misc]
+VENDOR_NAMES = tuple(HINTS)
+# A vendor nobody knows: its rows are invalid (a finding), never sent anywhere.
+UNKNOWN_VENDOR = "midjourney"
+UNKNOWN_VENDOR_MODELS = (("midjourney/v7", "image"),)
 # (model, type); the first two of each vendor are the layout's variants 0 and 1.
 MODELS: dict[str, tuple[tuple[str, str], ...]] = {
-    "fal": (
-        ("fal-ai/flux/dev", "image"),
-        ("fal-ai/kling-video/v1/standard/text-to-video", "video"),
-        ("fal-ai/flux/schnell", "image"),
-        ("fal-ai/minimax/video-01", "video"),
-        ("fal-ai/flux-pro/v1.1-ultra", "image"),
-    ),
-    "replicate": (
-        ("black-forest-labs/flux-schnell", "image"),
-        ("minimax/video-01", "video"),
-        ("black-forest-labs/flux-1.1-pro", "image"),
-        ("meta/meta-llama-3-8b-instruct", "text"),
-    ),
-    "kie": (
-        ("google/nano-banana", "image"),
-        ("bytedance/v1-pro-text-to-video", "video"),
-        ("kling/v2-1-standard", "video"),
-        ("gpt-4o-image", "image"),
-    ),
-    "midjourney": (("midjourney/v7", "image"),),  # a vendor nobody knows: an invalid row
+    **{name: hints.models for name, hints in HINTS.items()},
+    UNKNOWN_VENDOR: UNKNOWN_VENDOR_MODELS,
 }
-VENDOR_FILL_WEIGHTS = (("fal", 0.45), ("replicate", 0.35), ("kie", 0.20))
+VENDOR_FILL_WEIGHTS = tuple((name, hints.fill_weight) for name, hints in HINTS.items())
+# (error text, error type / failCode) of failed tasks, per vendor.
+VENDOR_ERRORS: dict[str, tuple[tuple[str, str], ...]] = {name: hints.errors for name, hints in HINTS.items()}
 
-VENDOR_ERRORS: dict[str, tuple[tuple[str, str], ...]] = {  # (error text, error type / failCode)
-    "fal": (
-        ("Runner disconnected before the request completed", "runner_disconnected"),
-        ("Request timed out after 600 seconds", "request_timeout"),
-        ("Image generation failed: content policy violation", "content_policy_violation"),
-    ),
-    "replicate": (
-        ("CUDA out of memory. Tried to allocate 2.00 GiB", "E1001"),
-        ("Prediction interrupted; please retry (code: PA)", "PA"),
-    ),
-    "kie": (
-        ("Generation failed, credits will be returned", "501"),
-        ("The content violates the moderation policy", "422"),
-    ),
-}
-_B32ISH = str.maketrans("0123456789abcdef", "qg2m3r4z5d6h7b8f")
+
+def _vendors_with(outcome: Outcome) -> tuple[str, ...]:
+    """The populated vendors whose simulator has a word for `outcome` (e.g. only replicate cancels)."""
+    return tuple(v.name for v in registry.populated() if outcome in v.simulator.status_words)  # type: ignore[union-attr]
+
+
 HOSTILE_USER_FRAGMENT = "user'); DELETE FROM credit_balances; -- \u202egnp.exe\u202c"
 HOSTILE_TEXT_UNIT = (
     "' OR '1'='1'; DROP TABLE ai_generations; -- ../../etc/passwd %s %n %00 <script>alert(1)</script> "
@@ -84,10 +66,9 @@ class CaseSpec:
     name: str
     layout: tuple[tuple[str, int], ...]  # (vendor, variant) rows laid out first
     weight: float  # share in the random fill
-    vendors: tuple[str, ...] = ("fal", "replicate", "kie")  # allowed in the fill
+    vendors: tuple[str, ...] = VENDOR_NAMES  # allowed in the fill
 
 
-_ALL = ("fal", "replicate", "kie")
 CASES: tuple[CaseSpec, ...] = (
     # Not stuck: updated within stuck_after; never sent to a vendor.
     CaseSpec("fresh_pending", (("fal", 0),), 3),
@@ -98,8 +79,8 @@ CASES: tuple[CaseSpec, ...] = (
     CaseSpec("stuck_completed", (("fal", 0), ("fal", 1), ("replicate", 0), ("replicate", 1), ("kie", 0)), 8),
     CaseSpec("stuck_completed_no_output", (("fal", 0), ("replicate", 0), ("kie", 0)), 0.5),
     CaseSpec("stuck_failed", (("fal", 0), ("replicate", 0), ("kie", 0)), 4),
-    CaseSpec("stuck_canceled", (("replicate", 0),), 0.5, ("replicate",)),
-    CaseSpec("stuck_aborted", (("replicate", 1),), 0.5, ("replicate",)),
+    CaseSpec("stuck_canceled", (("replicate", 0),), 0.5, _vendors_with(Outcome.CANCELED)),
+    CaseSpec("stuck_aborted", (("replicate", 1),), 0.5, _vendors_with(Outcome.ABORTED)),
     CaseSpec("stuck_failed_zero_credits", (("kie", 0),), 0.3),
     CaseSpec("stuck_failed_already_refunded", (("fal", 0),), 0.5),
     CaseSpec("stuck_unmapped", (("fal", 0), ("replicate", 0), ("kie", 0)), 0.5),
@@ -124,7 +105,7 @@ CASES: tuple[CaseSpec, ...] = (
     CaseSpec("refund_on_completed", (("fal", 0),), 0.2),
     CaseSpec("double_refund", (("replicate", 0),), 0.2),
     # Invalid rows: findings, never crashes.
-    CaseSpec("invalid_unknown_vendor", (("midjourney", 0),), 0.2, ("midjourney",)),
+    CaseSpec("invalid_unknown_vendor", ((UNKNOWN_VENDOR, 0),), 0.2, (UNKNOWN_VENDOR,)),
     CaseSpec("invalid_negative_credits", (("kie", 0),), 0.2),
     CaseSpec("invalid_processing_no_task", (("fal", 0),), 0.2),
     # Hostile strings (ids with '/', '?', '#', '%', '+', '&', unicode; SQL; 10 KB errors).
@@ -249,29 +230,16 @@ class _Generator:
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:32]}"
 
     def task_id(self, vendor: str) -> str:
-        if vendor == "replicate":
-            # Replicate's ids look like base32 ('gm3qorzdhgbfurvjtvhg6dckhu'); translate() is C-fast.
-            return self.token(13).translate(_B32ISH)
-        if vendor == "kie":
-            return self.token(16)
-        return self.uuid()  # fal request ids, and the unknown vendor's
+        if vendor == UNKNOWN_VENDOR:
+            return self.uuid()
+        return HINTS[vendor].task_id(self.token)
 
     def hostile_task_id(self, vendor: str) -> str:
-        tok = self.token(6)
-        if vendor == "fal":
-            return f"{tok}/../../admin?x=1&y=2#frag%2F%25 \u00fc\u202e"
-        if vendor == "replicate":
-            return f"pred'; DROP TABLE ai_generations;--/{tok}?a=b&c=%20#x"
-        return f"kie task+{tok}&taskId=evil#\u00fc/\u202e%"
+        return HINTS[vendor].hostile_task_id(self.token(6))
 
     def result_url(self, vendor: str, media: str) -> str:
         ext = {"image": "png", "video": "mp4", "text": "txt"}[media]
-        tok = self.token(10)
-        if vendor == "fal":
-            return f"https://v3.fal.media/files/penguin/{tok}.{ext}"
-        if vendor == "replicate":
-            return f"https://replicate.delivery/xezq/{tok}/out-0.{ext}"
-        return f"https://tempfile.aiquickdraw.com/k/{tok}.{ext}"
+        return HINTS[vendor].result_url(self.token(10), ext)
 
     def pick(self, n: int) -> int:
         # random() scaled, not randrange(): several times cheaper, and plenty uniform here.
@@ -289,7 +257,7 @@ class _Generator:
         return 1 + self.pick(8)
 
     def error(self, vendor: str) -> tuple[str, str]:
-        choices = VENDOR_ERRORS.get(vendor, VENDOR_ERRORS["fal"])
+        choices = VENDOR_ERRORS[vendor]
         return choices[self.pick(len(choices))]
 
     def user(self, hostile: bool = False) -> str:
@@ -449,7 +417,7 @@ class _Generator:
                     truth_url,
                     err[0],
                     err[1],
-                    output_list=(vendor == "replicate" and variant % 2 == 1),
+                    output_list=variant % 2 == 1,  # a vendor that can answer a list or one URL alternates
                     media=kind,
                     created_at=created_at + timedelta(seconds=1),
                 )

@@ -25,10 +25,10 @@ from typing import Any
 import httpx
 import uvicorn
 
-from reconcile.settings import VENDOR_ENV, VENDORS
 from reconcile.simulator.app import RequestHook, SimulatorState, create_app
 from reconcile.simulator.knobs import DEFAULT_SECRETS, KnobsArg, VendorKnobs, build_knobs
 from reconcile.simulator.truth import TaskTruth, TruthStore
+from reconcile.vendors import registry
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,15 @@ def _uvicorn_config(app: Any, log_level: str) -> uvicorn.Config:
 def base_urls_for(host: str, port: int) -> dict[str, str]:
     """Each vendor's base URL on a simulator listening at host:port."""
     shown = f"[{host}]" if ":" in host else host
-    return {vendor: f"http://{shown}:{port}/{vendor}" for vendor in VENDORS}
+    return {vendor.name: f"http://{shown}:{port}/{vendor.name}" for vendor in registry.simulated()}
 
 
 def env_for(base_urls: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str, str]:
     """The contract's environment variables pointing every vendor at the simulator."""
     env = {}
-    for vendor, names in VENDOR_ENV.items():
-        env[names.url_var] = base_urls[vendor]
-        env[names.secret_var] = secrets[vendor]
+    for vendor in registry.simulated():
+        env[vendor.url_var] = base_urls[vendor.name]
+        env[vendor.secret_var] = secrets[vendor.name]
     return env
 
 
@@ -341,7 +341,7 @@ class SimulatorProcess:
 
     def env(self) -> dict[str, str]:
         knobs = self.knobs()
-        secrets = {v: (knobs[v].get("secret") or DEFAULT_SECRETS[v]) for v in VENDORS}
+        secrets = {v: (knobs[v].get("secret") or DEFAULT_SECRETS[v]) for v in DEFAULT_SECRETS}
         return env_for(self.base_urls, secrets)
 
     # --- control over the admin API ------------------------------------------------------------

@@ -18,9 +18,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from operator import itemgetter
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from reconcile.settings import VENDORS
+from reconcile.vendors import registry
+
+if TYPE_CHECKING:
+    from reconcile.simulator.wire import SimulatedVendor
 
 TRUTH_FORMAT_VERSION = "1"
 
@@ -32,14 +35,13 @@ class Outcome(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
-    CANCELED = "canceled"  # replicate only
-    ABORTED = "aborted"  # replicate only: deadline passed before the task started
+    CANCELED = "canceled"  # only vendors whose simulator has a word for it (replicate)
+    ABORTED = "aborted"  # deadline passed before the task started (replicate)
     UNMAPPED = "unmapped"  # a status word nobody mapped (fal PAUSED, replicate archived, kie paused)
 
 
 # Terminal failures in the contract's sense: the job must become `failed` and be refunded.
 FAILURE_OUTCOMES = frozenset({Outcome.FAILED, Outcome.CANCELED, Outcome.ABORTED})
-REPLICATE_ONLY_OUTCOMES = frozenset({Outcome.CANCELED, Outcome.ABORTED})
 MEDIA_KINDS = ("image", "video", "text")
 
 
@@ -60,16 +62,18 @@ class TaskTruth:
     created_at: datetime | None = None  # the vendor's own creation time; None: a fixed epoch
 
     def __post_init__(self) -> None:
-        if self.vendor not in VENDORS:
-            raise ValueError(f"unknown vendor {self.vendor!r}; the simulator serves {VENDORS}")
+        simulated = _simulated_vendor(self.vendor)
         if isinstance(self.created_at, str):
             # From JSON (the admin API): an ISO 8601 text.
             object.__setattr__(self, "created_at", datetime.fromisoformat(self.created_at))
         if not isinstance(self.outcome, Outcome):
             # Accept the plain string (from JSON, SQLite) but store the enum.
             object.__setattr__(self, "outcome", Outcome(self.outcome))
-        if self.outcome in REPLICATE_ONLY_OUTCOMES and self.vendor != "replicate":
-            raise ValueError(f"outcome {self.outcome.value!r} exists only at replicate, not {self.vendor}")
+        if self.outcome not in simulated.status_words:
+            having = [v.name for v in registry.simulated() if self.outcome in v.simulator.status_words]  # type: ignore[union-attr]
+            raise ValueError(
+                f"outcome {self.outcome.value!r} does not exist at {self.vendor} (vendors that have it: {having})"
+            )
         if self.media not in MEDIA_KINDS:
             raise ValueError(f"media must be one of {MEDIA_KINDS}, not {self.media!r}")
         if not self.vendor_task_id:
@@ -78,6 +82,15 @@ class TaskTruth:
     @property
     def key(self) -> tuple[str, str]:
         return (self.vendor, self.vendor_task_id)
+
+
+def _simulated_vendor(vendor: str) -> SimulatedVendor:
+    """The simulator part of a registered vendor; ValueError for any other name."""
+    found = registry.get(vendor).simulator if registry.is_known(vendor) else None
+    if found is None:
+        served = ", ".join(v.name for v in registry.simulated())
+        raise ValueError(f"unknown vendor {vendor!r}; the simulator serves {served}")
+    return found
 
 
 class TruthStore(Protocol):

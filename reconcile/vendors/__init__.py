@@ -1,33 +1,39 @@
-"""The vendor layer: ask fal, replicate and kie for the truth about stuck jobs.
+"""The vendor layer: ask each vendor for the truth about stuck jobs.
 
-Public API:
+- `reconcile.vendors.<name>` (fal, replicate, kie, ...): one module per vendor, everything true of it;
+- `reconcile.vendors.registry`: collects them (and platforms' own, through the `reconcile.vendors`
+  entry point group);
+- `reconcile.vendors.base`: the generic toolkit the vendor modules are made of;
+- `reconcile.vendors.fetch`: the concurrent, rate-limited, retrying engine.
+
+Public API (imported lazily, so `reconcile.settings` can read the registry without the engine):
 - `fetch_vendor_truth_async(jobs, settings, run_id, *, transport=DEFAULT_TRANSPORT) -> FetchResult`
 - `fetch_vendor_truth(jobs, settings, run_id, **kw) -> FetchResult` (synchronous)
 - `FetchResult(answers, health, health_detail, stats)`
-
-Pure request building and answer parsing live in `reconcile.vendors.adapters`; the concurrent,
-rate-limited, retrying engine in `reconcile.vendors.fetch`. No Dagster imports here.
+No Dagster imports here.
 """
 
-from reconcile.vendors.adapters import ADAPTERS, RawAnswer, VendorRequest, request_id
-from reconcile.vendors.fetch import (
-    DEFAULT_TRANSPORT,
-    TRANSPORTS,
-    FetchResult,
-    Tuning,
-    fetch_vendor_truth,
-    fetch_vendor_truth_async,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ADAPTERS",
-    "DEFAULT_TRANSPORT",
-    "TRANSPORTS",
-    "FetchResult",
-    "RawAnswer",
-    "Tuning",
-    "VendorRequest",
-    "fetch_vendor_truth",
-    "fetch_vendor_truth_async",
-    "request_id",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RawAnswer": "reconcile.vendors.base",
+    "Vendor": "reconcile.vendors.base",
+    "VendorRequest": "reconcile.vendors.base",
+    "request_id": "reconcile.vendors.base",
+    "DEFAULT_TRANSPORT": "reconcile.vendors.fetch",
+    "TRANSPORTS": "reconcile.vendors.fetch",
+    "FetchResult": "reconcile.vendors.fetch",
+    "Tuning": "reconcile.vendors.fetch",
+    "fetch_vendor_truth": "reconcile.vendors.fetch",
+    "fetch_vendor_truth_async": "reconcile.vendors.fetch",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'reconcile.vendors' has no attribute {name!r}")

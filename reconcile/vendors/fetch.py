@@ -45,14 +45,14 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_base
 
 from reconcile.models import JobRef, VendorAnswer, VendorHealth, VendorState
-from reconcile.settings import VENDOR_ENV, Settings
-from reconcile.vendors.adapters import (
-    ADAPTERS,
-    Adapter,
+from reconcile.settings import Settings
+from reconcile.vendors import registry
+from reconcile.vendors.base import (
     InvalidJob,
     Kind,
     Parsed,
     RawAnswer,
+    Vendor,
     VendorRequest,
     excerpt,
     redact,
@@ -76,6 +76,20 @@ TRANSPORTS = ("aiohttp", "httpx")
 DEFAULT_TRANSPORT = "aiohttp"
 
 USER_AGENT = "reconcile/0.1 (+credit reconciliation)"
+
+# Why a job was not asked: the reason its UNKNOWN answer carries, defined here only. Once a vendor is
+# judged unhealthy, its remaining jobs (in this call and, in the vendor stage, in later chunks) get the
+# reason of that health; jobs left when the vendor's time budget runs out get TIME_BUDGET_EXHAUSTED.
+NOT_ASKED: dict[VendorHealth, str] = {
+    VendorHealth.MISSING_SECRET: "missing_secret",
+    VendorHealth.UNAUTHORIZED: "vendor_unauthorized",
+    VendorHealth.DOWN: "vendor_down",
+    VendorHealth.MISCONFIGURED: "vendor_misconfigured",
+}
+TIME_BUDGET_EXHAUSTED = "time_budget_exhausted"
+UNKNOWN_VENDOR = "unknown_vendor"
+# Reasons of jobs that were never sent: they say nothing of the vendor's health.
+_STOPPED = frozenset(NOT_ASKED.values()) | {TIME_BUDGET_EXHAUSTED}
 
 
 @dataclass(frozen=True)
@@ -199,8 +213,7 @@ class _VendorRun:
         out: list[VendorAnswer],
     ) -> None:
         self.vendor = vendor
-        self.env = VENDOR_ENV[vendor]
-        self.adapter: Adapter = ADAPTERS[vendor]
+        self.adapter: Vendor = registry.get(vendor)
         self.jobs = jobs
         self.settings = settings
         self.run_id = run_id
@@ -304,7 +317,7 @@ class _VendorRun:
         if self.stop_reason:
             return self._skip(job, self.stop_reason)
         if time.monotonic() >= self.deadline:
-            return self._skip(job, "time_budget_exhausted")
+            return self._skip(job, TIME_BUDGET_EXHAUSTED)
         rid = request_id(self.run_id, job.job_id)
         try:
             request = self.adapter.status_request(job, self.base_url, self._secret, rid)
@@ -312,7 +325,7 @@ class _VendorRun:
             return self._skip(job, exc.reason)
         parsed, attempts = await self._ask(job, request, self.adapter.parse_status, rid)
         if parsed.kind is Kind.NEEDS_RESULT:
-            assert self.adapter.result_request is not None and self.adapter.parse_result is not None
+            assert self.adapter.parse_result is not None  # a Vendor has both result parts or neither
             result_request = self.adapter.result_request(job, self.base_url, self._secret, rid)
             result, more = await self._ask(job, result_request, self.adapter.parse_result, rid)
             attempts += more
@@ -394,7 +407,7 @@ class _VendorRun:
             if self.pause_until <= now:
                 return
             if self.pause_until > self.deadline:
-                raise _Abort("time_budget_exhausted")
+                raise _Abort(TIME_BUDGET_EXHAUSTED)
             await asyncio.sleep(self.pause_until - now)
 
     async def _send(
@@ -512,13 +525,14 @@ class _VendorRun:
         log.log(level, "%s", detail)
 
     def _unauthorized(self, answer: VendorAnswer) -> None:
-        var = self.env.secret_var
+        var = self.adapter.secret_var
         how = f"HTTP {answer.http_status}"
-        if answer.reason and answer.reason.startswith("kie_code_"):
-            how = f"code {answer.reason.removeprefix('kie_code_')} in an HTTP {answer.http_status} answer"
+        if answer.http_status is not None and 200 <= answer.http_status < 300:
+            # The refusal was inside a 2xx answer (e.g. kie's envelope code): say what the parser read.
+            how = f"{answer.reason} in an HTTP {answer.http_status} answer"
         self._stop(
             VendorHealth.UNAUTHORIZED,
-            "vendor_unauthorized",
+            NOT_ASKED[VendorHealth.UNAUTHORIZED],
             f"{var} is rejected by {self.vendor} ({how}): check {var}. Calls to {self.vendor} "
             "are stopped for this run; its jobs stay as they are.",
             logging.ERROR,
@@ -528,12 +542,7 @@ class _VendorRun:
         c = self.counters
         self.out.append(answer)
         c.by_state[answer.state.value] += 1
-        if kind is None or answer.reason in (
-            "vendor_down",
-            "vendor_unauthorized",
-            "vendor_misconfigured",
-            "time_budget_exhausted",
-        ):
+        if kind is None or answer.reason in _STOPPED:
             return
         c.answered += 1
         if kind is Kind.SERVER_ERROR:
@@ -546,11 +555,11 @@ class _VendorRun:
         if c.errored / c.answered > share:
             self._stop(
                 VendorHealth.DOWN,
-                "vendor_down",
+                NOT_ASKED[VendorHealth.DOWN],
                 f"{self.vendor} looks down: {c.errored} of {c.answered} answered jobs ended in "
                 f"5xx/timeouts/connection errors after retries ({c.errored / c.answered:.0%} > "
                 f"RECONCILE_VENDOR_OUTAGE_ERROR_SHARE={share:g}). Calls to {self.vendor} are stopped "
-                f"for this run. Check the vendor's status, or {self.env.url_var} "
+                f"for this run. Check the vendor's status, or {self.adapter.url_var} "
                 f"({redact(self.base_url)}).",
                 logging.ERROR,
             )
@@ -561,13 +570,13 @@ class _VendorRun:
         c = self.counters
         detail = (
             f"{self.vendor} answered 'not found' for {c.not_found} of {c.answered} jobs "
-            f"({c.not_found / c.answered:.0%}): is {self.env.url_var} ({redact(self.base_url)}) the right "
+            f"({c.not_found / c.answered:.0%}): is {self.adapter.url_var} ({redact(self.base_url)}) the right "
             f"base URL? None of {self.vendor}'s answers may change a job in this run."
         )
         if stopping:
             self._stop(
                 VendorHealth.MISCONFIGURED,
-                "vendor_misconfigured",
+                NOT_ASKED[VendorHealth.MISCONFIGURED],
                 detail + f" Calls to {self.vendor} are stopped.",
                 logging.ERROR,
             )
@@ -585,7 +594,7 @@ class _VendorRun:
                 self.detail = (
                     f"{self.vendor}: {len(self.jobs)} job(s), {c.requests} request(s) "
                     f"in {self.elapsed:.1f} s; "
-                    f"{self.env.url_var} and {self.env.secret_var} work"
+                    f"{self.adapter.url_var} and {self.adapter.secret_var} work"
                 )
                 if c.skipped:
                     self.detail += f" ({c.skipped} job(s) not asked, see the answers' reasons)"
@@ -675,10 +684,10 @@ async def fetch_vendor_truth_async(
         if job.job_id in seen:
             raise ValueError(f"job id {job.job_id!r} appears twice in the input")
         seen.add(job.job_id)
-        if job.vendor in VENDOR_ENV:
+        if registry.is_known(job.vendor):
             by_vendor.setdefault(job.vendor, []).append(job)
         else:
-            answers.append(VendorAnswer(job.job_id, job.vendor, VendorState.UNKNOWN, reason="unknown_vendor"))
+            answers.append(VendorAnswer(job.job_id, job.vendor, VendorState.UNKNOWN, reason=UNKNOWN_VENDOR))
     if len(answers):
         log.warning(
             "%d job(s) name a vendor nobody knows (%s): not asked",
@@ -693,7 +702,7 @@ async def fetch_vendor_truth_async(
     runs: list[_VendorRun] = []
     for vendor, vendor_jobs in by_vendor.items():
         if settings.vendor_secret(vendor) is None:
-            var = VENDOR_ENV[vendor].secret_var
+            var = registry.get(vendor).secret_var
             message = (
                 f"{var} is not set: {vendor} was not called and its {len(vendor_jobs)} job(s) stay as they "
                 f"are; export {var}=... to reconcile them."
@@ -702,7 +711,8 @@ async def fetch_vendor_truth_async(
             health[vendor] = VendorHealth.MISSING_SECRET
             detail[vendor] = message
             answers.extend(
-                VendorAnswer(j.job_id, j.vendor, VendorState.UNKNOWN, reason="missing_secret") for j in vendor_jobs
+                VendorAnswer(j.job_id, j.vendor, VendorState.UNKNOWN, reason=NOT_ASKED[VendorHealth.MISSING_SECRET])
+                for j in vendor_jobs
             )
             stats[vendor] = _empty_stats(len(vendor_jobs), transport_name, {"unknown": len(vendor_jobs)})
             continue

@@ -32,7 +32,7 @@ from reconcile.simulator import (
     load_truth,
     save_truth,
 )
-from reconcile.simulator.render import STATUS_WORDS, UNKNOWN_STATUS_WORDS
+from reconcile.vendors import registry
 
 MODEL = {"fal": "fal-ai/flux/dev", "replicate": "black-forest-labs/flux-schnell", "kie": "google/nano-banana"}
 _ids = itertools.count()
@@ -63,6 +63,10 @@ def http() -> Iterator[httpx.Client]:
         yield client
 
 
+def _fal_app(model: str | None) -> str:
+    return "/".join((model or MODEL["fal"]).split("/")[:2])
+
+
 class Vendor:
     """Builds each vendor's status request exactly as the contract writes it."""
 
@@ -70,7 +74,7 @@ class Vendor:
         self.sim, self.http = sim, http
 
     def auth(self, vendor: str, secret: str | None = None) -> dict[str, str]:
-        scheme = "Key" if vendor == "fal" else "Bearer"
+        scheme = registry.get(vendor).auth_scheme
         return {"Authorization": f"{scheme} {secret or DEFAULT_SECRETS[vendor]}", "X-Request-Id": "run-test"}
 
     def status(self, task: TaskTruth, headers: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
@@ -79,14 +83,19 @@ class Vendor:
     def get(
         self, vendor: str, task_id: str, model: str | None = None, headers: dict[str, str] | None = None, **kw: Any
     ) -> httpx.Response:
+        """The contract's status request, spelled out per vendor (an unknown vendor fails the test)."""
         base = self.sim.base_urls[vendor]
         headers = self.auth(vendor) if headers is None else headers
-        if vendor == "fal":
-            app = "/".join((model or MODEL["fal"]).split("/")[:2])
-            return self.http.get(f"{base}/{app}/requests/{quote(task_id, safe='')}/status", headers=headers, **kw)
-        if vendor == "replicate":
-            return self.http.get(f"{base}/v1/predictions/{quote(task_id, safe='')}", headers=headers, **kw)
-        return self.http.get(f"{base}/api/v1/jobs/recordInfo", params={"taskId": task_id}, headers=headers, **kw)
+        contract = {
+            "fal": lambda: (
+                f"/{'/'.join((model or MODEL['fal']).split('/')[:2])}/requests/{quote(task_id, safe='')}/status",
+                None,
+            ),
+            "replicate": lambda: (f"/v1/predictions/{quote(task_id, safe='')}", None),
+            "kie": lambda: ("/api/v1/jobs/recordInfo", {"taskId": task_id}),
+        }
+        path, params = contract[vendor]()
+        return self.http.get(base + path, params=params, headers=headers, **kw)
 
     def fal_result(self, task: TaskTruth) -> httpx.Response:
         app = "/".join(task.model.split("/")[:2])
@@ -435,10 +444,10 @@ def test_unknown_status_share_sends_unmapped_words(sim: SimulatorThread, vendor:
     sim.set_knobs(vendor_name, unknown_status_share=1.0)
     body = vendor.status(task).json()
     word = {"fal": body.get("status"), "replicate": body.get("status")}.get(vendor_name) or body["data"]["state"]
-    known = {w for words in STATUS_WORDS[vendor_name].values() for w in words} - {
-        STATUS_WORDS[vendor_name][Outcome.UNMAPPED][0]
+    known = {w for words in registry.get(vendor_name).simulator.status_words.values() for w in words} - {
+        registry.get(vendor_name).simulator.status_words[Outcome.UNMAPPED][0]
     }
-    assert word in UNKNOWN_STATUS_WORDS[vendor_name]
+    assert word in registry.get(vendor_name).simulator.unknown_status_words
     assert word not in known
     assert sim.stats()[vendor_name]["unknown_status"] == 1
 

@@ -10,27 +10,29 @@ import httpx
 import pytest
 
 from reconcile.models import JobRef, VendorState
-from reconcile.vendors.adapters import (
-    ADAPTERS,
+from reconcile.vendors import fal, kie, registry, replicate
+from reconcile.vendors.base import (
     EVIDENCE_MAX_CHARS,
     InvalidJob,
     Kind,
     RawAnswer,
     excerpt,
-    fal_model_path,
-    fal_parse_result,
-    fal_parse_status,
-    fal_result_request,
-    fal_status_request,
     first_url,
-    kie_parse_status,
-    kie_status_request,
     parse_retry_after,
     redact,
-    replicate_parse_status,
-    replicate_status_request,
     request_id,
 )
+
+fal_model_path = fal.model_path
+fal_parse_result = fal.parse_result
+fal_parse_status = fal.parse_status
+fal_result_request = fal.VENDOR.result_request
+fal_status_request = fal.VENDOR.status_request
+kie_parse_status = kie.parse_status
+kie_status_request = kie.VENDOR.status_request
+replicate_parse_status = replicate.parse_status
+replicate_status_request = replicate.VENDOR.status_request
+
 
 SECRET = "s3cr3t-TOKEN-value-1234567890"
 FAL = JobRef("job-1", "fal", "fal-ai/flux/dev", "req-123")
@@ -320,7 +322,7 @@ def test_kie_request_puts_task_id_in_the_query() -> None:
 )
 def test_garbage_bodies_are_unknown(vendor: str, body: bytes) -> None:
     job = {"fal": FAL, "replicate": REP, "kie": KIE}[vendor]
-    parsed = ADAPTERS[vendor].parse_status(job, RawAnswer(200, {}, body), ())
+    parsed = registry.get(vendor).parse_status(job, RawAnswer(200, {}, body), ())
     assert parsed.answer.state is VendorState.UNKNOWN and parsed.answer.reason == "garbage_body"
     assert parsed.kind is Kind.FINAL
 
@@ -328,7 +330,7 @@ def test_garbage_bodies_are_unknown(vendor: str, body: bytes) -> None:
 @pytest.mark.parametrize("vendor", ["fal", "replicate", "kie"])
 def test_http_statuses_map_the_same_for_every_vendor(vendor: str) -> None:
     job = {"fal": FAL, "replicate": REP, "kie": KIE}[vendor]
-    parse = ADAPTERS[vendor].parse_status
+    parse = registry.get(vendor).parse_status
     expected = {
         401: Kind.UNAUTHORIZED,
         403: Kind.UNAUTHORIZED,
@@ -459,7 +461,7 @@ def test_request_id_is_a_safe_ascii_header(job_id: str) -> None:
 
 def test_request_repr_hides_the_secret() -> None:
     for vendor, job in (("fal", FAL), ("replicate", REP), ("kie", KIE)):
-        request = ADAPTERS[vendor].status_request(job, "https://h", SECRET, "r")
+        request = registry.get(vendor).status_request(job, "https://h", SECRET, "r")
         assert SECRET not in repr(request) and SECRET not in str(request)
         assert SECRET not in request.path_for_log
 

@@ -1,0 +1,187 @@
+"""Replicate (predictions API): everything reconcile knows of it.
+
+Status: `GET {REPLICATE_API_URL}/v1/predictions/{id}`, `Authorization: Bearer <REPLICATE_API_TOKEN>`;
+a prediction object whose `status` is starting | processing | succeeded | failed | canceled | aborted.
+Contract: "Vendor status APIs", Replicate.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+from urllib.parse import quote
+
+from reconcile.models import JobRef, VendorState
+from reconcile.simulator.truth import Outcome, TaskTruth
+from reconcile.simulator.wire import (
+    JSON,
+    Answer,
+    SimRoute,
+    SimulatedVendor,
+    decode_segment,
+    dumps,
+    gateway_error,
+    iso,
+    json_answer,
+    times,
+)
+from reconcile.vendors.base import (
+    Parsed,
+    PopulationHints,
+    RawAnswer,
+    Vendor,
+    answer,
+    classify_http,
+    error_text,
+    first_url,
+    garbage,
+    json_object,
+    path_segment,
+    redact,
+    shown,
+)
+
+NAME = "replicate"
+STATES = {
+    "starting": VendorState.QUEUED,
+    "processing": VendorState.RUNNING,
+    "succeeded": VendorState.COMPLETED,
+    "failed": VendorState.FAILED,
+    "canceled": VendorState.FAILED,
+    "aborted": VendorState.FAILED,  # the deadline passed before it started (not charged by replicate)
+}
+
+
+def status_route(job: JobRef) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return f"/v1/predictions/{path_segment(job.vendor_task_id, 'task_id')}", ()
+
+
+def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> Parsed:
+    verdict = classify_http(job, raw, secrets)
+    if verdict is not None:
+        return verdict
+    body = json_object(raw.body)
+    if body is None:
+        return garbage(job, raw, secrets)
+    status = body.get("status")
+    if not isinstance(status, str) or not status:
+        return garbage(job, raw, secrets, "missing_status" if status is None else "garbage_body")
+    answered_id = body.get("id")
+    if answered_id is not None and answered_id != job.vendor_task_id:
+        return garbage(job, raw, secrets, "task_id_mismatch")
+    state = STATES.get(status)
+    if state is None:
+        return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(status)}"))
+    if state is VendorState.COMPLETED:
+        url = first_url(body.get("output"))
+        return Parsed(answer(job, state, raw, secrets, result_url=url, reason=None if url else "no_result_url"))
+    if state is VendorState.FAILED:
+        text = error_text(body.get("error")) or status
+        if status != "failed" and body.get("error") not in (None, ""):
+            text = f"{status}: {text}"
+        return Parsed(answer(job, state, raw, secrets, error=redact(text, secrets), reason=f"vendor_{status}"))
+    return Parsed(answer(job, state, raw, secrets))
+
+
+# ----------------------------------------------------------------------------------------- simulator
+
+STATUS_WORDS = {
+    Outcome.QUEUED: ("starting",),
+    Outcome.RUNNING: ("processing",),
+    Outcome.COMPLETED: ("succeeded",),
+    Outcome.FAILED: ("failed",),
+    Outcome.CANCELED: ("canceled",),
+    Outcome.ABORTED: ("aborted",),
+    Outcome.UNMAPPED: ("archived",),
+}
+THROTTLED = "Request was throttled. Your rate limit resets in ~30s."
+UNAUTHENTICATED = {"title": "Unauthenticated", "detail": "You did not pass a valid authentication token", "status": 401}
+
+
+def sim_prediction(task: TaskTruth, origin: str, word: str) -> Answer:
+    created, started, completed = times(task)
+    outcome = task.outcome
+    output: Any = None
+    if outcome is Outcome.COMPLETED and task.result_url:
+        output = [task.result_url] if task.output_list else task.result_url
+    terminal = outcome in (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELED, Outcome.ABORTED)
+    get_url = f"{origin}/v1/predictions/{quote(task.vendor_task_id, safe='')}"
+    body = {
+        "id": task.vendor_task_id,
+        "model": task.model,
+        "version": f"{zlib.crc32(task.model.encode()):08x}" * 8,
+        "input": {"prompt": "a simulated prompt"},
+        "logs": "",
+        "output": output,
+        "data_removed": False,
+        "error": (task.error or "Prediction failed") if outcome is Outcome.FAILED else None,
+        "status": word,
+        "created_at": iso(created),
+        # aborted: the deadline passed before the prediction started, so it never did.
+        "started_at": None if outcome in (Outcome.QUEUED, Outcome.ABORTED) else iso(started),
+        "completed_at": iso(completed) if terminal else None,
+        "source": "api",
+        "metrics": {"predict_time": 17.345} if outcome is Outcome.COMPLETED else {},
+        "urls": {
+            "get": get_url,
+            "cancel": f"{get_url}/cancel",
+            "web": f"https://replicate.com/p/{quote(task.vendor_task_id, safe='')}",
+        },
+    }
+    return 200, dumps(body), JSON
+
+
+def sim_route(parts: list[bytes], query: bytes) -> SimRoute | None:
+    """/v1/predictions/{id}"""
+    if len(parts) == 3 and parts[0] == b"v1" and parts[1] == b"predictions" and parts[2]:
+        return SimRoute(decode_segment(parts[2]))
+    return None
+
+
+def _sim_server_error(status: int) -> Answer:
+    return json_answer(500, {"detail": "Internal Server Error"}) if status == 500 else gateway_error(status)
+
+
+SIMULATOR = SimulatedVendor(
+    default_secret="sim-replicate-token",
+    status_words=STATUS_WORDS,
+    unknown_status_words=("archived", "throttled", "restarting"),
+    route=sim_route,
+    status_answer=sim_prediction,
+    not_found=lambda: json_answer(404, {"detail": "Not found."}),
+    unauthorized=lambda: json_answer(401, UNAUTHENTICATED),
+    throttled=lambda: json_answer(429, {"detail": THROTTLED}),
+    server_error=_sim_server_error,
+)
+
+_B32ISH = str.maketrans("0123456789abcdef", "qg2m3r4z5d6h7b8f")
+
+POPULATION = PopulationHints(
+    models=(
+        ("black-forest-labs/flux-schnell", "image"),
+        ("minimax/video-01", "video"),
+        ("black-forest-labs/flux-1.1-pro", "image"),
+        ("meta/meta-llama-3-8b-instruct", "text"),
+    ),
+    errors=(
+        ("CUDA out of memory. Tried to allocate 2.00 GiB", "E1001"),
+        ("Prediction interrupted; please retry (code: PA)", "PA"),
+    ),
+    # Replicate's ids look like base32 ('gm3qorzdhgbfurvjtvhg6dckhu'); translate() is C-fast.
+    task_id=lambda token: token(13).translate(_B32ISH),
+    hostile_task_id=lambda tok: f"pred'; DROP TABLE ai_generations;--/{tok}?a=b&c=%20#x",
+    result_url=lambda tok, ext: f"https://replicate.delivery/xezq/{tok}/out-0.{ext}",
+    fill_weight=0.35,
+)
+
+VENDOR = Vendor(
+    name=NAME,
+    url_var="REPLICATE_API_URL",
+    default_url="https://api.replicate.com",
+    secret_var="REPLICATE_API_TOKEN",
+    auth_scheme="Bearer",
+    status_route=status_route,
+    parse_status=parse_status,
+    simulator=SIMULATOR,
+    population=POPULATION,
+)

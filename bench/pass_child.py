@@ -31,6 +31,9 @@ class RssSampler(threading.Thread):
                 self.largest_by_pid[pid] = max(mib, self.largest_by_pid.get(pid, 0.0))
             self.samples.append((time.time(), max(sizes.values(), default=0.0)))
 
+    def peak_within(self, start: float, end: float) -> float:
+        return max((mib for at, mib in self.samples if start <= at <= end), default=0.0)
+
 
 def process_tree_rss_mib(root: int) -> dict[int, float]:
     """VmRSS of `root` and its descendants (from /proc), in MiB."""

@@ -180,6 +180,10 @@ def _outcome(result: Any) -> PassOutcome:
             }
         elif event.event_type == DagsterEventType.STEP_FAILURE:
             outcome.failures.append(f"{event.step_key}: {_root_cause(event.event_specific_data.error, event.message)}")
+        elif event.event_type == DagsterEventType.RUN_FAILURE and not outcome.failures:
+            # The executor itself failed (e.g. Celery's broker connection lost), not a step: say why.
+            error = getattr(event.event_specific_data, "error", None)
+            outcome.failures.append(f"run: {_root_cause(error, event.message)}")
         elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
             evaluation = event.event_specific_data
             if not evaluation.passed:

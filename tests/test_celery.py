@@ -7,16 +7,20 @@ steps. Unreachable broker: skipped locally, a failure under CI=true (`.ci/run` s
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -63,8 +67,11 @@ def _code_location():
 
 
 @contextmanager
-def _vhost() -> Iterator[str]:
+def _vhost(wanted: bool = True) -> Iterator[str]:
     """A private RabbitMQ virtual host (guest may use it), deleted afterwards."""
+    if not wanted:  # a private broker: its own default virtual host
+        yield ""
+        return
     name = f"reconcile-test-{uuid.uuid4().hex[:8]}"
     for args in (["add_vhost", name], ["set_permissions", "-p", name, "guest", ".*", ".*", ".*"]):
         subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
@@ -105,7 +112,9 @@ class Worker:
 
 
 @contextmanager
-def celery_deployment(db, tmp_path: Path, sim: SimulatorThread) -> Iterator[dict[str, str]]:
+def celery_deployment(
+    db, tmp_path: Path, sim: SimulatorThread, broker_url: str | None = None
+) -> Iterator[dict[str, str]]:
     """The README's N-machine setup on this one: Dagster's storage on PostgreSQL (deploy/dagster.yaml),
     step outputs in RECONCILE_IO_DIR, the broker from RECONCILE_CELERY_BROKER_URL. Yields the environment."""
     storage_url = make_url(_create_postgres_database())
@@ -113,12 +122,12 @@ def celery_deployment(db, tmp_path: Path, sim: SimulatorThread) -> Iterator[dict
     home.mkdir()
     shutil.copy(ROOT / "deploy" / "dagster.yaml", home / "dagster.yaml")
     try:
-        with _vhost() as vhost:
+        with _vhost(broker_url is None) as vhost:
             yield _env(
                 tmp_path,
                 RECONCILE_DATABASE_URL=db.url,
                 RECONCILE_IO_DIR=str(tmp_path / "io"),
-                RECONCILE_CELERY_BROKER_URL=f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{vhost}",
+                RECONCILE_CELERY_BROKER_URL=broker_url or f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{vhost}",
                 DAGSTER_PG_HOST=storage_url.host,
                 DAGSTER_PG_PORT=str(storage_url.port or 5432),
                 DAGSTER_PG_DB=storage_url.database,
@@ -253,3 +262,124 @@ def test_celery_workspace_loads_as_the_readme_says(tmp_path: Path) -> None:
                           env=env, cwd="/", capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Validation successful for code location reconcile_celery.py:defs" in done.stdout + done.stderr
+
+
+class PrivateBroker:
+    """A RabbitMQ node of this test's own on a free port (RABBITMQ_NODENAME, RABBITMQ_NODE_PORT, its own
+    Mnesia and log directories), so that restarting it disturbs nobody else using the machine's broker."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.node = f"reconcile-test-{self.port}@localhost"
+        self.base = Path(tempfile.mkdtemp(prefix="reconcile-rabbitmq-", dir="/tmp"))
+        (self.base / "enabled_plugins").write_text("[].\n")  # no management plugin: no fixed ports
+        (self.base / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.port}\n")
+        for sub in ("mnesia", "log"):
+            (self.base / sub).mkdir()
+        if os.geteuid() == 0:  # rabbitmq-server drops to the rabbitmq user
+            self.base.chmod(0o755)
+            subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(self.base)], check=True)
+        self.env = {**os.environ, "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
+                    "RABBITMQ_DIST_PORT": str(self.port + 20000 if self.port < 45535 else self.port - 20000),
+                    "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+                    "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"), "RABBITMQ_LOG_BASE": str(self.base / "log"),
+                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+                    "RABBITMQ_FEATURE_FLAGS_FILE": str(self.base / "mnesia" / "feature_flags"),
+                    "RABBITMQ_PID_FILE": str(self.base / "pid")}  # fmt: skip
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self, timeout: float = 180) -> None:
+        log = (self.base / "server.out").open("a")
+        self.process = subprocess.Popen(["rabbitmq-server"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            assert self.process.poll() is None, (self.base / "server.out").read_text()[-3000:]
+            time.sleep(0.5)
+        raise AssertionError(f"private RabbitMQ not up in {timeout}s: {(self.base / 'server.out').read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        subprocess.run(["rabbitmqctl", "-q", "-n", self.node, "stop"], env=self.env, capture_output=True, timeout=120)
+        if self.process is not None:
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def test_broker_restarted_mid_pass_fails_loudly_or_completes_and_the_next_pass_ends_exactly_right(
+    db, tmp_path: Path
+) -> None:
+    """The broker (a private RabbitMQ node) restarted while a pass is between its first step and its
+    vendors' answers: the pass completes or fails with a message, no money moves twice, and the next
+    pass (once the failed one's lease has expired) ends exactly right."""
+    _postgres_only(db)
+    if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
+        message = "a private RabbitMQ node needs rabbitmq-server and root (it runs as the rabbitmq user)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    population = generate_population(300, seed=41, now=utcnow())
+    write_population(db.engine, population)
+    default_queue, *vendor_queues = _code_location().queues()
+    asked, restarted = threading.Event(), threading.Event()
+
+    def on_request(_vendor: str, _task_id: str) -> None:
+        asked.set()
+        restarted.wait(300)  # the vendor steps wait for the broker's restart
+
+    broker = PrivateBroker()
+    broker.start()
+    try:
+        with (
+            SimulatorThread(population.truth, on_request=on_request) as sim,
+            celery_deployment(db, tmp_path, sim, broker_url=broker.url) as env,
+        ):
+            env["RECONCILE_LEASE_SECONDS"] = "60"  # a failed pass's lease frees itself soon (no daemon here)
+            workers = [Worker(env, "default", [default_queue], tmp_path / "default.log"),
+                       Worker(env, "vendors", vendor_queues, tmp_path / "vendors.log")]  # fmt: skip
+            try:
+                for worker in workers:
+                    worker.wait_ready()
+                run = _reconcile(env, "run", "--executor", "celery")
+                assert asked.wait(300), "no vendor was asked"
+                broker.stop()
+                broker.start()
+                restarted.set()
+                _out, err = run.communicate(timeout=600)
+                if run.returncode != 0:  # failing is allowed, silently is not
+                    assert "FAILED" in err and "  - " in err, err[-3000:]
+                    _wait_for_the_lease_to_expire(db)
+                _run_pass(env)
+            finally:
+                restarted.set()
+                for worker in workers:
+                    worker.stop()
+    finally:
+        broker.close()
+    assert_statuses_and_refunds_are_the_truth(db.engine, population)
+
+
+def _wait_for_the_lease_to_expire(db, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with db.engine.connect() as conn:
+            lease = conn.execute(select(recon_lease)).mappings().first()
+        if lease is None or lease["expires_at"].replace(tzinfo=lease["expires_at"].tzinfo or UTC) < datetime.now(UTC):
+            return
+        time.sleep(2)
+    raise AssertionError("the failed pass's lease did not expire")

@@ -16,6 +16,7 @@ from dagster import (
 )
 from sqlalchemy import BigInteger, cast, func, select
 
+from assets.failures import FAILURE_TAG
 from assets.reconciliation import (
     VENDOR_STATUS_ASSETS,
     credit_leakage,
@@ -64,6 +65,19 @@ def _result(quality: QualityResult) -> AssetCheckResult:
     )
 
 
+def _blocking(context: AssetCheckExecutionContext, name: str, result: AssetCheckResult, stops: str) -> AssetCheckResult:
+    """A blocking check's result; when it failed, its one-line cause and fix become the run's failure tag
+    (shown at the top of the run page and by `reconcile run`)."""
+    if not result.passed:
+        why = (result.description or "").splitlines()[0][:300] if result.description else "see its metadata"
+        line = (
+            f"the blocking check {name} failed ({why}): {stops}. Fix: read the check's unexpected rows in the "
+            "run, correct the data or the code, then run the pass again"
+        )
+        context.instance.add_run_tags(context.run.run_id, {FAILURE_TAG: line})
+    return result
+
+
 @asset_check(
     asset=stuck_jobs, description="Stuck job ids unique; processable rows have a known vendor and credits >= 0."
 )
@@ -110,7 +124,9 @@ def answer_check(vendor: str, vendor_asset: AssetsDefinition) -> AssetChecksDefi
         blocking=True,
         description=f"Exactly one answer per dispatched stuck {vendor} job, every state canonical (blocks the sync).",
     )
-    def _check(reconcile: ReconcileResource, stuck_jobs: StuckSet) -> AssetCheckResult:
+    def _check(
+        context: AssetCheckExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
+    ) -> AssetCheckResult:
         engine = reconcile.engine()
         chunks = iter_pass_jobs(
             engine, stuck_jobs.pass_id, stuck_jobs.chunk_size, category=DISPATCHED, vendor=vendor, with_answers=True
@@ -138,7 +154,8 @@ def answer_check(vendor: str, vendor_asset: AssetsDefinition) -> AssetChecksDefi
         asked_only = ExpectationOutcome("answers_only_for_asked_jobs", "job_id", not unasked, len(unasked), unasked[:5])
         asked = combine("vendor_answer_coverage", coverage)
         outcomes = asked.outcomes + combine("vendor_answers", canonical).outcomes + [asked_only]
-        return _result(QualityResult("vendor_statuses", asked.rows, outcomes))
+        result = _result(QualityResult("vendor_statuses", asked.rows, outcomes))
+        return _blocking(context, f"one_canonical_answer_per_job ({vendor})", result, "no job was synced or refunded")
 
     return _check
 
@@ -172,7 +189,8 @@ def sync_changed_only_stuck_jobs(
     )
     twice = jobs_changed_twice(engine, context.run.run_id)  # across chunks, not only within one
     once = ExpectationOutcome("one_change_per_job", "job_id", not twice, len(twice), twice[:5])
-    return _result(QualityResult("status_changes", quality.rows, [*quality.outcomes, once]))
+    result = _result(QualityResult("status_changes", quality.rows, [*quality.outcomes, once]))
+    return _blocking(context, "sync_changed_only_stuck_jobs", result, "no refund was written")
 
 
 @asset_check(
@@ -181,7 +199,9 @@ def sync_changed_only_stuck_jobs(
     description="Refund plan: credits > 0 and <= what the ledger charged, one per job, only failed jobs "
     "(blocks every refund).",
 )
-def refund_plan_is_safe(reconcile: ReconcileResource, refund_plan: pd.DataFrame) -> AssetCheckResult:
+def refund_plan_is_safe(
+    context: AssetCheckExecutionContext, reconcile: ReconcileResource, refund_plan: pd.DataFrame
+) -> AssetCheckResult:
     plan = refund_plan.copy()
     g, t = ai_generations.c, credit_transactions.c
     # Re-read the ledger independently of the planner: a planning bug must not vouch for itself.
@@ -214,7 +234,7 @@ def refund_plan_is_safe(reconcile: ReconcileResource, refund_plan: pd.DataFrame)
             Expect("ExpectColumnValuesToBeInSet", column="reason", value_set=[VENDOR_FAILED, NEVER_DISPATCHED]),
         ],
     )
-    return _result(quality)
+    return _blocking(context, "refund_plan_is_safe", _result(quality), "no refund was written")
 
 
 @asset_check(asset=refunds, description="Each refund written: one ledger row 'refund:<job>' of the same amount.")

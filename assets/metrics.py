@@ -7,7 +7,14 @@ from assets.reconciliation import GROUP
 from assets.resources import ReconcileResource
 from reconcile import markdown
 from reconcile.db.schema import utcnow
-from reconcile.metrics import WINDOWS_HOURS, compute_metrics, totals, vendor_window_totals, write_metrics
+from reconcile.metrics import (
+    WINDOWS_HOURS,
+    compute_metrics,
+    purge_old_metrics,
+    totals,
+    vendor_window_totals,
+    write_metrics,
+)
 from reconcile.settings import VENDORS
 
 # Numeric metadata per vendor (and 'all') and window: Dagster plots each key over the materializations.
@@ -60,6 +67,7 @@ def observation_metrics(context: AssetExecutionContext, reconcile: ReconcileReso
         frame = compute_metrics(conn, now, settings.stuck_after_minutes)
     with engine.begin() as conn:
         write_metrics(conn, frame, context.run.run_id, now, settings.stuck_after_minutes)
+        purged = purge_old_metrics(conn, now, settings.metrics_retention_days)
 
     by_vendor = vendor_window_totals(frame, VENDORS)
     plotted: dict[str, object] = {}
@@ -77,6 +85,7 @@ def observation_metrics(context: AssetExecutionContext, reconcile: ReconcileReso
     return MaterializeResult(
         metadata={
             "rows": len(frame),
+            "purged_rows": purged,  # older than RECONCILE_METRICS_RETENTION_DAYS
             "computed_at": MetadataValue.timestamp(now),
             "by_vendor_and_window": MetadataValue.md(markdown.table(_shown(summary), len(summary) or 1)),
             "by_vendor_model_type": MetadataValue.md(markdown.table(_shown(detail), DETAIL_ROWS)),

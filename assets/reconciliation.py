@@ -7,6 +7,9 @@ stuck_jobs -> vendor_statuses_<vendor> -> job_status_sync -> refund_plan -> refu
 Each asset is thin: it calls `reconcile` and describes what happened in its metadata.
 """
 
+import multiprocessing
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,27 +19,30 @@ from dagster import (
     AssetIn,
     AssetsDefinition,
     Config,
+    DagsterInstance,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
 
+from assets.failures import DATABASE_TAG, PASS_TAG, known_failures
 from assets.resources import ReconcileResource
+from assets.retries import TRANSIENT_DB_RETRY, retry_only_transient
 from reconcile import markdown
 from reconcile.db.schema import utcnow
+from reconcile.holds import HoldPolicy, hold_refunds, mark_holds
 from reconcile.leakage import CATEGORIES, detect_leakage, previous_findings, write_findings
 from reconcile.refunds import apply_refunds, plan_refunds
 from reconcile.runs import (
-    acquire_lease,
     choose_scope,
     last_successful_run,
     ledger_watermark,
     record_run_end,
     record_run_start,
-    release_lease,
     run_scope,
 )
+from reconcile.settings import database_label
 from reconcile.staging import (
     PASS_JOB_COLUMNS,
     StuckSet,
@@ -72,21 +78,44 @@ class VendorTruth:
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-@asset(group_name=GROUP, kinds={"sql", "pandas"})
+def _run_process_id() -> int:
+    """The process whose life is the run's: this one for an in-process run (`reconcile run`, a run
+    worker's in-process executor); under the multiprocess executor, the orchestrating process that
+    started this step's process (the step's own process ends with the step)."""
+    parent = multiprocessing.parent_process()
+    return parent.pid if parent is not None and parent.pid is not None else os.getpid()
+
+
+def _run_finished(instance: DagsterInstance):
+    """Whether a lease holder's Dagster run has finished in this instance (failed, canceled or
+    succeeded, e.g. marked failed by run monitoring after its worker died)."""
+
+    def finished(run_id: str) -> bool:
+        run = instance.get_run_by_id(run_id)
+        return run is not None and run.is_finished
+
+    return finished
+
+
+@asset(group_name=GROUP, kinds={"sql", "pandas"}, retry_policy=TRANSIENT_DB_RETRY)
+@known_failures
+@retry_only_transient
 def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: ReconcileResource) -> MaterializeResult:
     """Non-terminal jobs untouched for RECONCILE_STUCK_AFTER_MINUTES, sorted into dispatched,
     never-dispatched (waiting or due to fail) and invalid rows, and staged in recon_pass_jobs for the
-    later steps to read back in chunks of RECONCILE_CHUNK_SIZE. Takes the pass lease first."""
+    later steps to read back in chunks of RECONCILE_CHUNK_SIZE. Takes the pass lease first (then
+    renewed by a heartbeat while any step of the pass works)."""
     settings = reconcile.settings()
     engine = reconcile.engine()
     run_id = context.run.run_id
+    reconcile.take_lease(run_id, socket.gethostname(), _run_process_id(), _run_finished(context.instance))
     now = utcnow()
-    acquire_lease(engine, run_id, now, settings.lease_seconds)
     with engine.connect() as conn:
         scope = choose_scope(conn, now, settings.full_audit_every_hours, config.full_audit)
         watermark = ledger_watermark(conn)
     record_run_start(engine, run_id, now, scope, watermark, settings.config_hash())
-    context.instance.add_run_tags(run_id, {"reconcile/config_hash": settings.config_hash()})
+    tags = {PASS_TAG: "true", DATABASE_TAG: database_label(settings.database_url)}
+    context.instance.add_run_tags(run_id, {**tags, "reconcile/config_hash": settings.config_hash()})
     purged = purge_old_passes(engine, now)
     stuck = stage_stuck_jobs(
         engine,
@@ -101,7 +130,8 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
     if undispatched:
         context.log.warning(
             f"{undispatched} stuck job(s) never reached a vendor (no vendor_task_id): is a worker "
-            f"deployed without its secrets? {stuck.count(UNDISPATCHED_DUE)} are past "
+            f"deployed without its secrets? {stuck.count(UNDISPATCHED_DUE)} of them "
+            f"{'is' if stuck.count(UNDISPATCHED_DUE) == 1 else 'are'} past "
             f"RECONCILE_UNDISPATCHED_FAIL_AFTER_MINUTES and will be failed and refunded."
         )
     if stuck.stuck_total > stuck.count():
@@ -110,7 +140,8 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
             "(RECONCILE_MAX_JOBS_PER_PASS), the next passes the rest"
         )
     context.log.info(
-        f"stuck jobs: {stuck.count()} ({stuck.count(DISPATCHED)} dispatched, {stuck.count(INVALID)} invalid), "
+        f"stuck jobs: {stuck.count()} ({stuck.count(DISPATCHED)} dispatched, {undispatched} never dispatched, "
+        f"{stuck.count(INVALID)} invalid), "
         f"staged in {stuck.chunks} chunk(s) of at most {stuck.chunk_size}"
     )
     return MaterializeResult(
@@ -162,14 +193,19 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
         description=f"{vendor}'s true status of every dispatched stuck {vendor} job, asked concurrently and "
         "politely (rate limit, Retry-After, bounded retries) a chunk at a time, staged in recon_pass_answers; "
         "the vendor's health for the run.",
+        retry_policy=TRANSIENT_DB_RETRY,
     )
+    @known_failures
+    @retry_only_transient
     def _vendor_statuses(
         context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
     ) -> MaterializeResult:
         total = stuck_jobs.count(DISPATCHED, vendor)
+        lease = reconcile.keep_lease(context.run.run_id)
         context.log.info(f"asking {vendor} about {total} dispatched stuck job(s)")
 
         def progress(stage: VendorStage) -> None:
+            lease.check()  # a pass that lost its lease stops asking
             if total > stuck_jobs.chunk_size:
                 context.log.info(f"{vendor}: {stage.answers} of {total} answered ({stage.health})")
 
@@ -206,7 +242,10 @@ VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in regi
     group_name=GROUP,
     kinds={"sql"},
     ins={registry.step_name(vendor): AssetIn(step.key) for vendor, step in VENDOR_STATUS_ASSETS.items()},
+    retry_policy=TRANSIENT_DB_RETRY,
 )
+@known_failures
+@retry_only_transient
 def job_status_sync(
     context: AssetExecutionContext,
     reconcile: ReconcileResource,
@@ -220,13 +259,20 @@ def job_status_sync(
     settings = reconcile.settings()
     engine = reconcile.engine()
     run_id = context.run.run_id
+    lease = reconcile.keep_lease(run_id)
 
     def before_chunk(changes: pd.DataFrame) -> None:
-        acquire_lease(engine, run_id, utcnow(), settings.lease_seconds)  # renew: still ours
         context.log.info(f"syncing {len(changes)} status change(s) by compare-and-set")
 
     totals = sync_staged_pass(
-        engine, stuck_jobs, health, run_id, utcnow(), settings.undispatched_fail_after_minutes, before_chunk
+        engine,
+        stuck_jobs,
+        health,
+        run_id,
+        utcnow(),
+        settings.undispatched_fail_after_minutes,
+        before_chunk,
+        fence=lease.fence,  # each chunk's transaction first checks that the lease is still ours
     )
     if totals.lost_race:
         context.log.info(f"{totals.lost_race} job(s) changed since read (e.g. a webhook): left to it")
@@ -244,14 +290,26 @@ def job_status_sync(
     )
 
 
-@asset(group_name=GROUP, kinds={"sql", "pandas"}, deps=[job_status_sync])
+@asset(group_name=GROUP, kinds={"sql", "pandas"}, deps=[job_status_sync], retry_policy=TRANSIENT_DB_RETRY)
+@known_failures
+@retry_only_transient
 def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) -> MaterializeResult:
     """Every failed, charged, unrefunded job in the lookback window, with the net credits the ledger
     shows were charged. Checked (blocking) before anything is applied."""
     settings = reconcile.settings()
+    reconcile.keep_lease(context.run.run_id)
+    now = utcnow()
     with reconcile.engine().connect() as conn:
         # Bounded like the stuck set: after an incident the longest-failed go first, the next pass the rest.
-        plan = plan_refunds(conn, utcnow(), settings.refund_lookback_hours, limit=settings.max_jobs_per_pass)
+        plan = plan_refunds(conn, now, settings.refund_lookback_hours, limit=settings.max_jobs_per_pass)
+        # Refunds over the thresholds are held for a person, never written by the pass.
+        plan = mark_holds(conn, plan, HoldPolicy.from_settings(settings), now)
+    held = plan[plan["hold_rule"] != ""]
+    if not held.empty:
+        context.log.warning(
+            f"{len(held)} refund(s) of {int(held['credits'].sum())} credits held for a person's approval "
+            "(`reconcile refunds list`, then `reconcile refunds approve|reject`)"
+        )
     if len(plan) == settings.max_jobs_per_pass:
         context.log.warning(
             f"{len(plan)} refunds planned, the most one pass takes (RECONCILE_MAX_JOBS_PER_PASS): "
@@ -262,7 +320,10 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
         metadata={
             "refunds": len(plan),
             "credits": int(plan["credits"].sum()),
+            "held": len(held),
+            "held_credits": int(held["credits"].sum()),
             "by_reason_and_vendor": _counts_md(plan, ["reason", "vendor"], "credits"),
+            "held_by_rule_and_vendor": _counts_md(held, ["hold_rule", "vendor"], "credits"),
             "largest": MetadataValue.md(
                 markdown.table(
                     plan.sort_values("credits", ascending=False)[["job_id", "user_id", "vendor", "credits", "reason"]]
@@ -272,17 +333,26 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
     )
 
 
-@asset(group_name=GROUP, kinds={"sql"})
+@asset(group_name=GROUP, kinds={"sql"}, retry_policy=TRANSIENT_DB_RETRY)
+@known_failures
+@retry_only_transient
 def refunds(
     context: AssetExecutionContext, reconcile: ReconcileResource, refund_plan: pd.DataFrame
 ) -> MaterializeResult:
     """The checked plan applied: ledger row, balance and recon_refunds row in one transaction, each
     refund exactly once whatever retries, crashes or concurrent passes happen."""
     engine = reconcile.engine()
+    lease = reconcile.keep_lease(context.run.run_id)
     now = utcnow()
-    acquire_lease(engine, context.run.run_id, now, reconcile.settings().lease_seconds)  # renew: still ours
-    context.log.info(f"applying {len(refund_plan)} refund(s)")
-    result = apply_refunds(engine, refund_plan, context.run.run_id, now)
+    held = refund_plan[refund_plan["hold_rule"] != ""]
+    to_write = refund_plan[refund_plan["hold_rule"] == ""]
+    newly_held = hold_refunds(engine, held, context.run.run_id, now)
+    context.log.info(f"applying {len(to_write)} refund(s); {len(held)} held for approval")
+    if newly_held:
+        _notify_held(context, reconcile, held)
+    # Each batch's transaction first checks that the lease is still ours (a pass paused past its
+    # expiry and taken over writes nothing); a batch retried after a cut connection is idempotent.
+    result = apply_refunds(engine, to_write, context.run.run_id, now, fence=lease.fence)
     written = result.written
     if not result.skipped.empty:
         context.log.info(f"{len(result.skipped)} planned refund(s) already existed or the job left 'failed'")
@@ -292,12 +362,42 @@ def refunds(
             "refunds_written": len(written),
             "credits_refunded": int(written["credits"].sum()),
             "skipped": len(result.skipped),
+            "held": len(held),
+            "held_credits": int(held["credits"].sum()),
+            "newly_held": newly_held,
+            "held_refunds": MetadataValue.md(
+                markdown.table(
+                    held.sort_values("credits", ascending=False)[["job_id", "vendor", "credits", "hold_detail"]]
+                )
+            ),
             "by_reason_and_vendor": _counts_md(written, ["reason", "vendor"], "credits"),
         },
     )
 
 
-@asset(group_name=GROUP, kinds={"sql", "pandas"})
+def _notify_held(context: AssetExecutionContext, reconcile: ReconcileResource, held: pd.DataFrame) -> None:
+    """Tell finance on the alert webhook that refunds wait for a decision. A webhook that refuses it is
+    logged as an error (the hold itself is recorded, and the refunds check shows it in the UI): the
+    pass goes on to its leakage findings."""
+    from reconcile.alerts import WebhookError, post_webhook
+    from reconcile.reports.digest import held_notice
+
+    text = held_notice(
+        len(held), int(held["credits"].sum()), sorted(held["vendor"].dropna().unique()), context.run.run_id
+    )
+    context.log.warning(text)
+    url = reconcile.settings().alert_webhook_url
+    if url is None:
+        return
+    try:
+        post_webhook(url.get_secret_value(), {"text": text})
+    except WebhookError as exc:
+        context.log.error(f"held refunds not announced on RECONCILE_ALERT_WEBHOOK_URL: {exc}")
+
+
+@asset(group_name=GROUP, kinds={"sql", "pandas"}, retry_policy=TRANSIENT_DB_RETRY)
+@known_failures
+@retry_only_transient
 def credit_leakage(
     context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet, refunds: pd.DataFrame
 ) -> MaterializeResult:
@@ -305,6 +405,7 @@ def credit_leakage(
     without a job...: one row per finding in recon_leakage_findings, for finance. Ends the pass."""
     settings = reconcile.settings()
     engine = reconcile.engine()
+    lease = reconcile.keep_lease(context.run.run_id)
     now = utcnow()
     # Invalid rows are data errors, normally few (at most RECONCILE_MAX_JOBS_PER_PASS): read whole.
     invalid_chunks = iter_pass_jobs(engine, stuck_jobs.pass_id, stuck_jobs.chunk_size, category=INVALID)
@@ -322,9 +423,10 @@ def credit_leakage(
         "credits_at_stake": int(findings["credits"].sum()),
     }
     with engine.begin() as conn:
+        lease.fence(conn)
         write_findings(conn, findings, context.run.run_id, now)
         record_run_end(conn, context.run.run_id, now, "succeeded", summary)
-    release_lease(engine, context.run.run_id)
+    reconcile.end_lease(context.run.run_id)
     by_category = markdown.counts(findings, ["category"], "credits")
     return MaterializeResult(
         value=findings,

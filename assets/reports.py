@@ -9,6 +9,7 @@ from reconcile import markdown
 from reconcile.db.schema import utcnow
 from reconcile.reports import generate_reports
 from reconcile.reports.data import NEW, PERSISTING, RESOLVED
+from reconcile.reports.store import is_url
 
 
 @asset(group_name=GROUP, deps=[credit_leakage], kinds={"csv", "html"})
@@ -16,7 +17,10 @@ def reconciliation_reports(context: AssetExecutionContext, reconcile: ReconcileR
     """refunds.csv/.html and leakage.csv/.html of this run under RECONCILE_REPORTS_DIR/<UTC time>_<run id>/:
     every refund with its evidence, every finding with what changed since the previous successful run,
     totals by reason, category and vendor, and charts over the last runs. The HTML opens offline."""
-    reports = generate_reports(reconcile.engine(), context.run.run_id, reconcile.settings().reports_dir, utcnow())
+    settings = reconcile.settings()
+    reports = generate_reports(
+        reconcile.engine(), context.run.run_id, settings.reports_dir, utcnow(), settings.refund_lookback_hours
+    )
     for path in reports.paths:
         context.log.info(f"wrote {path}")
     data = reports.data
@@ -32,9 +36,9 @@ def reconciliation_reports(context: AssetExecutionContext, reconcile: ReconcileR
     )  # fmt: skip
     return MaterializeResult(
         metadata={
-            "folder": MetadataValue.path(str(reports.folder)),
+            "folder": _link(reports.folder),
             # refunds_csv, refunds_html, leakage_csv, leakage_html
-            **{path.name.replace(".", "_"): MetadataValue.path(str(path)) for path in reports.paths},
+            **{str(path).rsplit("/", 1)[-1].replace(".", "_"): _link(path) for path in reports.paths},
             "refunds": reports.refunds,
             "credits_refunded": reports.credits_refunded,
             "findings": reports.findings,
@@ -49,6 +53,11 @@ def reconciliation_reports(context: AssetExecutionContext, reconcile: ReconcileR
             ),
         },
     )
+
+
+def _link(where) -> MetadataValue:
+    """A URL (object store) as a link, a local file as a path."""
+    return MetadataValue.url(where) if is_url(where) else MetadataValue.path(str(where))
 
 
 REPORT_ASSETS = [reconciliation_reports]

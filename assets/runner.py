@@ -1,6 +1,7 @@
 """Run one full pass in-process against the Dagster instance in DAGSTER_HOME (used by the CLI)."""
 
 import fcntl
+import hashlib
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 from dagster import (
     DagsterEventType,
     DagsterInstance,
+    Failure,
     JobDefinition,
     build_reconstructable_job,
     execute_job,
@@ -20,7 +22,10 @@ from dagster import (
     reconstructable,
 )
 
-from reconcile.settings import STATE_DIR
+from assets.failures import DATABASE_TAG, FAILURE_TAG
+from assets.reconciliation import VENDOR_STATUS_ASSETS, stuck_jobs
+from assets.reports import reconciliation_reports
+from reconcile.settings import DEFAULT_DATABASE_URL, STATE_DIR, database_label, load_settings
 
 DEFAULT_DAGSTER_HOME = STATE_DIR / "dagster_home"
 # reconcile's own loggers (e.g. the vendor layer's request lines) go into Dagster's event log.
@@ -40,15 +45,43 @@ run_coordinator:
     tag_concurrency_limits:
       - key: reconcile/pass
         limit: 1
+# As deploy/dagster.yaml: runs that never start or never end are failed by dagster-daemon (`make ui`),
+# a killed worker's pass by the reconcile_pass_orphaned sensor; ticks are purged.
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 300
+  max_runtime_seconds: 3600
+  poll_interval_seconds: 60
+  max_resume_run_attempts: 0
+retention:
+  schedule:
+    purge_after_days: 30
+  sensor:
+    purge_after_days:
+      skipped: 2
+      failure: 30
+      success: 7
 """
 
 
-def ensure_dagster_home() -> Path:
-    """DAGSTER_HOME, defaulting to a SQLite-backed instance under .reconcile/ (created on first use)."""
-    home = Path(os.environ.get("DAGSTER_HOME") or DEFAULT_DAGSTER_HOME)
+def default_dagster_home(database_url: str) -> Path:
+    """The Dagster home of runs against `database_url` when DAGSTER_HOME is unset: the embedded demo's
+    is .reconcile/dagster_home, any other database gets its own, keyed by its host and name, so two
+    platforms never share one run history."""
+    if database_url == DEFAULT_DATABASE_URL:
+        return DEFAULT_DAGSTER_HOME
+    key = hashlib.sha256(database_label(database_url).encode()).hexdigest()[:12]
+    return STATE_DIR / f"dagster_home-{key}"
+
+
+def ensure_dagster_home(database_url: str = DEFAULT_DATABASE_URL) -> Path:
+    """DAGSTER_HOME when set (it wins), else a SQLite-backed instance per database under .reconcile/
+    (created on first use)."""
+    explicit = os.environ.get("DAGSTER_HOME")
+    home = Path(explicit) if explicit else default_dagster_home(database_url)
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists() and home == DEFAULT_DAGSTER_HOME:
+    if not config.exists() and not explicit:
         config.write_text(_INSTANCE_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
@@ -68,30 +101,80 @@ def progress_logger(_init_context) -> logging.Logger:
     return log
 
 
+_SKIP_NOTICE = "Dependencies for step "
+
+
 def _user_messages_only(record: logging.LogRecord) -> bool:
     meta: dict[str, Any] = getattr(record, "dagster_meta", {}) or {}
-    event = meta.get("dagster_event")
-    if event is not None and record.levelno < logging.ERROR:
-        return False
+    if meta.get("dagster_event") is not None:
+        return False  # Dagster's own events (step failures and skips included): the CLI says the cause once
     step = meta.get("step_key") or "run"
     text = meta.get("orig_message") or record.getMessage()
+    if text.startswith(_SKIP_NOTICE):
+        return False  # Dagster's line per step skipped after a failure: the CLI says the cause once instead
     record.msg, record.args = f"  [{step}] {text}", ()
     return True
+
+
+@logger(description="Every Dagster log line (--verbose); a known failure as its one line, no stack trace.")
+def verbose_logger(_init_context) -> logging.Logger:
+    log = logging.getLogger("reconcile.verbose")
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(_known_failures_in_one_line)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def _known_failures_in_one_line(record: logging.LogRecord) -> bool:
+    meta: dict[str, Any] = getattr(record, "dagster_meta", {}) or {}
+    event = meta.get("dagster_event")
+    data = getattr(event, "event_specific_data", None)
+    failure = getattr(data, "user_failure_data", None)
+    if failure is not None and failure.description:
+        record.msg, record.args = f"[{meta.get('step_key')}] FAILED: {failure.description}", ()
+        return True
+    text = record.getMessage()
+    if _KNOWN_FAILURE in text and _STACK_TRACE in text:  # the run's failure, repeating a known one
+        record.msg, record.args = text.split(_STACK_TRACE)[0].rstrip(), ()
+    return True
+
+
+_KNOWN_FAILURE = f"{Failure.__module__}.{Failure.__name__}: "
+_STACK_TRACE = "Stack Trace:"
 
 
 @dataclass
 class PassOutcome:
     run_id: str
     success: bool
-    failures: list[str] = field(default_factory=list)
+    cause: str | None = None  # a known failure's one line (what and the fix): the run's failure tag
+    failures: list[str] = field(default_factory=list)  # every failed step or check, for an unknown failure
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # asset name -> metadata values
+    vendors: dict[str, dict[str, Any]] = field(default_factory=dict)  # vendor -> its stage's metadata
+
+    @property
+    def stuck(self) -> dict[str, Any]:
+        return self.metadata.get(stuck_jobs.key.to_user_string(), {})
+
+    @property
+    def reports(self) -> dict[str, Any]:
+        return self.metadata.get(reconciliation_reports.key.to_user_string(), {})
+
+    def vendors_not_ok(self) -> dict[str, str]:
+        """Each vendor that did not answer (skipped, unauthorized, down, misconfigured): its health."""
+        return {v: str(m.get("health")) for v, m in self.vendors.items() if m.get("health", "ok") != "ok"}
 
 
 @contextmanager
-def _instance() -> Iterator[DagsterInstance]:
-    """The DAGSTER_HOME instance; its storage is created under a file lock, because two passes starting
-    at the same moment on a fresh SQLite-backed home would both try to create Dagster's own schema."""
-    home = ensure_dagster_home()
+def _instance(database_url: str) -> Iterator[DagsterInstance]:
+    """The Dagster instance of runs against `database_url`; its storage is created under a file lock,
+    because two passes starting at the same moment on a fresh SQLite-backed home would both try to
+    create Dagster's own schema."""
+    home = ensure_dagster_home(database_url)
     with open(home / ".reconcile-init.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -102,8 +185,12 @@ def _instance() -> Iterator[DagsterInstance]:
         yield instance
 
 
-def _root_cause(error, fallback: str | None) -> str:
-    """The user's own exception message, not Dagster's 'Error occurred while executing op' wrapper."""
+def _root_cause(data, fallback: str | None) -> str:
+    """A Failure's description, or the user's own exception message, not Dagster's 'Error occurred
+    while executing op' wrapper."""
+    if getattr(data, "user_failure_data", None) is not None and data.user_failure_data.description:
+        return data.user_failure_data.description
+    error = getattr(data, "error", None)
     if error is None:
         return fallback or "unknown error"
     while error.cause is not None:
@@ -119,9 +206,9 @@ def pass_job() -> JobDefinition:
 
 
 def pass_job_with_progress() -> JobDefinition:
-    """The pass's job with the terminal progress logger (`reconcile run` without --verbose)."""
+    """The pass's job with the terminal loggers of `reconcile run` (progress, and --verbose's)."""
     job = pass_job()
-    return job.with_logger_defs({**job.loggers, "progress": progress_logger})
+    return job.with_logger_defs({**job.loggers, "progress": progress_logger, "verbose": verbose_logger})
 
 
 def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: int | None = 1) -> PassOutcome:
@@ -136,22 +223,19 @@ def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: 
     memory once the IO manager has it (a post-incident pass would otherwise hold every asset's value).
     """
     run_config: dict[str, Any] = {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
-    target = pass_job
     if processes is None:
-        pass  # the job's own executor
+        pass  # the job's own executor (reconcile/definitions.py)
     elif processes > 1:
         run_config["execution"] = {"config": {"multiprocess": {"max_concurrent": processes}}}
     else:
         run_config["execution"] = {"config": {"in_process": {}}}
     if verbose:
-        run_config["loggers"] = {"console": {"config": {"log_level": "DEBUG"}}}
+        run_config["loggers"] = {"verbose": {}}
     elif processes is not None and processes > 1:
         run_config["loggers"] = {"console": {"config": {"log_level": "INFO"}}}
     else:
         run_config["loggers"] = {"progress": {}}
-        target = pass_job_with_progress
-    with _instance() as instance:
-        return _outcome(execute_job(reconstructable(target), instance=instance, run_config=run_config))
+    return _run(reconstructable(pass_job_with_progress), run_config)
 
 
 CELERY_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "celery"
@@ -164,28 +248,57 @@ def execute_pass_on_celery(*, full_audit: bool = False) -> PassOutcome:
     job = build_reconstructable_job(
         "reconcile_celery", "pass_job", reconstructor_working_directory=str(CELERY_DEPLOY_DIR)
     )
-    run_config = {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
-    with _instance() as instance:
-        return _outcome(execute_job(job, instance=instance, run_config=run_config))
+    return _run(job, {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}})
 
 
-def _outcome(result: Any) -> PassOutcome:
-    """What the CLI tells of a run: its failures (root causes) and each asset's metadata."""
-    outcome = PassOutcome(run_id=result.run_id, success=result.success)
-    for event in result.all_events:
-        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
-            materialization = event.event_specific_data.materialization
-            outcome.metadata[materialization.asset_key.to_user_string()] = {
-                k: v.value for k, v in materialization.metadata.items()
-            }
-        elif event.event_type == DagsterEventType.STEP_FAILURE:
-            outcome.failures.append(f"{event.step_key}: {_root_cause(event.event_specific_data.error, event.message)}")
-        elif event.event_type == DagsterEventType.RUN_FAILURE and not outcome.failures:
-            # The executor itself failed (e.g. Celery's broker connection lost), not a step: say why.
-            error = getattr(event.event_specific_data, "error", None)
-            outcome.failures.append(f"run: {_root_cause(error, event.message)}")
-        elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
-            evaluation = event.event_specific_data
-            if not evaluation.passed:
-                outcome.failures.append(f"check {evaluation.check_name} failed: {evaluation.description}")
+def _run(job: Any, run_config: dict[str, Any]) -> PassOutcome:
+    """Runs the pass's job; what the CLI tells of it: its failures (root causes), each asset's metadata."""
+    settings = load_settings()
+    tags = {DATABASE_TAG: database_label(settings.database_url)}
+    with _instance(settings.database_url) as instance:
+        result = execute_job(job, instance=instance, run_config=run_config, tags=tags)
+        outcome = PassOutcome(run_id=result.run_id, success=result.success)
+        for event in result.all_events:
+            if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+                materialization = event.event_specific_data.materialization
+                outcome.metadata[materialization.asset_key.to_user_string()] = {
+                    k: v.value for k, v in materialization.metadata.items()
+                }
+            elif event.event_type == DagsterEventType.STEP_FAILURE:
+                outcome.failures.append(f"{event.step_key}: {_root_cause(event.event_specific_data, event.message)}")
+            elif event.event_type == DagsterEventType.RUN_FAILURE and not outcome.failures:
+                # The executor itself failed (e.g. Celery's broker connection lost), not a step: say why.
+                outcome.failures.append(f"run: {_root_cause(event.event_specific_data, event.message)}")
+            elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+                evaluation = event.event_specific_data
+                if not evaluation.passed:
+                    outcome.failures.append(f"check {evaluation.check_name} failed: {evaluation.description}")
+        run = instance.get_run_by_id(result.run_id)
+        outcome.cause = run.tags.get(FAILURE_TAG) if run else None
+    for vendor, assets_def in VENDOR_STATUS_ASSETS.items():
+        if assets_def.key.to_user_string() in outcome.metadata:
+            outcome.vendors[vendor] = outcome.metadata[assets_def.key.to_user_string()]
+    if not outcome.success:
+        _end_failed_pass(settings.database_url, outcome)
     return outcome
+
+
+def _end_failed_pass(database_url: str, outcome: PassOutcome) -> None:
+    """What the reconcile_pass_failed sensor does under the daemon: mark the pass failed and free its
+    lease at once (the next pass need not wait for it to expire). Nothing to do when the database is
+    what failed."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from reconcile.db.engine import make_engine
+    from reconcile.db.schema import utcnow
+    from reconcile.runs import record_run_end, release_lease
+
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            record_run_end(conn, outcome.run_id, utcnow(), "failed", {"error": (outcome.cause or "")[:2000]})
+        release_lease(engine, outcome.run_id)
+    except SQLAlchemyError:
+        pass  # unreachable, or no reconcile tables yet: there is no lease or record to end
+    finally:
+        engine.dispose()

@@ -18,16 +18,19 @@ from dagster import (
     define_asset_job,
 )
 
+from assets.alert_checks import ALERT_CHECKS
+from assets.approvals import decide_held_refunds, no_refunds_waiting_for_approval
+from assets.books import BOOK_ASSETS, BOOK_CHECKS, BOOK_JOBS, BOOK_SCHEDULES
 from assets.checks import ALL_CHECKS
+from assets.failures import PASS_TAG
 from assets.metrics import observation_metrics
 from assets.reconciliation import GROUP, PASS_ASSETS
 from assets.reports import REPORT_ASSETS
 from assets.resources import ReconcileResource
 from reconcile.settings import VENDORS
 from sensors.alerts import reconcile_alerts
-from sensors.run_failures import reconcile_pass_failed
+from sensors.run_failures import reconcile_pass_failed, reconcile_pass_orphaned
 
-PASS_TAG = "reconcile/pass"
 PASS_JOB = "reconcile_pass"
 
 # Every pass (`reconcile run`, the schedule's runs in the daemon, the UI's launchpad) runs each step in its
@@ -69,11 +72,11 @@ def build_definitions(
         default_status=DefaultScheduleStatus.RUNNING,
     )
     return Definitions(
-        assets=[*PASS_ASSETS, *REPORT_ASSETS, observation_metrics],
-        asset_checks=ALL_CHECKS,
-        jobs=[reconcile_pass],
-        schedules=[every_15_minutes],
-        sensors=[reconcile_pass_failed, reconcile_alerts],
+        assets=[*PASS_ASSETS, *REPORT_ASSETS, observation_metrics, *BOOK_ASSETS],
+        asset_checks=[*ALL_CHECKS, *ALERT_CHECKS, no_refunds_waiting_for_approval, *BOOK_CHECKS],
+        jobs=[reconcile_pass, decide_held_refunds, *BOOK_JOBS],
+        schedules=[every_15_minutes, *BOOK_SCHEDULES],
+        sensors=[reconcile_pass_failed, reconcile_pass_orphaned, reconcile_alerts],
         resources={"reconcile": ReconcileResource(), **(resources or {})},
         executor=executor,
     )

@@ -21,7 +21,6 @@ from reconcile.db.schema import (
     utcnow,
 )
 from reconcile.settings import DEFAULT_DATABASE_URL, STATE_DIR, VENDOR_ENV
-from reconcile.vendors import registry
 
 DEMO_TRUTH_PATH = STATE_DIR / "simulator_truth.sqlite"
 
@@ -72,10 +71,15 @@ def prepare_demo(size: int, seed: int) -> Iterator[DemoWorld]:
                     os.environ[name] = value
 
 
-def summarise(engine: Engine, run_id: str, metadata: dict[str, dict[str, Any]]) -> str:
-    """The demo's closing summary: what the pass found, asked, changed, refunded and reported."""
-    stuck = metadata.get("stuck_jobs", {})
-    vendors = {registry.vendor_of_step(k): v for k, v in metadata.items() if registry.vendor_of_step(k)}
+def summarise(
+    engine: Engine,
+    run_id: str,
+    stuck: dict[str, Any],
+    vendors: dict[str, dict[str, Any]],
+    title: str = "reconcile demo",
+) -> str:
+    """A pass's closing summary: what it found, asked, changed, refunded and reported. `stuck` is the
+    stuck-job stage's metadata, `vendors` each vendor stage's (by vendor)."""
     c, r, f = recon_status_changes.c, recon_refunds.c, recon_leakage_findings.c
     with engine.connect() as conn:
         changes = conn.execute(select(c.to_status, func.count()).where(c.run_id == run_id).group_by(c.to_status)).all()
@@ -90,7 +94,7 @@ def summarise(engine: Engine, run_id: str, metadata: dict[str, dict[str, Any]]) 
         ).all()
     lines = [
         "",
-        "== reconcile demo: summary ==",
+        f"== {title}: summary ==",
         f"stuck jobs found        {stuck.get('stuck', 0):>6}   (dispatched {stuck.get('dispatched', 0)}, "
         f"never dispatched {stuck.get('undispatched_waiting', 0) + stuck.get('undispatched_due', 0)}, "
         f"invalid {stuck.get('invalid', 0)})",

@@ -1,4 +1,4 @@
-"""Stage 6: credit leakage findings, one row per finding per run, for finance.
+"""Stage 6: credit leakage findings, one row per finding per run (as finance reads them), for finance.
 
 A full scan looks at every job and ledger row. The 15-minute pass is incremental: it recomputes the
 findings of the jobs that changed since the last successful pass (jobs updated since it started,
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import BigInteger, and_, case, cast, func, insert, or_, select, union
+from sqlalchemy import BigInteger, and_, case, cast, func, insert, or_, select, union, update
 from sqlalchemy.engine import Connection
 
 from reconcile.db.schema import (
@@ -20,7 +20,10 @@ from reconcile.db.schema import (
     NON_TERMINAL_STATUSES,
     ai_generations,
     credit_transactions,
+    recon_finding_runs,
+    recon_findings,
     recon_leakage_findings,
+    recon_status_changes,
 )
 
 CATEGORIES = (
@@ -33,6 +36,7 @@ CATEGORIES = (
     "missing_charge",
     "orphan_transaction",
     "invalid_job",
+    "completed_without_result",
 )
 FINDING_COLUMNS = ["category", "job_id", "user_id", "credits", "detail"]
 # Categories recomputed from the stuck set every run, whatever the scan mode.
@@ -186,14 +190,14 @@ def _orphan_findings(conn: Connection, scope: Scope) -> pd.DataFrame:
     )
 
 
-def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -> pd.DataFrame:
-    """Charged jobs still not terminal (after this run's sync) and not refunded."""
-    g, t = ai_generations.c, credit_transactions.c
-    cutoff = now - timedelta(minutes=stuck_after_minutes)
-    # Driven by the stuck rows (partial index recon_ix_generations_stuck), each one's ledger read
-    # through its job_id index: work in proportion to the stuck jobs. (A join + GROUP BY over
-    # credit_transactions let PostgreSQL hash-join the whole ledger: it grew with the table.)
-    net = (
+# Job types whose result is a file the user must be able to fetch: completed without one, nothing to deliver.
+MEDIA_TYPES = ("image", "video")
+
+
+def _net_charge(job_id):
+    """Charged minus refunded for one job (a correlated subquery, read through the job_id index)."""
+    t = credit_transactions.c
+    return (
         select(
             func.sum(
                 case(
@@ -203,9 +207,19 @@ def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -
                 )
             )
         )
-        .where(t.job_id == g.id)
+        .where(t.job_id == job_id)
         .scalar_subquery()
     )
+
+
+def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -> pd.DataFrame:
+    """Charged jobs still not terminal (after this run's sync) and not refunded."""
+    g = ai_generations.c
+    cutoff = now - timedelta(minutes=stuck_after_minutes)
+    # Driven by the stuck rows (partial index recon_ix_generations_stuck), each one's ledger read
+    # through its job_id index: work in proportion to the stuck jobs. (A join + GROUP BY over
+    # credit_transactions let PostgreSQL hash-join the whole ledger: it grew with the table.)
+    net = _net_charge(g.id)
     query = select(g.id, g.user_id, g.status, g.updated_at, net.label("owed")).where(
         g.status.in_(NON_TERMINAL_STATUSES), g.updated_at < cutoff
     )
@@ -219,6 +233,32 @@ def _stuck_findings(conn: Connection, now: datetime, stuck_after_minutes: int) -
                 "user_id": r.user_id,
                 "credits": int(r.owed),
                 "detail": f"{r.status} since {r.updated_at:%Y-%m-%d %H:%M} UTC, charged, not refunded",
+            }
+            for r in rows
+        ],
+        columns=FINDING_COLUMNS,
+    )
+
+
+def _completed_without_result_findings(conn: Connection, scope: Scope) -> pd.DataFrame:
+    """Image and video jobs reconcile set `completed` from a vendor answer that had no result URL
+    (e.g. Replicate's removed output): charged, and nothing the user can fetch."""
+    g, c = ai_generations.c, recon_status_changes.c
+    set_by_reconcile = select(c.job_id).where(c.to_status == "completed", c.job_id == g.id).exists()
+    query = select(g.id, g.user_id, g.type, g.vendor, _net_charge(g.id).label("owed")).where(
+        g.status == "completed", g.result_url.is_(None), g.type.in_(MEDIA_TYPES), set_by_reconcile
+    )
+    if not scope.full:
+        query = query.where(g.id.in_(_changed_job_ids(scope)))
+    rows = [r for r in conn.execute(query) if r.owed is not None and r.owed > 0]
+    return pd.DataFrame(
+        [
+            {
+                "category": "completed_without_result",
+                "job_id": r.id,
+                "user_id": r.user_id,
+                "credits": int(r.owed),
+                "detail": f"{r.type} job completed at {r.vendor} with no result URL: nothing to deliver"[:DETAIL_LIMIT],
             }
             for r in rows
         ],
@@ -262,6 +302,7 @@ def detect_leakage(
         _orphan_findings(conn, scope),
         _stuck_findings(conn, now, stuck_after_minutes),
         invalid_job_findings(invalid),
+        _completed_without_result_findings(conn, scope),
     ]
     if not scope.full and previous is not None and not previous.empty:
         fresh.append(_carried_forward(conn, scope, previous))
@@ -281,25 +322,80 @@ def _carried_forward(conn: Connection, scope: Scope, previous: pd.DataFrame) -> 
     return previous[keep]
 
 
+FindingKey = tuple[str, str | None, str | None, int, str]
+
+
+def _stored_values(findings: pd.DataFrame) -> list[FindingKey]:
+    """Each finding as it is stored: (category, job_id, user_id, credits, detail)."""
+    out = []
+    for r in findings.itertuples(index=False):
+        credits = int(r.credits)
+        # The contract's column is `integer`: a larger amount at stake is capped, and the detail says so.
+        detail = r.detail if credits <= INT4_MAX else f"{r.detail} (credits at stake {credits}, capped to {INT4_MAX})"
+        job_id = None if pd.isna(r.job_id) else r.job_id
+        user_id = None if pd.isna(r.user_id) else r.user_id
+        out.append((r.category, job_id, user_id, min(credits, INT4_MAX), detail))
+    return out
+
+
 def write_findings(conn: Connection, findings: pd.DataFrame, run_id: str, now: datetime) -> None:
-    f = recon_leakage_findings.c
-    conn.execute(recon_leakage_findings.delete().where(f.run_id == run_id))  # a retried step rewrites
-    if findings.empty:
-        return
+    """Store this run's findings in the caller's transaction, each distinct finding once.
+
+    The run gets the next sequence number. A finding the previous run also reported, unchanged, has its
+    interval extended to this run (one UPDATE for all of them); a new or changed one gets a row; one
+    this run no longer reports keeps its interval, which ends at the previous run (resolved). Read
+    through `recon_leakage_findings`, every run still has exactly the rows it reported.
+    """
+    runs, f = recon_finding_runs.c, recon_findings.c
+    _forget_run(conn, run_id)  # a retried step rewrites
+    previous = conn.execute(select(func.max(runs.seq))).scalar() or 0
+    seq = previous + 1
+    conn.execute(insert(recon_finding_runs).values(seq=seq, run_id=run_id, detected_at=now))
+    still_open: dict[FindingKey, list[int]] = {}
+    if previous:
+        open_rows = conn.execute(
+            select(f.id, f.category, f.job_id, f.user_id, f.credits, f.detail).where(f.last_seq == previous)
+        )
+        for row_id, *key in open_rows:
+            still_open.setdefault(tuple(key), []).append(row_id)  # type: ignore[arg-type]
+    new: list[FindingKey] = []
+    for key in _stored_values(findings):
+        ids = still_open.get(key)
+        if ids:
+            ids.pop()  # reported again, unchanged: its interval goes on
+        else:
+            new.append(key)
+    resolved = [row_id for ids in still_open.values() for row_id in ids]
+    if previous:
+        conn.execute(update(recon_findings).where(f.last_seq == previous).values(last_seq=seq))
+        for start in range(0, len(resolved), 5000):
+            chunk = resolved[start : start + 5000]
+            conn.execute(update(recon_findings).where(f.id.in_(chunk)).values(last_seq=previous))
     rows = [
-        {
-            "run_id": run_id,
-            "category": r.category,
-            "job_id": None if pd.isna(r.job_id) else r.job_id,
-            "user_id": None if pd.isna(r.user_id) else r.user_id,
-            # The contract's column is `integer`: a larger amount at stake is capped, and the detail says so.
-            "credits": min(int(r.credits), INT4_MAX),
-            "detail": r.detail
-            if int(r.credits) <= INT4_MAX
-            else f"{r.detail} (credits at stake {int(r.credits)}, capped to {INT4_MAX})",
-            "detected_at": now,
-        }
-        for r in findings.itertuples(index=False)
+        {"category": c, "job_id": j, "user_id": u, "credits": n, "detail": d, "first_seq": seq, "last_seq": seq}
+        for c, j, u, n, d in new
     ]
     for start in range(0, len(rows), 5000):
-        conn.execute(insert(recon_leakage_findings), rows[start : start + 5000])
+        conn.execute(insert(recon_findings), rows[start : start + 5000])
+
+
+def _forget_run(conn: Connection, run_id: str) -> None:
+    """Undo `run_id`'s earlier write of its findings (only the newest run's can be rewritten)."""
+    runs, f = recon_finding_runs.c, recon_findings.c
+    seq = conn.execute(select(runs.seq).where(runs.run_id == run_id)).scalar()
+    if seq is None:
+        return
+    newest = conn.execute(select(func.max(runs.seq))).scalar()
+    if seq != newest:
+        raise RuntimeError(
+            f"run {run_id} wrote its leakage findings before a later run wrote its own: they cannot be "
+            "rewritten now; run a new pass instead"
+        )
+    conn.execute(recon_findings.delete().where(f.first_seq == seq))
+    conn.execute(update(recon_findings).where(f.last_seq == seq).values(last_seq=seq - 1))
+    conn.execute(recon_finding_runs.delete().where(runs.run_id == run_id))
+
+
+def stored_finding_rows(conn: Connection) -> int:
+    """How many finding rows are stored (distinct findings, not runs x findings)."""
+    return int(conn.execute(select(func.count()).select_from(recon_findings)).scalar_one())

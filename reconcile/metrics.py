@@ -214,6 +214,20 @@ def write_metrics(
     conn.execute(recon_metrics.insert(), rows)
 
 
+def purge_old_metrics(conn: Connection, now: datetime, retention_days: int) -> int:
+    """Delete the computations older than `retention_days` (their rows and headers), in the caller's
+    transaction; the number of metric rows deleted. The history is a window, not an archive: its
+    size is bounded by the retention, whatever the platform's age."""
+    h, m = recon_metric_runs.c, recon_metrics.c
+    old = [r for (r,) in conn.execute(select(h.run_id).where(h.computed_at < now - timedelta(days=retention_days)))]
+    deleted = 0
+    for start in range(0, len(old), 500):
+        chunk = old[start : start + 500]
+        deleted += conn.execute(recon_metrics.delete().where(m.run_id.in_(chunk))).rowcount
+        conn.execute(recon_metric_runs.delete().where(h.run_id.in_(chunk)))
+    return deleted
+
+
 @dataclass(frozen=True)
 class MetricRun:
     """One stored computation: when, and its rows (COLUMNS)."""

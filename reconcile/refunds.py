@@ -8,6 +8,7 @@ running at the same moment can therefore never write a second refund for the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -21,6 +22,7 @@ from reconcile.db.schema import (
     ai_generations,
     credit_balances,
     credit_transactions,
+    recon_refund_holds,
     recon_refunds,
     recon_status_changes,
 )
@@ -28,22 +30,38 @@ from reconcile.sync import NEVER_DISPATCHED
 
 PLAN_COLUMNS = ["job_id", "user_id", "vendor", "model", "type", "credits", "charged", "refunded", "reason"]
 VENDOR_FAILED = "vendor_failed"
+HELD, APPROVED, REJECTED = "held", "approved", "rejected"
 
 
 def refund_key(job_id: str) -> str:
     return f"refund:{job_id}"
 
 
-def plan_refunds(conn: Connection, now: datetime, lookback_hours: int, limit: int | None = None) -> pd.DataFrame:
+def plan_refunds(
+    conn: Connection,
+    now: datetime,
+    lookback_hours: int | None,
+    limit: int | None = None,
+    job_ids: list[str] | None = None,
+) -> pd.DataFrame:
     """Every failed job in the lookback window that the ledger shows charged and not yet refunded;
     the `limit` longest-failed of them when there are more (the next pass plans the rest).
 
     The amount is the net the ledger shows was charged (charges of the job's own user, minus any
-    refunds already made); whoever failed the job. Jobs the platform refunded itself are skipped.
+    refunds already made); whoever failed the job. Jobs the platform refunded itself are skipped, and
+    so are jobs whose refund waits for a person (held) or that a person rejected.
+    `job_ids` (an approval) plans only those jobs, whatever the lookback (`None`: no lookback).
     """
     g = ai_generations.c
-    since = now - timedelta(hours=lookback_hours)
-    failed_ids = select(g.id).where(g.status == "failed", g.updated_at >= since)
+    h = recon_refund_holds.c
+    window = [g.status == "failed"]
+    if lookback_hours is not None:
+        window.append(g.updated_at >= now - timedelta(hours=lookback_hours))
+    if job_ids is not None:
+        window.append(g.id.in_(job_ids))
+    else:
+        window.append(g.id.not_in(select(h.job_id).where(h.status.in_((HELD, REJECTED)))))
+    failed_ids = select(g.id).where(*window)
     t = credit_transactions.c
     # Only charges made by the job's own user count: never refund someone who did not pay.
     charged = (
@@ -85,8 +103,7 @@ def plan_refunds(conn: Connection, now: datetime, lookback_hours: int, limit: in
             ai_generations.join(charged, charged.c.job_id == g.id).outerjoin(refunded, refunded.c.job_id == g.id)
         )
         .where(
-            g.status == "failed",
-            g.updated_at >= since,
+            *window,
             charged.c.charged - refunded_credits > 0,
             # A refund the ledger's `integer` amount cannot hold is left to a person: it stays a
             # failed_unrefunded finding instead of failing the batch that carries it on every pass.
@@ -134,13 +151,21 @@ class RefundResult:
 
 
 def apply_refunds(
-    engine: Engine, plan: pd.DataFrame, run_id: str, now: datetime, batch_size: int = 1000
+    engine: Engine,
+    plan: pd.DataFrame,
+    run_id: str,
+    now: datetime,
+    batch_size: int = 1000,
+    fence: Callable[[Connection], None] | None = None,
 ) -> RefundResult:
-    """Write the planned refunds, each exactly once, in batches of one transaction each."""
+    """Write the planned refunds, each exactly once, in batches of one transaction each; `fence` runs
+    first in each (the pass checks there that its lease is still its own: `runs.fence_lease`)."""
     written_ids: set[str] = set()
     for start in range(0, len(plan), batch_size):
         batch = plan.iloc[start : start + batch_size]
         with engine.begin() as conn:
+            if fence:
+                fence(conn)
             written_ids.update(_apply_batch(conn, batch, run_id, now))
     mask = plan["job_id"].isin(written_ids)
     return RefundResult(written=plan[mask], skipped=plan[~mask])

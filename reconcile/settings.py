@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,16 @@ class VendorEnv:
     url_var: str
     default_url: str
     secret_var: str
+    default_rate: float | None = None  # the vendor module's `default_rate_per_second`
+
+    @property
+    def rate_var(self) -> str:
+        """reconcile's own variable for this vendor's request rate."""
+        return f"RECONCILE_{self.vendor.upper()}_RATE_LIMIT_PER_SECOND"
+
+    @property
+    def rate_field(self) -> str:
+        return f"{self.vendor}_rate_limit_per_second"
 
     @property
     def url_field(self) -> str:
@@ -52,7 +63,8 @@ class VendorEnv:
 
 
 VENDOR_ENV: dict[str, VendorEnv] = {
-    v.name: VendorEnv(v.name, v.url_var, v.default_url, v.secret_var) for v in registry.all_vendors()
+    v.name: VendorEnv(v.name, v.url_var, v.default_url, v.secret_var, v.default_rate_per_second)
+    for v in registry.all_vendors()
 }
 VENDORS: tuple[str, ...] = tuple(VENDOR_ENV)
 
@@ -65,6 +77,10 @@ def _check_http_url(value: str | None) -> str | None:
         raise ValueError("must be an http:// or https:// URL with a host")
     if parts.query or parts.fragment:
         raise ValueError("must be a base URL without a query string or fragment")
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ValueError("has a port that is not a number from 0 to 65535") from None
     return value.rstrip("/")
 
 
@@ -80,13 +96,31 @@ class _CoreSettings(BaseModel):
     )
     refund_lookback_hours: int = Field(24 * 7, alias="RECONCILE_REFUND_LOOKBACK_HOURS", gt=0)
     full_audit_every_hours: int = Field(24, alias="RECONCILE_FULL_AUDIT_EVERY_HOURS", gt=0)
-    lease_seconds: int = Field(900, alias="RECONCILE_LEASE_SECONDS", gt=0)
+    # A pass renews its lease 4 times per period while it works; a crashed pass's lease is taken over
+    # at once when its process or Dagster run is provably gone, else after this long.
+    lease_seconds: int = Field(60, alias="RECONCILE_LEASE_SECONDS", gt=0, le=3600)
+    # `reconcile run` waits this long for a database that is starting up (connection refused, ...).
+    database_wait_seconds: int = Field(60, alias="RECONCILE_DATABASE_WAIT_SECONDS", ge=0, le=3600)
+    # Observation metrics older than this are purged by the metrics step (the method needs 48 h).
+    metrics_retention_days: int = Field(7, alias="RECONCILE_METRICS_RETENTION_DAYS", ge=3, le=3650)
     # Bounds one pass's memory and vendor calls after an incident; the oldest stuck jobs go first.
     max_jobs_per_pass: int = Field(50_000, alias="RECONCILE_MAX_JOBS_PER_PASS", gt=0)
     # The most stuck jobs any step holds in memory at once: the pass reads its working set back
     # from the database in chunks of this many, by key range.
     chunk_size: int = Field(10_000, alias="RECONCILE_CHUNK_SIZE", gt=0, le=1_000_000)
-    reports_dir: Path = Field(DEFAULT_REPORTS_DIR, alias="RECONCILE_REPORTS_DIR")
+    # A local directory or an fsspec URL (s3://bucket/prefix, gs://...): where reports and books go.
+    reports_dir: str = Field(str(DEFAULT_REPORTS_DIR), alias="RECONCILE_REPORTS_DIR", min_length=1)
+    # Finance's books: the business day's time zone, and the first day the partitions offer to build.
+    business_timezone: str = Field("UTC", alias="RECONCILE_BUSINESS_TIMEZONE")
+    books_start_date: str = Field("2026-01-01", alias="RECONCILE_BOOKS_START_DATE", pattern=r"^\d{4}-\d{2}-\d{2}$")
+    # Refund holds (reconcile/refunds.py): planned but written only once a person approves them.
+    refund_hold_above_credits: int = Field(1_000, alias="RECONCILE_REFUND_HOLD_ABOVE_CREDITS", gt=0)
+    # The mass-failure guard: a vendor whose refunds in one pass exceed a limit, or jump far above its
+    # usual level, has all of that pass's refunds held. On by default.
+    refund_mass_failure_guard: bool = Field(True, alias="RECONCILE_REFUND_MASS_FAILURE_GUARD")
+    refund_hold_vendor_pass_refunds: int = Field(500, alias="RECONCILE_REFUND_HOLD_VENDOR_PASS_REFUNDS", gt=0)
+    refund_hold_vendor_jump_factor: float = Field(10.0, alias="RECONCILE_REFUND_HOLD_VENDOR_JUMP_FACTOR", gt=1)
+    refund_hold_vendor_jump_min: int = Field(50, alias="RECONCILE_REFUND_HOLD_VENDOR_JUMP_MIN", gt=0)
     alert_webhook_url: SecretStr | None = Field(None, alias="RECONCILE_ALERT_WEBHOOK_URL")
     alert_stuck_warning_threshold: int = Field(
         100, alias="RECONCILE_ALERT_STUCK_WARNING_THRESHOLD", gt=0, le=10_000_000
@@ -112,6 +146,17 @@ class _CoreSettings(BaseModel):
             _check_http_url(value.get_secret_value())
         return value
 
+    @field_validator("business_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("must be a time zone name such as UTC or Europe/Berlin") from exc
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
@@ -120,8 +165,12 @@ class _CoreSettings(BaseModel):
 
         try:
             url = make_url(value)
-        except ArgumentError as exc:
-            raise ValueError("is not a SQLAlchemy URL such as postgresql+psycopg://host/db") from exc
+        except (ArgumentError, ValueError) as exc:
+            # Never the parser's own text: it can quote the password (e.g. a non-numeric port).
+            raise ValueError(
+                "is not a SQLAlchemy URL such as postgresql+psycopg://user@host:5432/db: check that the port "
+                "is a number and that special characters of the password are %-escaped"
+            ) from exc
         if url.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("must point at PostgreSQL or SQLite")
         return value
@@ -132,6 +181,18 @@ class _CoreSettings(BaseModel):
     def vendor_secret(self, vendor: str) -> SecretStr | None:
         return getattr(self, _vendor_env(vendor).secret_field)
 
+    def vendor_rate(self, vendor: str) -> float:
+        """Requests a second to `vendor`: its own RECONCILE_<VENDOR>_RATE_LIMIT_PER_SECOND; unset, the
+        global RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND when that is set; else the vendor module's default
+        (Replicate's leaves most of the account's read limit to the platform), or the global default."""
+        env = _vendor_env(vendor)
+        own = getattr(self, env.rate_field)
+        if own is not None:
+            return own
+        if env.default_rate is None or "vendor_rate_limit_per_second" in self.model_fields_set:
+            return self.vendor_rate_limit_per_second
+        return env.default_rate
+
     def redacted(self) -> dict[str, Any]:
         """Every setting by its environment name; secrets only as 'set' / 'unset'."""
         out: dict[str, Any] = {}
@@ -141,6 +202,8 @@ class _CoreSettings(BaseModel):
                 out[field.alias] = "set" if value is not None else "unset"
             elif name == "database_url":
                 out[field.alias] = redact_url(value)
+            elif isinstance(value, str):
+                out[field.alias] = mask_credentials(value)  # e.g. a vendor URL with user:password@
             else:
                 out[field.alias] = str(value) if isinstance(value, Path) else value
         return out
@@ -167,6 +230,7 @@ _VENDOR_FIELDS: dict[str, Any] = {}
 for _env in VENDOR_ENV.values():
     _VENDOR_FIELDS[_env.url_field] = (str, Field(_env.default_url, alias=_env.url_var))
     _VENDOR_FIELDS[_env.secret_field] = (SecretStr | None, Field(None, alias=_env.secret_var))
+    _VENDOR_FIELDS[_env.rate_field] = (float | None, Field(None, alias=_env.rate_var, gt=0, le=100_000))
 
 Settings = create_model(
     "Settings",
@@ -179,11 +243,47 @@ Settings = create_model(
 _SECRET_FIELDS = {"alert_webhook_url", *(e.secret_field for e in VENDOR_ENV.values())}
 
 
+_SENSITIVE_KEY = re.compile("pass|secret|token|key", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """A database URL with its password hidden."""
+    """A database URL with its password hidden (a URL SQLAlchemy cannot parse: its credentials masked)."""
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        parsed = make_url(url)
+        # A password can also travel as a query parameter (`?password=...`, libpq's conninfo keys).
+        query = {k: ("redacted" if _SENSITIVE_KEY.search(k) else v) for k, v in parsed.query.items()}
+        return parsed.set(query=query).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - any malformed URL: shown with its credentials masked instead
+        return mask_credentials(url)
+
+
+def database_label(url: str) -> str:
+    """Which database a run works on, for its tags and its Dagster home: backend, host, port and name;
+    never the user nor the password."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return f"sqlite:{parsed.database or ':memory:'}"
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.get_backend_name()}://{parsed.host or 'localhost'}{port}/{parsed.database or ''}"
+
+
+def mask_credentials(text: str) -> str:
+    """`text` with whatever may be a credential masked, whatever its shape: the user information of a
+    URL (everything before the last '@', so a password holding '@', '/' or ':' unescaped is covered too,
+    with or without a scheme or a host) and the query string and fragment (`?password=...`)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    if "@" in rest:
+        rest = "***@" + rest[rest.rfind("@") + 1 :]
+    for mark in "?#":
+        if mark in rest:
+            rest = rest.split(mark, 1)[0] + f"{mark}***"
+    return scheme + sep + rest
 
 
 @dataclass(frozen=True)
@@ -240,8 +340,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         problems = []
         for err in exc.errors():
             alias = str(err["loc"][0]) if err["loc"] else "configuration"
-            shown = "<hidden>" if alias in _SECRET_ALIASES else repr(raw.get(alias, ""))[:80]
-            reason = err["msg"].removeprefix("Value error, ")
+            value = raw.get(alias, "")
+            shown = "<hidden>" if alias in _SECRET_ALIASES else repr(mask_credentials(value))[:80]
+            reason = err["msg"].removeprefix("Value error, ")  # the validators never quote the value
             problems.append(Problem(alias, f"is {shown}, which is invalid ({reason})", _default_hint(alias)))
         raise ConfigError(problems) from None
 

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import DateTime, Text, bindparam, func, insert, type_coerce, update
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from reconcile import markdown
 from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, recon_status_changes
@@ -248,12 +248,18 @@ class SyncResult:
 
 
 def apply_status_changes(
-    engine: Engine, changes: pd.DataFrame, run_id: str, now: datetime, chunk_size: int = 500
+    engine: Engine,
+    changes: pd.DataFrame,
+    run_id: str,
+    now: datetime,
+    chunk_size: int = 500,
+    fence: Callable[[Connection], None] | None = None,
 ) -> SyncResult:
     """Apply each change by compare-and-set; audit the ones that took effect, in the same transaction.
 
     On PostgreSQL a chunk is one statement (`_cas_update_many`) instead of one round trip per job
     (profiled: the round trips were most of the stage); SQLite, in-process, keeps one per job.
+    `fence` runs first in each chunk's transaction (the pass checks its lease there: `runs.fence_lease`).
     """
     applied_mask = pd.Series(False, index=changes.index)
     unique_jobs = not changes["job_id"].duplicated().any() if not changes.empty else True
@@ -261,6 +267,8 @@ def apply_status_changes(
         chunk = changes.iloc[start : start + chunk_size]
         params = [_params(change, now) for change in chunk.to_dict("records")]
         with engine.begin() as conn:
+            if fence:
+                fence(conn)
             if conn.dialect.name == "postgresql" and unique_jobs:
                 applied_ids = set(
                     conn.execute(
@@ -321,10 +329,11 @@ def sync_staged_pass(
     now: datetime,
     undispatched_fail_after_minutes: int,
     before_chunk: Callable[[pd.DataFrame], None] | None = None,
+    fence: Callable[[Connection], None] | None = None,
 ) -> SyncTotals:
     """Plan and apply the sync of a staged pass a chunk at a time; keep each job's outcome on its row.
 
-    `before_chunk` runs before each chunk is applied (the asset renews its lease there).
+    `before_chunk` runs before each chunk is applied; `fence` inside each of its transactions.
     """
     changes: list[pd.DataFrame] = []
     reasons: list[pd.DataFrame] = []
@@ -334,7 +343,7 @@ def sync_staged_pass(
         plan = plan_status_changes(classified, answers, health, undispatched_fail_after_minutes)
         if before_chunk:
             before_chunk(plan.changes)
-        result = apply_status_changes(engine, plan.changes, run_id, now)
+        result = apply_status_changes(engine, plan.changes, run_id, now, fence=fence)
         outcomes = [
             result.applied[["job_id"]].assign(outcome="applied", reason=result.applied["to_status"]),
             result.lost_race[["job_id"]].assign(outcome="lost_race", reason="changed since read"),

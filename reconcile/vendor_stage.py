@@ -21,9 +21,18 @@ from reconcile.models import VendorAnswer, VendorHealth, VendorState
 from reconcile.settings import Settings
 from reconcile.staging import StuckSet, analyze, clear_answers, iter_pass_jobs, write_answers
 from reconcile.stuck import DISPATCHED, Classified
-from reconcile.vendors.fetch import NOT_ASKED, TIME_BUDGET_EXHAUSTED, fetch_vendor_truth
+from reconcile.vendors.fetch import (
+    NOT_ASKED,
+    TIME_BUDGET_EXHAUSTED,
+    fetch_vendor_truth,
+    result_outage,
+    result_outage_detail,
+)
 
-_SUMMED = ("jobs", "requests", "retries", "http_429", "http_5xx", "timeouts", "connection_errors", "not_found")
+_SUMMED = (
+    "jobs", "requests", "retries", "http_429", "http_5xx", "timeouts", "connection_errors", "not_found",
+    "results", "result_errors",
+)  # fmt: skip
 
 
 @dataclass
@@ -88,7 +97,12 @@ def ask_vendor(
         if progress:
             progress(stage)
     analyze(engine, recon_pass_answers)
-    if stage.health == VendorHealth.OK and len(stage.chunk_sizes) > 1:
+    results, result_errors = stage.stats.get("results", 0), stage.stats.get("result_errors", 0)
+    if stage.health == VendorHealth.OK and result_outage(results, result_errors):
+        # Judged over the whole pass: each chunk may have had too few result requests to tell.
+        stage.health = VendorHealth.DOWN
+        stage.detail = result_outage_detail(vendor, results, result_errors)
+    elif stage.health == VendorHealth.OK and len(stage.chunk_sizes) > 1:
         s = stage.stats
         stage.detail = (
             f"{vendor}: {stage.answers} job(s) in {len(stage.chunk_sizes)} chunks, {s['requests']} request(s) "

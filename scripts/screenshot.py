@@ -1,8 +1,10 @@
-"""`make screenshot`: the asset graph in headless Chromium, saved as docs/asset-graph.png.
+"""`make screenshot`: the UI in headless Chromium, saved under docs/: the asset graph
+(docs/asset-graph.png), the alert checks of `observation_metrics` (docs/alert-checks.png) and the run page
+of the newest failed pass, its one-line cause and fix (docs/failed-pass.png).
 
-Starts the Dagster webserver on loopback for workspace.yaml, opens the reconciliation group's lineage
-in the system's Chromium (Playwright drives it; no browser download), dismisses the first-visit
-dialog, and saves a PNG.
+Starts the Dagster webserver on loopback for workspace.yaml and the instance in DAGSTER_HOME (default: the
+demo's, so run `make demo` first; a failed pass appears once one failed), opens each page in the system's
+Chromium (Playwright drives it; no browser download), dismisses the first-visit dialog, and saves PNGs.
 """
 
 from __future__ import annotations
@@ -44,9 +46,32 @@ def _wait_for(url: str, server: subprocess.Popen) -> None:
     sys.exit(f"the Dagster webserver did not answer at {url} within 120 s")
 
 
+def _newest_failed_pass(home: str) -> str | None:
+    """The newest run of DAGSTER_HOME that failed with a known, one-line cause."""
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    os.environ["DAGSTER_HOME"] = home
+    with DagsterInstance.get() as instance:
+        runs = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.FAILURE]), limit=20)
+    return next((run.run_id for run in runs if "reconcile/failure" in run.tags), None)
+
+
+def _shoot(page, url: str, wait_for: str, out: Path) -> None:
+    page.goto(url, wait_until="networkidle")
+    page.wait_for_selector(wait_for, timeout=60_000)
+    page.wait_for_timeout(2500)  # the page animates into place; the first-visit dialog appears meanwhile
+    skip = page.get_by_role("button", name="Skip")
+    if skip.count():
+        skip.first.click()
+        page.wait_for_timeout(1000)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out))
+    print(f"screenshot: {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "asset-graph.png")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -60,6 +85,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "DAGSTER_HOME": os.environ.get("DAGSTER_HOME", str(ROOT / ".reconcile" / "dagster_home"))}
     Path(env["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    failed_run = _newest_failed_pass(env["DAGSTER_HOME"])
     command = [sys.executable, "-m", "dagster_webserver", "-w", str(ROOT / "workspace.yaml"),
                "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -68,19 +94,22 @@ def main() -> None:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1600, "height": 900})
-            page.goto(f"{url}/asset-groups/reconciliation", wait_until="networkidle")
-            skip = page.get_by_role("button", name="Skip")
-            if skip.count():
-                skip.first.click()
-            page.wait_for_selector("text=credit_leakage", timeout=60_000)
-            page.wait_for_timeout(2000)  # the graph animates into place
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(args.out))
+            _shoot(page, f"{url}/asset-groups/reconciliation", "text=credit_leakage", args.out_dir / "asset-graph.png")
+            checks = f"{url}/assets/observation_metrics?view=checks&checkDetail=no_undispatched_backlog"
+            _shoot(page, checks, "text=never reached", args.out_dir / "alert-checks.png")
+            if failed_run is None:
+                print("no failed pass in this Dagster home: docs/failed-pass.png not taken")
+            else:
+                _shoot(
+                    page,
+                    f"{url}/runs/{failed_run}?logs=type%3ASTEP_FAILURE",
+                    "text=Fix:",
+                    args.out_dir / "failed-pass.png",
+                )
             browser.close()
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"screenshot: {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ tested on its own. The open incidents and the undelivered alerts live in this se
 so an incident gives one alert when it opens and one when it clears, not one per tick, and an alert
 the webhook refused is posted again on the next tick.
 
-Where an alert shows: the tick's log and its skip message (Overview > Sensors > reconcile_alerts), an
-`AssetObservation` on `observation_metrics` (its event history), and the Slack-compatible webhook in
-RECONCILE_ALERT_WEBHOOK_URL when set (never logged: it holds a token).
+Where an alert shows: the asset checks of `observation_metrics` (`assets/alert_checks.py`: the asset
+turns red or yellow, the check history lists each incident), the tick's log and its skip message
+(Overview > Sensors > reconcile_alerts), an `AssetObservation` on `observation_metrics` (its event
+history), and the Slack-compatible webhook in RECONCILE_ALERT_WEBHOOK_URL when set (never logged: it
+holds a token).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 from dagster import (
     AssetKey,
     AssetObservation,
-    DagsterInstance,
     DefaultSensorStatus,
     MetadataValue,
     SensorEvaluationContext,
@@ -23,59 +24,19 @@ from dagster import (
     sensor,
 )
 
+from assets.alert_checks import observe
 from assets.resources import ReconcileResource
 from reconcile.alerts import (
     LOG_LEVELS,
-    STUCK_GROWTH_RUNS,
     Alert,
     AlertState,
     CursorError,
-    Observation,
-    VendorReport,
     alert_thresholds,
     deliver,
     evaluate,
-    metrics_view,
 )
-from reconcile.db.schema import utcnow
-from reconcile.metrics import recent_metric_runs, recent_pass_stuck
-from reconcile.settings import VENDORS
-from reconcile.vendors import registry
 
 METRICS_ASSET = AssetKey("observation_metrics")
-LEGACY_VENDOR_ASSET = AssetKey("vendor_statuses")  # before the per-vendor split: one report for all
-
-
-def vendor_reports(instance: DagsterInstance) -> dict[str, VendorReport]:
-    """Each vendor's health in its newest vendor-stage materialization (`vendor_health` metadata)."""
-    found: dict[str, tuple[float, VendorReport]] = {}
-
-    def consider(key: AssetKey, only: str | None) -> None:
-        event = instance.get_latest_materialization_event(key)
-        materialization = event.asset_materialization if event else None
-        if materialization is None:
-            return
-        metadata = materialization.metadata
-        health = metadata.get("vendor_health")
-        reports = dict(health.value) if health is not None and isinstance(health.value, dict) else {}
-        if only is not None and only not in reports:
-            # The vendor asked about no job: nothing went wrong with it in that run.
-            single = metadata.get("health")
-            reports[only] = {"health": single.value if single is not None else "ok", "detail": ""}
-        for vendor, report in reports.items():
-            if (only is not None and vendor != only) or not isinstance(report, dict):
-                continue
-            seen = found.get(vendor)
-            if seen is None or event.timestamp > seen[0]:
-                found[vendor] = (
-                    event.timestamp,
-                    VendorReport(vendor, str(report.get("health", "")), str(report.get("detail", "")), event.run_id),
-                )
-
-    consider(LEGACY_VENDOR_ASSET, None)
-    for vendor in VENDORS:
-        consider(AssetKey(registry.step_name(vendor)), vendor)
-    return {vendor: report for vendor, (_, report) in found.items()}
 
 
 def _observation(alert: Alert) -> AssetObservation:
@@ -107,15 +68,7 @@ def reconcile_alerts(context: SensorEvaluationContext, reconcile: ReconcileResou
         context.log.error(f"{exc}: starting from no open incident (open ones will be announced again)")
         state = AlertState()
 
-    with reconcile.engine().connect() as conn:
-        metric_runs = recent_metric_runs(conn, 2)
-        passes = recent_pass_stuck(conn, STUCK_GROWTH_RUNS)
-    observation = Observation(
-        now=utcnow(),
-        metrics=[metrics_view(run) for run in metric_runs],
-        passes=passes,
-        vendors=vendor_reports(context.instance),
-    )
+    observation = observe(context.instance, reconcile.engine())
     evaluation = evaluate(observation, state, thresholds)
     for alert in evaluation.new:
         context.log.log(LOG_LEVELS[alert.severity], alert.log_line())

@@ -97,6 +97,9 @@ def reset_database(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
         else:
+            views = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='view'").scalars().all()
+            for name in views:
+                conn.exec_driver_sql(f'DROP VIEW "{name}"')
             names = (
                 conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")
                 .scalars()

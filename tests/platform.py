@@ -32,6 +32,8 @@ class Platform:
         age_minutes: float = 60,
         charge: bool = True,
         error_message: str | None = None,
+        type: str = "image",
+        result_url: str | None = None,
     ) -> None:
         at = NOW - timedelta(minutes=age_minutes)
         with self.engine.begin() as conn:
@@ -39,14 +41,14 @@ class Platform:
                 insert(ai_generations).values(
                     id=job_id,
                     user_id=user_id,
-                    type="image",
+                    type=type,
                     model=model,
                     vendor=vendor,
                     vendor_task_id=vendor_task_id,
                     status=status,
                     credits_charged=credits,
                     error_message=error_message,
-                    result_url=None,
+                    result_url=result_url,
                     created_at=at,
                     updated_at=at,
                 )

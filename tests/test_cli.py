@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from dagster import DagsterInstance
 from sqlalchemy import select
 
-from reconcile.db.schema import ai_generations, recon_refunds, recon_runs, utcnow
+from reconcile.db.schema import ai_generations, recon_lease, recon_refunds, recon_runs, utcnow
+from reconcile.runs import acquire_lease
+from reconcile.settings import database_label
 from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from tests.platform import assert_statuses_and_refunds_are_the_truth
@@ -43,10 +48,17 @@ def test_run_reconciles_a_platform_made_by_the_contract_ddl(db, tmp_path: Path) 
     (tmp_path / "dagster_home").mkdir()
     with SimulatorThread(population.truth) as sim:
         env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, **sim.env())
+        # A wrong KIE key: the pass completes, KIE's jobs are left untouched, and the exit code says so.
+        degraded = _reconcile({**env, "KIE_API_KEY": "wrong-key"}, "run")
+        degraded_out, degraded_err = degraded.communicate(timeout=300)
         proc = _reconcile(env, "run")
         out, err = proc.communicate(timeout=300)
+    assert degraded.returncode == 3, degraded_err
+    assert "warning: kie did not answer (unauthorized)" in degraded_err
+    assert "== reconcile run: summary ==" in degraded_out
     assert proc.returncode == 0, err
     assert "succeeded" in out
+    assert "== reconcile run: summary ==" in out and "status changes:" in out and "refunds:" in out
     assert "[stuck_jobs] stuck jobs:" in err  # progress by stage, not Dagster's debug lines
     assert "STEP_START" not in err
     g = ai_generations.c
@@ -94,13 +106,15 @@ def test_two_runs_at_the_same_moment_never_double_process(db, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("kill_at", ["[vendor_statuses_", "[job_status_sync] syncing", "[refunds] applying"])
-def test_kill_9_mid_pass_then_a_normal_pass_ends_right(db, tmp_path: Path, kill_at: str) -> None:
-    """SIGKILL a pass when a stage starts; after its lease expires, a normal pass finishes the job."""
+def test_kill_9_mid_pass_then_the_next_pass_takes_over_at_once(db, tmp_path: Path, kill_at: str) -> None:
+    """SIGKILL a pass when a stage starts; the next pass, started right away with the default 60 s
+    lease, takes the dead pass's lease over (its process is gone) and finishes the job: every refund
+    exactly once. Prints the measured takeover time (kill -> the next pass's start)."""
     population = generate_population(300, seed=17, now=utcnow())
     write_population(db.engine, population)
     (tmp_path / "dagster_home").mkdir()
     with SimulatorThread(population.truth) as sim:
-        env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, RECONCILE_LEASE_SECONDS="3", **sim.env())
+        env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, **sim.env())  # RECONCILE_LEASE_SECONDS: default
         victim = _reconcile(env, "run")
         seen = []
         for line in victim.stderr:  # progress lines arrive as each stage speaks
@@ -108,10 +122,91 @@ def test_kill_9_mid_pass_then_a_normal_pass_ends_right(db, tmp_path: Path, kill_
             if kill_at in line:
                 victim.kill()
                 break
+        killed_at = utcnow()
         victim.wait(timeout=60)
         assert victim.returncode == -9, f"never reached {kill_at!r}: {''.join(seen)[-2000:]}"
-        time.sleep(3.5)  # the killed pass's lease expires
         survivor = _reconcile(env, "run")
         _out, err = survivor.communicate(timeout=300)
     assert survivor.returncode == 0, err
+    r = recon_runs.c
+    with db.engine.connect() as conn:
+        started = conn.execute(select(r.started_at).where(r.status == "succeeded")).scalar_one()
+    takeover = (started - killed_at).total_seconds()
+    print(f"takeover after kill -9 at {kill_at!r} ({db.dialect}): {takeover:.1f} s")
+    assert 0 < takeover < 60
+    assert_statuses_and_refunds_are_the_truth(db.engine, population)  # each owed refund exactly once
+
+
+def test_a_pass_paused_past_its_lease_stops_before_moving_money(db, tmp_path: Path) -> None:
+    """SIGSTOP a pass in its vendor stage past its (3 s) lease; another pass takes over and finishes;
+    the paused pass, resumed, finds its lease lost and fails without writing a refund."""
+    population = generate_population(300, seed=23, now=utcnow())
+    write_population(db.engine, population)
+    (tmp_path / "dagster_home").mkdir()
+    with SimulatorThread(population.truth) as sim:
+        for vendor in ("fal", "replicate", "kie"):
+            sim.set_knobs(vendor, latency_ms=30)
+        env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, RECONCILE_LEASE_SECONDS="3", **sim.env())
+        paused = _reconcile(env, "run")
+        for line in paused.stderr:
+            if "[vendor_statuses_" in line:
+                paused.send_signal(signal.SIGSTOP)
+                break
+        try:
+            time.sleep(4)  # past the expiry; its process is alive (stopped), so only the expiry frees it
+            survivor = _reconcile(env, "run")
+            _out, err = survivor.communicate(timeout=300)
+            assert survivor.returncode == 0, err
+        finally:
+            paused.send_signal(signal.SIGCONT)
+        _out, paused_err = paused.communicate(timeout=300)
+    assert paused.returncode == 1, paused_err
+    assert "lost its lease" in paused_err
+    r, f = recon_runs.c, recon_refunds.c
+    with db.engine.connect() as conn:
+        succeeded = conn.execute(select(r.run_id).where(r.status == "succeeded")).scalars().all()
+        writers = set(conn.execute(select(f.run_id)).scalars())
+    assert len(succeeded) == 1 and writers <= set(succeeded)  # every refund by the pass that held the lease
     assert_statuses_and_refunds_are_the_truth(db.engine, population)
+
+
+def test_run_without_the_platform_tables_says_so_in_one_line(tmp_path: Path) -> None:
+    """Checked before Dagster starts, as check-config checks it: one clear line, no cascade, no trace."""
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).execute("CREATE TABLE unrelated (x)").connection.close()
+    for args in (["run"], ["run", "-v"]):
+        proc = _reconcile(_env(tmp_path, RECONCILE_DATABASE_URL=f"sqlite:///{empty}"), *args)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        assert "has no platform table(s) ai_generations, credit_balances, credit_transactions" in err
+        assert "point it at the platform database" in err  # the fix
+        assert "Not executing" not in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) <= 3, err
+
+
+def test_a_held_lease_fails_the_pass_in_one_line_with_its_fix(db, tmp_path: Path) -> None:
+    """A known failure is a Dagster Failure: one line with the fix, also the run's tag (the run page's top),
+    no cascade of steps not executed, no stack trace even with -v; the run names its database."""
+    write_population(db.engine, generate_population(60, seed=2, now=utcnow()))
+    acquire_lease(db.engine, "another-pass", utcnow(), 3600)
+    env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, FAL_KEY="k", REPLICATE_API_TOKEN="k", KIE_API_KEY="k")
+    for args in (["run"], ["run", "-v"]):
+        proc = _reconcile(env, *args)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, out + err
+        assert "FAILED: another reconcile pass (another-pass) holds the lease until" in err
+        assert "Fix: wait for that pass to end" in err
+        assert "Traceback" not in err and "Stack Trace" not in err
+        if args == ["run"]:
+            assert "Not executing" not in err and "not executed" not in err
+            assert len([line for line in err.splitlines() if "FAILED" in line]) == 1, err
+    with DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        runs = instance.get_runs()
+    assert len(runs) == 2
+    for run in runs:
+        assert run.tags["reconcile/failure"].startswith("another reconcile pass (another-pass) holds the lease")
+        assert run.tags["reconcile/database"] == database_label(db.url)
+        assert "@" not in run.tags["reconcile/database"]
+    with db.engine.connect() as conn:
+        (holder,) = conn.execute(select(recon_lease.c.holder)).scalars().all()
+    assert holder == "another-pass"  # the failed passes freed only their own lease, never another's

@@ -67,3 +67,23 @@ def test_pass_runs_on_a_postgres_backed_instance(db, tmp_path: Path, monkeypatch
             assert len(run.tags["reconcile/config_hash"]) == 16
     finally:
         _drop_postgres_database(storage_url)
+
+
+@pytest.mark.parametrize("where", ["deploy", "embedded"])
+def test_instances_monitor_runs_and_purge_ticks(where: str, tmp_path: Path) -> None:
+    """deploy/dagster.yaml and the instance `reconcile run` / `make ui` write: run monitoring on (a run
+    that never starts or never ends is failed, freeing the one-pass slot), tick retention set."""
+    from dagster._core.instance.config import dagster_instance_config
+
+    from assets.runner import _INSTANCE_YAML
+
+    if where == "embedded":
+        (tmp_path / "dagster.yaml").write_text(_INSTANCE_YAML)
+        home = tmp_path
+    else:
+        home = DEPLOY
+    config, _ = dagster_instance_config(str(home), "dagster.yaml")
+    monitoring = config["run_monitoring"]
+    assert monitoring["enabled"] and monitoring["max_runtime_seconds"] > 0 and monitoring["start_timeout_seconds"] > 0
+    assert config["retention"]["schedule"]["purge_after_days"] > 0
+    assert set(config["retention"]["sensor"]["purge_after_days"]) == {"skipped", "failure", "success"}

@@ -5,14 +5,15 @@ cut that can be made on purpose):
 - while the vendor stage runs (reconcile's pooled connections are idle): the pass must not notice;
 - inside the sync's transaction and inside a refund batch's transaction (after its ledger rows are
   written), made deterministic by holding a row lock the transaction must wait for, then killing the
-  waiting backend: the pass must fail loudly, leave nothing half-written (a status change without its
-  audit row, a ledger row without its balance change or its recon_refunds row), the failure sensor
-  must free the lease, and the following normal pass must end exactly where a fault-free one ends.
+  waiting backend: the step's RetryPolicy retries it (a transient fault), the cut transaction left
+  nothing half-written (a status change without its audit row, a ledger row without its balance
+  change or its recon_refunds row), the retry did nothing twice, and the same pass ends exactly where
+  a fault-free one ends.
 
 Unavailable at start:
-- PostgreSQL at a port that opens only later: reconcile does not wait; the pass fails at once, the
-  message names the server, the port and what to check (never the password), nothing is written, and
-  once the port opens the next pass works without waiting for any lease;
+- PostgreSQL at a port that opens 3 s after `reconcile run` starts: it says it waits, then succeeds;
+  one that stays down past RECONCILE_DATABASE_WAIT_SECONDS fails the pass loudly, naming the server,
+  the port and what to check (never the password), with nothing written;
 - the platform's tables locked by another process for a few seconds (SQLite: BEGIN EXCLUSIVE;
   PostgreSQL: LOCK TABLE ... ACCESS EXCLUSIVE, e.g. a migration): reconcile waits for the lock
   (SQLite busy_timeout, PostgreSQL lock wait) and the pass succeeds, reading only after the release.
@@ -21,6 +22,7 @@ Unavailable at start:
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -41,12 +43,12 @@ from assets.resources import ReconcileResource
 from reconcile.db.schema import (
     ai_generations,
     credit_transactions,
-    recon_lease,
     recon_refunds,
     recon_runs,
     recon_status_changes,
     utcnow,
 )
+from reconcile.runs import lease_holder
 from reconcile.simulator.population import Population, generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from sensors.run_failures import reconcile_pass_failed
@@ -165,17 +167,24 @@ class LockThenKill:
 
     def _watch(self) -> None:
         deadline = time.monotonic() + 120
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            killed = _terminate_others(self.admin, "wait_event_type = 'Lock'")
-            if killed:
-                self.killed = killed
-                return
-            time.sleep(0.02)
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                killed = _terminate_others(self.admin, "wait_event_type = 'Lock'")
+                if killed:
+                    self.killed = killed
+                    return
+                time.sleep(0.02)
+        finally:
+            self._release()  # let go at once: a retry of the cut step must not wait on us
+
+    def _release(self) -> None:
+        if self.transaction.is_active:
+            self.transaction.rollback()
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self.transaction.rollback()
+        self._release()
         self.holder.close()
         self.admin.dispose()
 
@@ -206,7 +215,7 @@ def test_connections_dropped_while_the_vendor_stage_runs_are_replaced(db, monkey
 
 
 @pytest.mark.parametrize("where", ["sync_transaction", "refund_transaction"])
-def test_connection_dropped_inside_a_transaction_fails_loudly_and_leaves_nothing_half_done(
+def test_connection_dropped_inside_a_transaction_is_retried_by_the_step_and_the_pass_succeeds(
     db, monkeypatch, where: str
 ) -> None:
     if db.dialect != "postgresql":
@@ -226,34 +235,24 @@ def test_connection_dropped_inside_a_transaction_fails_loudly_and_leaves_nothing
         _env(monkeypatch, sim, db.url)
         killer = LockThenKill(db.url, sql, params)
         try:
-            faulty = _pass(instance)
+            result = _pass(instance)
         finally:
             killer.close()
         assert killer.killed, "reconcile never waited on the lock: the fault was not injected"
-        errors = _step_errors(faulty)
-        assert not faulty.success
-        assert list(errors) == [failing_step], errors  # loud, and only there
-        assert any(w in errors[failing_step] for w in ("terminating connection", "server closed the connection"))
+        assert result.success, _step_errors(result)  # within the same run: the step was retried
+        retried = [e.step_key for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+        assert retried == [failing_step], retried
+        cause = instance.all_logs(result.run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY)[0].message
+        assert "transient" in cause or "retry" in cause.lower(), cause
 
-        # Nothing half done: the cut transaction left no trace, and no money moved in this pass.
-        after, audited = _statuses_and_audit(db)
-        changed = {job for job in before if after[job] != before[job]}
-        assert changed == audited  # every status change has its audit row, and only those
-        assert bool(changed) == (where == "refund_transaction")  # the sync's chunk was all or nothing
-        assert _refund_rows(db) == refunds_before  # no ledger row of the cut batch survived
-        with db.engine.connect() as conn:
-            assert conn.execute(select(func.count()).select_from(recon_refunds)).scalar_one() == 0
-        assert_ledger_invariants(db.engine)
-
-        # The failure sensor records the failure and frees the lease: the next pass starts at once.
-        _run_failure_sensor(instance, faulty)
-        with db.engine.connect() as conn:
-            assert conn.execute(select(recon_lease)).all() == []
-            status = conn.execute(select(recon_runs.c.status).where(recon_runs.c.run_id == faulty.run_id))
-            assert status.scalar_one() == "failed"
-        normal = _pass(instance)
-        assert normal.success, _step_errors(normal)
-    _assert_the_truth(db, population, refunds_before)
+    # Nothing half done by the cut transaction, nothing done twice by the retry.
+    after, audited = _statuses_and_audit(db)
+    changed = {job for job in before if after[job] != before[job]}
+    assert changed == audited  # every status change has its audit row, and only those
+    with db.engine.connect() as conn:
+        audit_rows = conn.execute(select(func.count()).select_from(recon_status_changes)).scalar_one()
+    assert audit_rows == len(audited)  # once each, though the sync ran twice
+    _assert_the_truth(db, population, refunds_before)  # each owed refund exactly once, ledger invariants
 
 
 # ------------------------------------------------------------------------------ unavailable at start
@@ -309,50 +308,61 @@ class LatePort:
             s.close()
 
 
-def test_postgres_unreachable_at_start_fails_at_once_and_says_what_to_check(
-    db, monkeypatch, tmp_path: Path, caplog, capfd
-) -> None:
+def _reconcile_run(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "reconcile.cli", "run"], env=env, cwd="/", stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _cli_env(tmp_path: Path, sim: SimulatorThread, url: str, **extra: str) -> dict[str, str]:
+    ours = ("RECONCILE_", "FAL_", "REPLICATE_", "KIE_", "DAGSTER_HOME")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    return {**env, **sim.env(), **FAST, "RECONCILE_DATABASE_URL": url, "DAGSTER_HOME": str(tmp_path / "dh"),
+            "RECONCILE_REPORTS_DIR": str(tmp_path / "reports"), **extra}  # fmt: skip
+
+
+def test_postgres_starting_up_is_waited_for_then_the_pass_succeeds(db, tmp_path: Path) -> None:
+    """The server's port opens 3 s after `reconcile run` starts: it says it waits, then succeeds; a
+    server that stays down past RECONCILE_DATABASE_WAIT_SECONDS fails the pass loudly, naming the
+    server and what to check, with nothing written. The password is never shown."""
     if db.dialect != "postgresql":
         pytest.skip("a server that is not up yet: PostgreSQL only (SQLite is a file)")
-    from assets.runner import execute_pass
-    from reconcile.cli import _print_outcome
-
     population = _world(db, seed=41)
     refunds_before = _refund_rows(db)
     password = "pw-Wh1le-D0wn-7e1c"  # trust auth ignores it; it must still never be shown
     real = make_url(db.url)
     late = LatePort((real.host or "127.0.0.1", real.port or 5432))
     url = real.set(port=late.port, password=password).render_as_string(hide_password=False)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    (tmp_path / "dagster_home").mkdir()
+    (tmp_path / "dh").mkdir()
     try:
         with SimulatorThread(population.truth) as sim:
-            _env(monkeypatch, sim, url)
             started = time.monotonic()
-            down = execute_pass(verbose=True)  # what `reconcile run -v` does, in-process
+            down = _reconcile_run(_cli_env(tmp_path, sim, url, RECONCILE_DATABASE_WAIT_SECONDS="2"))
+            down_out, down_err = down.communicate(timeout=300)
             took = time.monotonic() - started
-            _print_outcome(down)
-            assert not down.success
-            assert took < 30, "reconcile waited for the database: assert that behaviour instead"
-            (failure,) = [f for f in down.failures if f.startswith("stuck_jobs:")]
-            assert f'"{real.host}", port {late.port}' in failure  # which server
-            assert "Connection refused" in failure and "Is the server running" in failure  # what to check
+            assert down.returncode == 1, down_err
+            assert "waiting up to 2 s for the database at" in down_err
+            assert f"port {late.port}" in down_err and "Is the server running" in down_err  # which, what to check
+            print(f"a database that stays down fails the pass after {took:.1f} s (2 s wait + step retries)")
             with db.engine.connect() as conn:  # nothing written, no lease left behind
                 assert conn.execute(select(recon_runs)).all() == []
-                assert conn.execute(select(recon_lease)).all() == []
+                assert lease_holder(db.engine, utcnow()) is None
 
-            late.open()  # the server is up: the next tick works at once
-            up = execute_pass(verbose=True)
-            assert up.success, up.failures
+            up = _reconcile_run(_cli_env(tmp_path, sim, url))
+            said = up.stderr.readline()  # the first thing it says: that it waits (the port is still shut)
+            assert "waiting up to 60 s for the database at" in said, said
+            waiting_since = time.monotonic()
+            time.sleep(3)
+            late.open()  # the server comes up 3 s into the wait
+            up_out, up_err = up.communicate(timeout=300)
+            up_err = said + up_err
+            print(f"a database up 3 s late: the pass succeeded {time.monotonic() - waiting_since:.1f} s into the wait")
+            assert up.returncode == 0, up_err
     finally:
         late.close()
-    # The password is in no message: failures, logs, the terminal, Dagster's storage of both runs.
-    storage = "\n".join(
-        p.read_bytes().decode("utf-8", "replace") for p in (tmp_path / "dagster_home").rglob("*") if p.is_file()
-    )
-    out, err = capfd.readouterr()
-    for where, content in {"failures": "\n".join(down.failures + up.failures), "logs": caplog.text,
-                           "terminal": out + err, "dagster storage": storage}.items():  # fmt: skip
+    storage = "\n".join(p.read_bytes().decode("utf-8", "replace") for p in (tmp_path / "dh").rglob("*") if p.is_file())
+    for where, content in {"down": down_out + down_err, "up": up_out + up_err, "dagster storage": storage}.items():
         assert password not in content, where
     _assert_the_truth(db, population, refunds_before)
 

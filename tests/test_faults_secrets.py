@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets as random_secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +140,35 @@ def test_no_secret_anywhere_after_a_faulty_hostile_pass(db, monkeypatch, caplog,
         message = ai_generations.c.error_message
         echoed = conn.execute(select(message).where(message.like("%invalid token %"))).scalars().all()
     assert echoed, "no echoed-secret error reached the platform: nothing was tested"
+
+
+CONFIG_SECRET = "Sup3rS3cretPw"
+MALFORMED_VALUES = {  # name: (variable, value): every shape a password or token can be mistyped in
+    "non-numeric port": ("RECONCILE_DATABASE_URL", f"postgresql://postgres:{CONFIG_SECRET}@host:notaport/db"),
+    "user info, no host": ("RECONCILE_DATABASE_URL", f"postgresql://:{CONFIG_SECRET}@/db"),
+    "odd scheme": ("RECONCILE_DATABASE_URL", f"weird+scheme://u:{CONFIG_SECRET}@h/db"),
+    "no scheme": ("RECONCILE_DATABASE_URL", f"{CONFIG_SECRET}@127.0.0.1"),
+    "slash in password": ("RECONCILE_DATABASE_URL", f"postgresql://u:{CONFIG_SECRET}/x@127.0.0.1:1/db"),
+    "password in query": (
+        "RECONCILE_DATABASE_URL",
+        f"postgresql+psycopg://u@127.0.0.1:1/db?password={CONFIG_SECRET}&connect_timeout=2",
+    ),
+    "unreachable": ("RECONCILE_DATABASE_URL", f"postgresql+psycopg://u:{CONFIG_SECRET}@127.0.0.1:1/db"),
+    "vendor URL with credentials": ("FAL_QUEUE_URL", f"https://u:{CONFIG_SECRET}@queue.fal.run:port/x"),
+    "webhook garbage": ("RECONCILE_ALERT_WEBHOOK_URL", f"not a url {CONFIG_SECRET}"),
+}
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("shape", sorted(MALFORMED_VALUES))
+def test_no_secret_in_any_configuration_error(command: str, shape: str, tmp_path: Path) -> None:
+    """Black box, as a user types it: the command fails naming the variable, and never shows the secret."""
+    variable, value = MALFORMED_VALUES[shape]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILE_", "FAL_", "REPLICATE_", "KIE_"))}
+    env.update({"DAGSTER_HOME": str(tmp_path / "dagster"), variable: value})
+    reconcile = Path(sys.executable).with_name("reconcile")
+    done = subprocess.run([reconcile, command], env=env, cwd="/", capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert variable in done.stderr
+    assert CONFIG_SECRET not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import random
+import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 if TYPE_CHECKING:
     from reconcile.settings import Problem
@@ -33,6 +38,89 @@ def copy_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> Non
     with driver.cursor() as cursor, cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row([row[name] for name in columns])
+
+
+# PostgreSQL SQLSTATEs that say "try again": the transaction or connection was cut, not refused for
+# what it did. Class 08 (connection exceptions) is matched by prefix.
+_TRANSIENT_SQLSTATES = {
+    "40001": "serialization failure",
+    "40P01": "deadlock detected",
+    "57P01": "connection terminated by an administrator (e.g. pg_terminate_backend, a failover)",
+    "57P02": "server crash shutdown",
+    "57P03": "the database system is starting up",
+    "53300": "too many connections",
+}
+_SQLITE_BUSY = ("database is locked", "database is busy")
+
+
+class TransientDatabaseError(RuntimeError):
+    """A database fault that a retry of the same work can get past (see `transient_reason`)."""
+
+
+def transient_reason(exc: BaseException) -> str | None:
+    """Why `exc` (or an exception it was raised from) is a transient database fault, or None.
+
+    Transient: connection refused, reset or terminated, serialization failures, deadlocks, a server
+    starting up, SQLite's lock still held after busy_timeout. Not transient: authentication, missing
+    tables, constraint violations, bad SQL: retrying those repeats the failure.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        reason = _own_transient_reason(current)
+        if reason:
+            return reason
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _own_transient_reason(exc: BaseException) -> str | None:
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return "the connection to the database was lost"
+        orig = exc.orig
+        if isinstance(orig, sqlite3.OperationalError):
+            return "the SQLite database is locked" if str(orig).startswith(_SQLITE_BUSY) else None
+        state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if state:
+            return _TRANSIENT_SQLSTATES.get(state) or ("connection exception" if state.startswith("08") else None)
+        if isinstance(exc, OperationalError):
+            # No SQLSTATE: the server never answered (refused, reset, timed out, closed mid-query).
+            return "the database server could not be reached or closed the connection"
+    return None
+
+
+def wait_for_database(
+    url: str, timeout_seconds: float, say: Callable[[str], None], *, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Wait up to `timeout_seconds` for the database at `url` to accept connections, e.g. a server that
+    is starting up or a failover in progress; `say` what is awaited, once. Returns when it answers,
+    at once on a fault that waiting does not cure (wrong password, unknown database), and at the
+    deadline: the caller's own first use then fails loudly with the real error."""
+    from reconcile.settings import redact_url
+
+    engine = make_engine(url)
+    deadline = time.monotonic() + timeout_seconds
+    delay, said = 0.25, False
+    try:
+        while True:
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                return
+            except DBAPIError as exc:
+                reason = transient_reason(exc)
+                left = deadline - time.monotonic()
+                if reason is None or left <= 0:
+                    return
+                if not said:
+                    say(f"waiting up to {timeout_seconds:.0f} s for the database at {redact_url(url)} ({reason})")
+                    said = True
+                sleep(min(delay * random.uniform(0.5, 1.5), left))
+                delay = min(delay * 2, 2.0)
+    finally:
+        engine.dispose()
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
@@ -84,6 +172,18 @@ def upgrade_schema(engine: Engine) -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
+
+
+def head_revision() -> str:
+    """The newest migration's revision (what `upgrade_schema` brings a database to)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -10,7 +10,6 @@ No Dagster here: the asset in `assets/reports.py` and the CLI both call this.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +19,17 @@ from typing import TextIO
 
 from sqlalchemy.engine import Engine
 
-from reconcile.reports.data import NEW, PERSISTING, RESOLVED, ReportData, load_report_data, run_exists
+from reconcile.reports.data import (
+    DEFAULT_LOOKBACK_HOURS,
+    NEW,
+    PERSISTING,
+    RESOLVED,
+    ReportData,
+    load_report_data,
+    run_exists,
+)
 from reconcile.reports.render import leakage_html, refunds_html, write_leakage_csv, write_refunds_csv
+from reconcile.reports.store import is_url, join, write_file
 
 __all__ = [
     "REPORT_FILES",
@@ -46,8 +54,8 @@ class ReportSet:
     """The files written for one run, and the figures they show."""
 
     run_id: str
-    folder: Path
-    paths: list[Path]
+    folder: Path | str  # a local folder, or a URL in an object store
+    paths: list  # Path, or URL strings
     data: ReportData
 
     @property
@@ -64,7 +72,10 @@ class ReportSet:
 
     @property
     def credits_at_stake(self) -> int:
-        return sum(f.credits for f in self.data.findings)
+        """Each job's credits once, even when it is in two categories."""
+        from reconcile.reports.render import credits_once
+
+        return credits_once(self.data.findings)
 
     def changes(self) -> dict[str, int]:
         rows = [*self.data.findings, *self.data.resolved]
@@ -86,24 +97,22 @@ def report_folder(reports_dir: Path, run_id: str, started_at: datetime) -> Path:
     return reports_dir / f"{started_at:%Y%m%dT%H%M%SZ}{suffix}"
 
 
-def _write_atomically(path: Path, write: Callable[[TextIO], object], encoding: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding=encoding, newline="") as out:
-        write(out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
-def generate_reports(engine: Engine, run_id: str, reports_dir: Path | str, now: datetime) -> ReportSet:
+def generate_reports(
+    engine: Engine, run_id: str, reports_dir: Path | str, now: datetime, lookback_hours: int = DEFAULT_LOOKBACK_HOURS
+) -> ReportSet:
     """Read everything about `run_id` and write its four report files; raise UnknownRun if there is
-    nothing recorded for it."""
+    nothing recorded for it. `lookback_hours` (RECONCILE_REFUND_LOOKBACK_HOURS) judges which failed
+    jobs no pass will refund any more."""
     with engine.connect() as conn:
         if not run_exists(conn, run_id):
             raise UnknownRun(f"no reconcile run {run_id!r} in this database (see recon_runs)")
-        data = load_report_data(conn, run_id)
-    folder = report_folder(Path(reports_dir).resolve(), run_id, data.run.started_at or now)
-    folder.mkdir(parents=True, exist_ok=True)
+        data = load_report_data(conn, run_id, lookback_hours)
+    started = data.run.started_at or now
+    if is_url(reports_dir):  # an object store: one folder per run, named by its start
+        folder: Path | str = join(reports_dir, f"{started:%Y%m%dT%H%M%SZ}_{_safe_run_id(run_id)}")
+    else:
+        folder = report_folder(Path(reports_dir).resolve(), run_id, started)
+        folder.mkdir(parents=True, exist_ok=True)
     # CSV with a BOM: spreadsheets then read it as UTF-8 (names in any script survive the round trip).
     # CSV rows stream into their file; an HTML page (at most HTML_ROW_LIMIT rows) is written before the
     # next is rendered: after an incident no report is ever held whole in memory next to another.
@@ -113,11 +122,10 @@ def generate_reports(engine: Engine, run_id: str, reports_dir: Path | str, now: 
         "leakage.csv": (lambda out: write_leakage_csv(data, out), "utf-8-sig"),
         "leakage.html": (lambda out: out.write(leakage_html(data, now)), "utf-8"),
     }
-    paths = []
+    paths: list = []
     for name in REPORT_FILES:
-        write, encoding = writers[name]
-        _write_atomically(folder / name, write, encoding)
-        paths.append(folder / name)
+        written = write_file(join(folder, name), *writers[name])
+        paths.append(written if is_url(written) else Path(written))
     return ReportSet(run_id, folder, paths, data)
 
 

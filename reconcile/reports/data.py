@@ -14,11 +14,15 @@ from sqlalchemy.engine import Connection
 from reconcile.db.schema import (
     ai_generations,
     recon_leakage_findings,
+    recon_refund_holds,
     recon_refunds,
     recon_runs,
     recon_status_changes,
 )
+from reconcile.refunds import APPROVED
+from reconcile.reports.evidence import advice, job_facts, reason_in_words
 
+DEFAULT_LOOKBACK_HOURS = 168
 HISTORY_RUNS = 30  # how many runs the charts over time show (this one and the successful ones before)
 
 NEW, PERSISTING, RESOLVED = "new", "persisting", "resolved"
@@ -47,6 +51,14 @@ class RefundRow:
     error_message: str | None
     evidence: str | None
     refunded_at: datetime
+    vendor_task_id: str | None = None  # the vendor's request id
+    approved_by: str | None = None  # set when a person approved a held refund
+    approval_note: str | None = None
+
+    @property
+    def reason_text(self) -> str:
+        words = reason_in_words(self.reason)
+        return f"{words}; held, approved by {self.approved_by}" if self.approved_by else words
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +71,8 @@ class FindingRow:
     detail: str
     detected_at: datetime
     change: str = ""  # NEW or PERSISTING for this run's findings, RESOLVED for the previous run's
+    vendor_said: str = ""  # what the vendor last answered about the job
+    action: str = ""  # what a person should do
 
     @property
     def key(self) -> tuple[str, str | None, str]:
@@ -88,6 +102,7 @@ class ReportData:
     findings: list[FindingRow]  # this run's, each marked NEW or PERSISTING
     resolved: list[FindingRow]  # the previous successful run's findings that are gone
     history: list[RunPoint] = field(default_factory=list)
+    holds: list[tuple] = field(default_factory=list)  # refunds this run held: see held_rows
 
 
 def _summary(text: str | None) -> dict:
@@ -127,20 +142,30 @@ def previous_successful_run(conn: Connection, run: RunInfo) -> str | None:
     return conn.execute(query.order_by(r.started_at.desc()).limit(1)).scalar()
 
 
-def refund_rows(conn: Connection, run_id: str) -> list[RefundRow]:
-    r, g, s = recon_refunds.c, ai_generations.c, recon_status_changes.c
+def refund_rows(conn: Connection, run_id: str | None = None, where=None) -> list[RefundRow]:
+    """The refunds one run wrote (`run_id`), or those a condition on recon_refunds selects (`where`)."""
+    r, g, s, h = recon_refunds.c, ai_generations.c, recon_status_changes.c, recon_refund_holds.c
+    condition = r.run_id == run_id if where is None else where
     rows = conn.execute(
-        select(r.job_id, r.user_id, r.credits, r.reason, r.created_at, g.vendor, g.model, g.type, g.error_message)
+        select(r.job_id, r.user_id, r.credits, r.reason, r.created_at, g.vendor, g.model, g.type, g.error_message,
+               g.vendor_task_id)
         .select_from(recon_refunds.outerjoin(ai_generations, g.id == r.job_id))
-        .where(r.run_id == run_id)
-    ).all()
+        .where(condition)
+    ).all()  # fmt: skip
+    refunded = select(r.job_id).where(condition)
     # The evidence: the audited change that failed the job (the latest, if it was ever failed twice).
     failed_by_reconcile = (
         select(s.job_id, s.vendor_state, s.evidence)
-        .where(s.to_status == "failed", s.job_id.in_(select(r.job_id).where(r.run_id == run_id)))
+        .where(s.to_status == "failed", s.job_id.in_(refunded))
         .order_by(s.changed_at, s.id)
     )
     evidence = {row.job_id: (row.vendor_state, row.evidence) for row in conn.execute(failed_by_reconcile)}
+    approvals = {
+        row.job_id: (row.decided_by, row.decision_note)
+        for row in conn.execute(
+            select(h.job_id, h.decided_by, h.decision_note).where(h.status == APPROVED, h.job_id.in_(refunded))
+        )
+    }
     out = [
         RefundRow(
             job_id=row.job_id,
@@ -154,20 +179,35 @@ def refund_rows(conn: Connection, run_id: str) -> list[RefundRow]:
             error_message=row.error_message,
             evidence=evidence.get(row.job_id, (None, None))[1],
             refunded_at=row.created_at,
+            vendor_task_id=row.vendor_task_id,
+            approved_by=approvals.get(row.job_id, (None, None))[0],
+            approval_note=approvals.get(row.job_id, (None, None))[1],
         )
         for row in rows
     ]
     return sorted(out, key=lambda x: (-x.credits, x.job_id))
 
 
-def finding_rows(conn: Connection, run_id: str) -> list[FindingRow]:
+def finding_rows(
+    conn: Connection, run_id: str, now: datetime | None = None, lookback_hours: int = DEFAULT_LOOKBACK_HOURS
+) -> list[FindingRow]:
+    """The run's findings, each with what the vendor last answered and what a person should do
+    (judged at `now`: default, the findings' own detection time)."""
     f, g = recon_leakage_findings.c, ai_generations.c
     rows = conn.execute(
         select(f.category, f.job_id, f.user_id, f.credits, f.detail, f.detected_at, g.vendor)
         .select_from(recon_leakage_findings.outerjoin(ai_generations, g.id == f.job_id))
         .where(f.run_id == run_id)
     ).all()
-    out = [FindingRow(r.category, r.job_id, r.user_id, r.vendor, int(r.credits), r.detail, r.detected_at) for r in rows]
+    facts = job_facts(conn, (r.job_id for r in rows))
+    out = [
+        FindingRow(
+            r.category, r.job_id, r.user_id, r.vendor, int(r.credits), r.detail, r.detected_at,
+            vendor_said=facts[r.job_id].last_answer if r.job_id in facts else "",
+            action=advice(r.category, facts.get(r.job_id), now or r.detected_at, lookback_hours),
+        )
+        for r in rows
+    ]  # fmt: skip
     return sorted(out, key=lambda x: (x.category, -x.credits, x.job_id or "", x.detail))
 
 
@@ -237,11 +277,14 @@ def run_history(conn: Connection, run: RunInfo, limit: int = HISTORY_RUNS) -> li
     return points
 
 
-def load_report_data(conn: Connection, run_id: str) -> ReportData:
+def load_report_data(conn: Connection, run_id: str, lookback_hours: int = DEFAULT_LOOKBACK_HOURS) -> ReportData:
     """Everything the reports of `run_id` show, read in one connection."""
     run = run_info(conn, run_id) or RunInfo(run_id, None, None, "unknown", "", {})
     previous = previous_successful_run(conn, run)
-    findings, resolved = mark_changes(finding_rows(conn, run_id), finding_rows(conn, previous) if previous else None)
+    findings, resolved = mark_changes(
+        finding_rows(conn, run_id, lookback_hours=lookback_hours),
+        finding_rows(conn, previous, lookback_hours=lookback_hours) if previous else None,
+    )
     return ReportData(
         run=run,
         previous_run_id=previous,
@@ -249,4 +292,16 @@ def load_report_data(conn: Connection, run_id: str) -> ReportData:
         findings=findings,
         resolved=resolved,
         history=run_history(conn, run),
+        holds=held_rows(conn, run_id),
     )
+
+
+HELD_COLUMNS = ["job_id", "vendor", "credits", "reason", "hold_detail", "status", "decided_by", "decided_at",
+                "decision_note", "outcome"]  # fmt: skip
+
+
+def held_rows(conn: Connection, run_id: str) -> list[tuple]:
+    """The refunds this run held (not written) and, when a person decided since, the decision."""
+    h = recon_refund_holds.c
+    query = select(*(h[name] for name in HELD_COLUMNS)).where(h.run_id == run_id).order_by(h.credits.desc(), h.job_id)
+    return [tuple(row) for row in conn.execute(query)]

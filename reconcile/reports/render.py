@@ -6,7 +6,6 @@ Every total in a page is computed from exactly the rows written to its CSV, so t
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,6 +13,7 @@ from typing import TextIO
 
 from reconcile.leakage import CATEGORIES
 from reconcile.reports.data import NEW, PERSISTING, RESOLVED, FindingRow, RefundRow, ReportData
+from reconcile.reports.evidence import readable_answer, reason_in_words
 from reconcile.reports.safe import Markup, csv_cell, el, esc, visible
 from reconcile.reports.svg import PALETTE, bar_chart, line_chart
 
@@ -25,8 +25,10 @@ TEXT_CHARS = 400  # longest detail or evidence shown in a page cell
 REFUND_COLUMNS = [
     "run_id", "job_id", "user_id", "vendor", "model", "type", "credits", "reason",
     "vendor_state", "error_message", "evidence", "refunded_at",
+    "reason_text", "vendor_request_id", "approved_by", "approval_note",
 ]  # fmt: skip
-LEAKAGE_COLUMNS = ["run_id", "category", "job_id", "user_id", "vendor", "credits", "change", "detail", "detected_at"]
+LEAKAGE_COLUMNS = ["run_id", "category", "job_id", "user_id", "vendor", "credits", "change", "detail", "detected_at",
+                   "vendor_last_answered", "what_to_do"]  # fmt: skip
 
 CATEGORY_MEANING = {
     "stuck_unresolved": "charged, still not finished, not refunded",
@@ -38,6 +40,7 @@ CATEGORY_MEANING = {
     "missing_charge": "completed, credits_charged > 0, no charge row",
     "orphan_transaction": "a charge or refund whose job does not exist",
     "invalid_job": "a row reconcile could not process (unknown vendor, negative charge, ...)",
+    "completed_without_result": "an image or video job set completed from a vendor answer with no result URL",
 }
 NO_VENDOR = "(no job)"
 
@@ -76,6 +79,19 @@ def grand_total(rows: Sequence) -> Total:
     return Total("", "total", len(rows), sum(int(r.credits) for r in rows))
 
 
+def credits_once(rows: Iterable) -> int:
+    """Credits at stake counting each job once (a job in two categories is one job's credits at risk):
+    per job its largest finding, plus every finding that has no job."""
+    per_job: dict[str, int] = {}
+    loose = 0
+    for row in rows:
+        if row.job_id:
+            per_job[row.job_id] = max(per_job.get(row.job_id, 0), int(row.credits))
+        else:
+            loose += int(row.credits)
+    return loose + sum(per_job.values())
+
+
 # --- CSV -------------------------------------------------------------------------------------------
 
 
@@ -85,7 +101,8 @@ def write_refunds_csv(data: ReportData, out: TextIO) -> None:
         REFUND_COLUMNS,
         (
             [data.run.run_id, r.job_id, r.user_id, r.vendor, r.model, r.type, r.credits, r.reason,
-             r.vendor_state, r.error_message, r.evidence, timestamp(r.refunded_at)]
+             r.vendor_state, r.error_message, r.evidence, timestamp(r.refunded_at),
+             r.reason_text, r.vendor_task_id, r.approved_by, r.approval_note]
             for r in data.refunds
         ),
     )  # fmt: skip
@@ -97,7 +114,7 @@ def write_leakage_csv(data: ReportData, out: TextIO) -> None:
         LEAKAGE_COLUMNS,
         (
             [data.run.run_id, f.category, f.job_id, f.user_id, f.vendor, f.credits, f.change, f.detail,
-             timestamp(f.detected_at)]
+             timestamp(f.detected_at), f.vendor_said, f.action]
             for f in data.findings
         ),
     )  # fmt: skip
@@ -143,6 +160,13 @@ td.id { min-width: 14ch; max-width: 260px; overflow-wrap: anywhere;
 .tag.new { background: #fde2e1; } .tag.persisting { background: #fff1cc; } .tag.resolved { background: #dff3e4; }
 .note { color: var(--muted); font-size: 12px; }
 @media print { th { position: static; } }
+/* A phone (390 px): less margin, cards two a row, wide tables scroll sideways inside the page. */
+@media (max-width: 640px) {
+  body { padding: 12px 12px 32px; font-size: 15px; }
+  .cards { gap: 8px; } .card { min-width: calc(50% - 4px); flex: 1 1 calc(50% - 4px); padding: 8px 10px; }
+  table { display: block; max-width: 100%; overflow-x: auto; }
+  td.text { min-width: 20ch; }
+}
 """
 
 # Nothing may load from anywhere: no script, no remote style, font or image (the page opens offline,
@@ -267,13 +291,7 @@ def refunds_html(data: ReportData, generated_at: datetime) -> str:
     total = grand_total(rows)
     by_reason = totals_by(rows, lambda r: r.reason)
     by_vendor = totals_by(rows, lambda r: r.vendor)
-    listing = [
-        [r.job_id, r.user_id, r.vendor if r.vendor is not None else NO_VENDOR, r.model, r.type, r.credits, r.reason,
-         r.vendor_state or "", _evidence(r), timestamp(r.refunded_at)]
-        for r in rows[:HTML_ROW_LIMIT]
-    ]  # fmt: skip
-    columns = [("job", "id"), ("user", "id"), ("vendor", "id"), ("model", "id"), ("type", ""), ("credits", "num"),
-               ("reason", ""), ("vendor state", ""), ("evidence", "text"), ("refunded at", "")]  # fmt: skip
+    listing = [refund_cells(r) for r in rows[:HTML_ROW_LIMIT]]
     body = [
         _cards([("refunds", total.rows), ("credits refunded", total.credits), ("vendors", len(by_vendor))]),
         el("div",
@@ -287,29 +305,57 @@ def refunds_html(data: ReportData, generated_at: datetime) -> str:
         el("h2", "Over the last runs"),
         *_history(data, [("credits_refunded", "Credits refunded per run", "credits"),
                          ("refunds", "Refunds per run", "refunds")]),
+        el("h2", "Held for approval"),
+        el("p", "Planned but not written: over a threshold (RECONCILE_REFUND_HOLD_*). A person decides with "
+                "`reconcile refunds approve|reject --run-id ", el("code", data.run.run_id),
+                " --by NAME --note TEXT` (or --job, --vendor, --all). Their credits are not in the totals above.",
+           class_="note"),
+        _cards([("held", len(data.holds)), ("credits held", sum(int(h[2]) for h in data.holds))]),
+        _rows_table("held", HELD_PAGE_COLUMNS, [_held_cells(h) for h in data.holds[:HTML_ROW_LIMIT]],
+                    len(data.holds), "recon_refund_holds"),
         el("h2", "Every refund of the run"),
-        el("p", "Evidence: the vendor's answer reconcile acted on (state, reason, an excerpt), or the job's error "
-                "message when the job failed some other way (a webhook, the platform).", class_="note"),
-        _rows_table("refunds", columns, listing, len(rows), "refunds.csv"),
+        el("p", "Why: the reason in words. Error message: the job's error_message. Vendor's answer: what the "
+                "vendor answered when reconcile failed the job (state, reason, HTTP status, an excerpt; the CSV has it "
+                "whole).",
+           class_="note"),
+        _rows_table("refunds", REFUND_PAGE_COLUMNS, listing, len(rows), "refunds.csv"),
     ]  # fmt: skip
     return _page(f"reconcile refunds · {data.run.run_id}", "Refunds", data, generated_at, body)
 
 
-def _evidence(r: RefundRow) -> str:
-    """The vendor's answer reconcile acted on, readably (the CSV has the raw JSON), else the job's error."""
-    if not r.evidence:
-        return f"error_message: {r.error_message}" if r.error_message else ""
-    try:
-        answer = json.loads(r.evidence)
-    except ValueError:
-        return r.evidence
-    if not isinstance(answer, dict):
-        return r.evidence
-    said = [str(answer[k]) for k in ("reason", "state") if answer.get(k)]
-    if answer.get("http_status") is not None:
-        said.append(f"HTTP {answer['http_status']}")
-    excerpt = answer.get("excerpt")
-    return " · ".join(said) + (f": {excerpt}" if excerpt else "")
+REFUND_PAGE_COLUMNS = [
+    ("job", "id"), ("user", "id"), ("vendor", "id"), ("model", "id"), ("type", ""), ("credits", "num"),
+    ("why", "text"), ("error message", "text"), ("vendor state", ""), ("vendor request id", "id"),
+    ("vendor's answer", "text"), ("refunded at", ""),
+]  # fmt: skip
+
+
+HELD_PAGE_COLUMNS = [
+    ("job", "id"),
+    ("vendor", "id"),
+    ("credits", "num"),
+    ("why", "text"),
+    ("why held", "text"),
+    ("status", ""),
+    ("decided by", ""),
+    ("decided at", ""),
+    ("note", "text"),
+    ("outcome", "text"),
+]
+
+
+def _held_cells(h: tuple) -> list[object]:
+    job_id, vendor, credits, reason, detail, status, by, at, note, outcome = h
+    return [job_id, vendor or NO_VENDOR, int(credits), reason_in_words(reason), detail, status, by or "",
+            timestamp(at), note or "", outcome or ""]  # fmt: skip
+
+
+def refund_cells(r: RefundRow) -> list[object]:
+    """One refund's page cells: the reason in words, the job's error, the vendor's state and request id,
+    and a readable excerpt of the vendor's answer."""
+    return [r.job_id, r.user_id, r.vendor if r.vendor is not None else NO_VENDOR, r.model, r.type, r.credits,
+            r.reason_text, r.error_message or "", r.vendor_state or "", r.vendor_task_id or "",
+            readable_answer(r.evidence), timestamp(r.refunded_at)]  # fmt: skip
 
 
 def leakage_html(data: ReportData, generated_at: datetime) -> str:
@@ -320,16 +366,17 @@ def leakage_html(data: ReportData, generated_at: datetime) -> str:
     changes = _change_totals(data)
     listing = [_finding_cells(f) for f in rows[:HTML_ROW_LIMIT]]
     resolved = [_finding_cells(f) for f in data.resolved[:HTML_ROW_LIMIT]]
-    columns = [("category", ""), ("job", "id"), ("user", "id"), ("vendor", "id"), ("credits at stake", "num"),
-               ("change", ""), ("detail", "text")]  # fmt: skip
+    columns = FINDING_PAGE_COLUMNS
     previous = (
         el("p", "compared with the previous successful run ", el("code", data.previous_run_id), class_="note")
         if data.previous_run_id
         else el("p", "no previous successful run: every finding is new", class_="note")
     )
     body = [
-        _cards([("findings", total.rows), ("credits at stake", total.credits),
+        _cards([("findings", total.rows), ("credits at stake (each job once)", credits_once(rows)),
                 ("new", changes[0].rows), ("resolved", changes[2].rows)]),
+        el("p", "A job can be in two categories: the card counts its credits once, the tables below once per "
+                "finding.", class_="note"),
         el("div",
            _figure("Credits at stake by category",
                    bar_chart("Credits at stake by category", _bars([t for t in by_category if t.credits]))),
@@ -356,10 +403,15 @@ def leakage_html(data: ReportData, generated_at: datetime) -> str:
     return _page(f"reconcile leakage · {data.run.run_id}", "Credit leakage", data, generated_at, body)
 
 
+FINDING_PAGE_COLUMNS = [("category", ""), ("job", "id"), ("user", "id"), ("vendor", "id"),
+                        ("credits at stake", "num"), ("change", ""), ("detail", "text"),
+                        ("vendor last answered", "text"), ("what to do", "text")]  # fmt: skip
+
+
 def _finding_cells(f: FindingRow) -> list[object]:
     tag = el("span", f.change, class_=f"tag {f.change}")
     vendor = f.vendor if f.vendor is not None else NO_VENDOR
-    return [f.category, f.job_id or "", f.user_id or "", vendor, f.credits, tag, f.detail]
+    return [f.category, f.job_id or "", f.user_id or "", vendor, f.credits, tag, f.detail, f.vendor_said, f.action]
 
 
 def _change_totals(data: ReportData) -> list[Total]:

@@ -60,8 +60,9 @@ class VendorKnobs:
             problems.append("retry_after must be >= 0 or None")
         if self.timeout_seconds < 0:
             problems.append("timeout_seconds must be >= 0")
-        if not self.error_statuses or any(not 500 <= s <= 599 for s in self.error_statuses):
-            problems.append(f"error_statuses must be 5xx codes, not {self.error_statuses!r}")
+        # 5xx, or a vendor's own transient code (KIE's 455, "maintenance", sent inside its envelope).
+        if not self.error_statuses or any(not 400 <= s <= 599 for s in self.error_statuses):
+            problems.append(f"error_statuses must be HTTP error codes (5xx, or e.g. 455), not {self.error_statuses!r}")
         if self.down_mode not in DOWN_MODES:
             problems.append(f"down_mode must be one of {DOWN_MODES}, not {self.down_mode!r}")
         if problems:

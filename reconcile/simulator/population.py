@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from reconcile.db.engine import can_copy, copy_rows
 from reconcile.db.schema import ai_generations, credit_balances, credit_transactions
+from reconcile.leakage import MEDIA_TYPES
 from reconcile.simulator.truth import Outcome, TaskTruth
 from reconcile.vendors import registry
 from reconcile.vendors.base import PopulationHints
@@ -61,6 +62,15 @@ HOSTILE_TEXT_UNIT = (
 HOSTILE_ERROR = (HOSTILE_TEXT_UNIT * (10_240 // len(HOSTILE_TEXT_UNIT) + 1))[:10_240]  # ~10 KB
 
 
+# KIE's products other than the Market: the variants of KIE's population models (reconcile/vendors/kie.py).
+KIE_PRODUCT_VARIANTS = tuple(range(4, len(MODELS["kie"])))
+KIE_PRODUCT_ROWS = tuple(("kie", variant) for variant in KIE_PRODUCT_VARIANTS)
+KIE_SUNO = next(i for i, (model, _) in enumerate(MODELS["kie"]) if model.startswith("suno"))
+KIE_LUMA = next(i for i, (model, _) in enumerate(MODELS["kie"]) if model.startswith("luma"))
+# Cases whose vendor answer uses one exact status word of the task's product.
+_CASE_STATUS_WORDS = {"stuck_completed_callback_failed": "4", "stuck_running_partial": "FIRST_SUCCESS"}
+
+
 @dataclass(frozen=True)
 class CaseSpec:
     name: str
@@ -76,9 +86,21 @@ CASES: tuple[CaseSpec, ...] = (
     # Stuck, dispatched (processing with vendor_task_id): the vendor decides.
     CaseSpec("stuck_queued", (("fal", 0), ("replicate", 0), ("kie", 0)), 4),
     CaseSpec("stuck_running", (("fal", 1), ("replicate", 1), ("kie", 1)), 6),
-    CaseSpec("stuck_completed", (("fal", 0), ("fal", 1), ("replicate", 0), ("replicate", 1), ("kie", 0)), 8),
+    CaseSpec(
+        "stuck_completed",
+        (("fal", 0), ("fal", 1), ("fal", 5), ("replicate", 0), ("replicate", 1), ("kie", 0), *KIE_PRODUCT_ROWS),
+        8,
+    ),
     CaseSpec("stuck_completed_no_output", (("fal", 0), ("replicate", 0), ("kie", 0)), 0.5),
-    CaseSpec("stuck_failed", (("fal", 0), ("replicate", 0), ("kie", 0)), 4),
+    CaseSpec("stuck_failed", (("fal", 0), ("replicate", 0), ("kie", 0), *KIE_PRODUCT_ROWS), 4),
+    # fal: COMPLETED without error, the result request answers 422 (variant 0, 6: comfy/) or 500 (variant 1).
+    CaseSpec("stuck_app_failure", (("fal", 0), ("fal", 1), ("fal", 6)), 0.3, ("fal",)),
+    # Replicate: succeeded, its output deleted since (data retention): completed with no URL, a finding.
+    CaseSpec("stuck_completed_output_removed", (("replicate", 0),), 0.3, ("replicate",)),
+    # KIE traps, laid out only (their status words belong to one product): Luma's successFlag 4
+    # ("callback failed") is a success; Suno's FIRST_SUCCESS (one track done) is not final.
+    CaseSpec("stuck_completed_callback_failed", (("kie", KIE_LUMA),), 0, ("kie",)),
+    CaseSpec("stuck_running_partial", (("kie", KIE_SUNO),), 0, ("kie",)),
     CaseSpec("stuck_canceled", (("replicate", 0),), 0.5, _vendors_with(Outcome.CANCELED)),
     CaseSpec("stuck_aborted", (("replicate", 1),), 0.5, _vendors_with(Outcome.ABORTED)),
     CaseSpec("stuck_failed_zero_credits", (("kie", 0),), 0.3),
@@ -121,6 +143,7 @@ LAYOUT_SIZE = sum(len(spec.layout) for spec in CASES)
 _STUCK_OUTCOMES = {
     "stuck_queued": Outcome.QUEUED,
     "stuck_running": Outcome.RUNNING,
+    "stuck_running_partial": Outcome.RUNNING,
     "stuck_unmapped": Outcome.UNMAPPED,
     "stuck_vendor_404": None,  # the vendor does not know the task
 }
@@ -296,6 +319,8 @@ class _Generator:
         outcome: Outcome | None = None  # None: the vendor does not know the task
         truth_url: str | None = None
         truth_error: tuple[str, str] | None = None
+        result_http_status: int | None = None  # fal: the app's failure, answered by the result request
+        output_removed = False  # Replicate: the output was deleted since (data retention)
         exp: dict[str, Any] = {"queried": True}
         charge = True  # the platform's charge row at submit
         refunds: list[int] = []  # refund rows the platform already wrote
@@ -311,10 +336,21 @@ class _Generator:
             else:
                 outcome = Outcome.RUNNING
             exp = {"final_status": status, "queried": False}
-        elif case in ("stuck_queued", "stuck_running", "stuck_unmapped", "stuck_vendor_404"):
+        elif case in _STUCK_OUTCOMES:
             outcome = _STUCK_OUTCOMES[case]
+            if case == "stuck_running_partial":
+                truth_url = self.result_url(vendor, kind)  # the first track's URL: there, and not final
             exp = {"final_status": "processing", "findings": {"stuck_unresolved"}, "queried": True}
-        elif case in ("stuck_completed", "stuck_completed_no_output", "hostile_completed"):
+        elif case == "stuck_completed_output_removed":
+            outcome, truth_url, output_removed = Outcome.COMPLETED, self.result_url(vendor, kind), True
+            charged_media = kind in MEDIA_TYPES and credits > 0
+            exp = {"final_status": "completed", "result_url": None, "queried": True}
+            exp["findings"] = {"completed_without_result"} if charged_media else set()
+        elif case == "stuck_app_failure":
+            outcome, truth_error = Outcome.FAILED, self.error(vendor)
+            result_http_status = 500 if variant % 2 else 422
+            exp = {"final_status": "failed", "refund": credits, "reason": "vendor_failed", "queried": True}
+        elif case in ("stuck_completed", "stuck_completed_no_output", "hostile_completed", *_CASE_STATUS_WORDS):
             outcome = Outcome.COMPLETED
             if case != "stuck_completed_no_output":
                 truth_url = self.result_url(vendor, kind)
@@ -419,7 +455,10 @@ class _Generator:
                     err[1],
                     output_list=variant % 2 == 1,  # a vendor that can answer a list or one URL alternates
                     media=kind,
+                    status_word=_CASE_STATUS_WORDS.get(case),
                     created_at=created_at + timedelta(seconds=1),
+                    result_http_status=result_http_status,
+                    output_removed=output_removed,
                 )
             )
         self.pop_rows.append(

@@ -25,7 +25,7 @@ from reconcile.vendors import registry
 if TYPE_CHECKING:
     from reconcile.simulator.wire import SimulatedVendor
 
-TRUTH_FORMAT_VERSION = "1"
+TRUTH_FORMAT_VERSION = "2"
 
 
 class Outcome(StrEnum):
@@ -60,6 +60,10 @@ class TaskTruth:
     media: str = "image"  # fal result shape: images[] for image, video{} for video, output for text
     status_word: str | None = None  # the exact vendor status to send instead of the outcome's word
     created_at: datetime | None = None  # the vendor's own creation time; None: a fixed epoch
+    # A failure the vendor reports through an HTTP error of its result request (fal's app failures:
+    # COMPLETED without `error`, then this status with a `detail`); None: reported in the status answer.
+    result_http_status: int | None = None
+    output_removed: bool = False  # completed, but the output was deleted since (Replicate's data retention)
 
     def __post_init__(self) -> None:
         simulated = _simulated_vendor(self.vendor)
@@ -78,6 +82,12 @@ class TaskTruth:
             raise ValueError(f"media must be one of {MEDIA_KINDS}, not {self.media!r}")
         if not self.vendor_task_id:
             raise ValueError("vendor_task_id must be a non-empty string")
+        if self.result_http_status is not None and (
+            self.outcome is not Outcome.FAILED or not 400 <= self.result_http_status < 600
+        ):
+            raise ValueError("result_http_status is a 4xx or 5xx of a failed task")
+        if self.output_removed and self.outcome is not Outcome.COMPLETED:
+            raise ValueError("only a completed task's output can be removed")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -143,6 +153,8 @@ _COLUMNS = (
     "media",
     "status_word",
     "created_at",
+    "result_http_status",
+    "output_removed",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM truth"
 
@@ -164,14 +176,17 @@ def _to_row(task: TaskTruth) -> tuple[object, ...]:
         task.media,
         task.status_word,
         created,
+        task.result_http_status,
+        int(task.output_removed),
     )
 
 
 def _from_row(row: tuple) -> TaskTruth:  # type: ignore[type-arg]
     created = datetime.fromisoformat(row[10]) if row[10] else None
     return TaskTruth(
-        row[0], row[1], row[2], Outcome(row[3]), row[4], row[5], row[6], bool(row[7]), row[8], row[9], created
-    )
+        row[0], row[1], row[2], Outcome(row[3]), row[4], row[5], row[6], bool(row[7]), row[8], row[9], created,
+        row[11], bool(row[12]),
+    )  # fmt: skip
 
 
 class SqliteTruthStore:
@@ -253,6 +268,7 @@ def save_truth(path: str | os.PathLike[str], tasks: Iterable[TaskTruth]) -> int:
             "CREATE TABLE truth (vendor TEXT NOT NULL, vendor_task_id TEXT NOT NULL, model TEXT NOT NULL,"
             " outcome TEXT NOT NULL, result_url TEXT, error TEXT, error_type TEXT,"
             " output_list INTEGER NOT NULL, media TEXT NOT NULL, status_word TEXT, created_at TEXT,"
+            " result_http_status INTEGER, output_removed INTEGER NOT NULL,"
             " PRIMARY KEY (vendor, vendor_task_id)) WITHOUT ROWID"
         )
         conn.execute("PRAGMA cache_size = -262144")  # 256 MB

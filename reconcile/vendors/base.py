@@ -341,6 +341,8 @@ class Vendor:
     `secret_var` (its secret); requests carry `Authorization: <auth_scheme> <secret>`, `X-Request-Id`,
     `Accept: application/json` and `extra_headers`. The settings derive one field of each per vendor.
 
+    Rate: `default_rate_per_second` (None: the global rate). Endpoints: `endpoint(job)` (None: one).
+
     Requests: `status_route(job)` -> (path, query params) of the status request; `parse_status` turns
     its answer into a `Parsed`. A parser may answer `Kind.NEEDS_RESULT`: then `result_route` and
     `parse_result` (both required for such a vendor) fetch the result and give the final answer.
@@ -360,6 +362,13 @@ class Vendor:
     result_route: RouteBuilder | None = None
     parse_result: StatusParser | None = None
     extra_headers: Mapping[str, str] = field(default_factory=dict)
+    # Vendors whose jobs go to several endpoints (KIE's products): the endpoint of a job, named for a
+    # person. "Not found" for most jobs of one endpoint marks the vendor misconfigured even when its
+    # other endpoints answer well.
+    endpoint: Callable[[JobRef], str] | None = None
+    # Requests a second when RECONCILE_<VENDOR>_RATE_LIMIT_PER_SECOND is unset (at most the global
+    # RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND): a share of a limit the vendor shares with the platform.
+    default_rate_per_second: float | None = None
     simulator: SimulatedVendor | None = field(default=None, repr=False, compare=False)
     population: PopulationHints | None = field(default=None, repr=False, compare=False)
 

@@ -46,10 +46,20 @@ NAME = "fal"
 STATES = {"IN_QUEUE": VendorState.QUEUED, "IN_PROGRESS": VendorState.RUNNING}
 
 
+# The endpoint namespaces whose apps keep three segments (fal-js libs/client/src/utils.ts, ENDPOINT_NAMESPACES).
+NAMESPACES = ("workflows", "comfy")
+
+
+def app_segments(model: str) -> list[str]:
+    """fal's `{app}` of a model: its first two path segments, three in a namespace (`workflows/acme/x`);
+    the rest is a subpath used to submit, never to ask for status or result."""
+    segments = (model or "").strip("/").split("/")
+    return segments[: 3 if segments[0] in NAMESPACES else 2]
+
+
 def model_path(model: str) -> str:
-    """fal's `{app}`: the job's model up to its first two path segments, each percent-encoded."""
-    segments = (model or "").strip("/").split("/")[:2]
-    return "/".join(path_segment(s, "model") for s in segments)
+    """The app's path segments, each percent-encoded."""
+    return "/".join(path_segment(s, "model") for s in app_segments(model))
 
 
 def status_route(job: JobRef) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -60,8 +70,20 @@ def result_route(job: JobRef) -> tuple[str, tuple[tuple[str, str], ...]]:
     return f"/{model_path(job.model)}/requests/{path_segment(job.vendor_task_id, 'task_id')}", ()
 
 
-def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> Parsed:
+# Retried like 408 and 5xx (fal's own client retries 408, 409, 429, 500, 502, 503, 504:
+# fal-ai/fal projects/fal/src/fal/toolkit/file/providers/fal.py, RETRY_CODES).
+RETRIED_4XX = frozenset({409})
+
+
+def _classify(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...]) -> Parsed | None:
     verdict = classify_http(job, raw, secrets)
+    if verdict is not None and raw.status_code in RETRIED_4XX:
+        return Parsed(verdict.answer, Kind.SERVER_ERROR)
+    return verdict
+
+
+def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> Parsed:
+    verdict = _classify(job, raw, secrets)
     if verdict is not None:
         return verdict
     body = json_object(raw.body)
@@ -83,18 +105,39 @@ def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> 
     return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(status)}"))
 
 
+def detail_messages(raw: RawAnswer) -> str | None:
+    """The messages of an error answer's `detail`: a string, or a list of `{loc, msg, type}` objects
+    (docs.fal.ai/errors; fal-js response.ts ValidationError); None when the body has no detail."""
+    body = json_object(raw.body)
+    detail = body.get("detail") if body is not None else None
+    if isinstance(detail, str) and detail.strip():
+        return detail
+    if isinstance(detail, list) and detail:
+        messages = [item.get("msg") if isinstance(item, dict) else item for item in detail]
+        return "; ".join(m if isinstance(m, str) else json.dumps(m, default=str) for m in messages if m)[:2000] or None
+    return None
+
+
 def parse_result(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> Parsed:
     """The answer of fal's result endpoint, asked after a COMPLETED status without error.
 
     A 2xx with a URL -> COMPLETED with it; a 2xx without one (e.g. a text result) -> COMPLETED,
-    reason 'no_result_url'; anything else -> UNKNOWN 'result_<reason>' (the status said done but the
-    result is not there: a person looks, or the next run asks again).
+    reason 'no_result_url'. A non-2xx with a `detail` is the app's own failure (an exception, a
+    rejected input, a content-policy block): a 4xx is FAILED at once; a 5xx is FAILED but retried
+    (`Kind.SERVER_ERROR`): it stands only if it persists, and the engine judges whether most result
+    requests failed so (an outage, not the app's failure). Anything else -> UNKNOWN 'result_<reason>'.
     """
-    verdict = classify_http(job, raw, secrets)
+    verdict = _classify(job, raw, secrets)
     if verdict is not None:
-        if verdict.kind in (Kind.UNAUTHORIZED, Kind.RATE_LIMITED, Kind.SERVER_ERROR):
+        if verdict.kind in (Kind.UNAUTHORIZED, Kind.RATE_LIMITED):
             return verdict
-        return Parsed(replace(verdict.answer, reason=f"result_{verdict.reason}"))
+        detail = detail_messages(raw)
+        if detail is None or raw.status_code < 400 or raw.status_code in (404, 408, 409):
+            if verdict.kind is Kind.SERVER_ERROR:
+                return verdict
+            return Parsed(replace(verdict.answer, reason=f"result_{verdict.reason}"))
+        failed = answer(job, VendorState.FAILED, raw, secrets, error=redact(detail, secrets), reason="app_error")
+        return Parsed(failed, verdict.kind if verdict.kind is Kind.SERVER_ERROR else Kind.FINAL, verdict.retry_after)
     try:
         body = json.loads(raw.body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -117,8 +160,8 @@ STATUS_WORDS = {
 
 
 def _sim_app(model: str) -> str:
-    """The contract's status path as the simulator sees it: the model up to its first two segments."""
-    return "/".join(model.split("/")[:2])
+    """The app of a model as the simulator sees it (the same rule as the requests: `app_segments`)."""
+    return "/".join(app_segments(model))
 
 
 def _sim_urls(origin: str, task: TaskTruth) -> dict[str, str]:
@@ -136,10 +179,11 @@ def sim_status(task: TaskTruth, origin: str, word: str) -> Answer:
         ]
     if task.outcome in (Outcome.COMPLETED, Outcome.FAILED):
         body["metrics"] = {"inference_time": 17.345}
-    if task.outcome is Outcome.FAILED:
+    if task.outcome is Outcome.FAILED and task.result_http_status is None:  # an infrastructure failure
         body["error"] = task.error or "Internal server error"
         body["error_type"] = task.error_type or "runner_disconnected"
-    return json_answer(200, body)
+    # 202 while queued or running, 200 once COMPLETED (fal-ai/fal apps.py RequestHandle.status).
+    return json_answer(200 if word == "COMPLETED" else 202, body)
 
 
 def sim_result(task: TaskTruth) -> Answer:
@@ -151,6 +195,8 @@ def sim_result(task: TaskTruth) -> Answer:
             return json_answer(200, {"output": task.result_url or ""})
         images = [{"url": task.result_url, "width": 1024, "height": 768, "content_type": "image/jpeg"}]
         return json_answer(200, {"images": images if task.result_url else [], "seed": 42})
+    if task.outcome is Outcome.FAILED and task.result_http_status is not None:
+        return _sim_app_failure(task, task.result_http_status)
     if task.outcome is Outcome.FAILED:
         detail = {
             "detail": task.error or "Internal server error",
@@ -160,13 +206,32 @@ def sim_result(task: TaskTruth) -> Answer:
     return json_answer(400, {"detail": "Request is still in progress"})
 
 
+def _sim_app_failure(task: TaskTruth, status: int) -> Answer:
+    """The app's own failure, as the result request answers it: a 4xx with model errors (a list of
+    `{loc, msg, type, ...}`, docs.fal.ai/errors), a 5xx with a plain `detail` (fal's CLI tests)."""
+    message = task.error or "The content was flagged by a content checker."
+    if status >= 500:
+        return json_answer(status, {"detail": message})
+    error = {
+        "loc": ["body", "prompt"],
+        "msg": message,
+        "type": task.error_type or "content_policy_violation",
+        "url": "https://docs.fal.ai/errors#content_policy_violation",
+        "input": "a simulated prompt",
+        "categories": ["sexual"],
+    }
+    return json_answer(status, {"detail": [error]})
+
+
 def sim_route(parts: list[bytes], query: bytes) -> SimRoute | None:
-    """/{owner}/{name}/requests/{id}[/status]"""
-    if len(parts) in (4, 5) and parts[2] == b"requests" and all(parts[:4]):
-        if len(parts) == 5 and parts[4] != b"status":
+    """/{owner}/{name}/requests/{id}[/status], or /{namespace}/{owner}/{name}/requests/{id}[/status]"""
+    app_length = 3 if parts and decode_segment(parts[0]) in NAMESPACES else 2
+    rest = parts[app_length:]
+    if len(rest) in (2, 3) and rest[0] == b"requests" and all(parts[: app_length + 2]):
+        if len(rest) == 3 and rest[2] != b"status":
             return None
-        app = f"{decode_segment(parts[0])}/{decode_segment(parts[1])}"
-        return SimRoute(decode_segment(parts[3]), "status" if len(parts) == 5 else "result", app)
+        app = "/".join(decode_segment(part) for part in parts[:app_length])
+        return SimRoute(decode_segment(rest[1]), "status" if len(rest) == 3 else "result", app)
     return None
 
 
@@ -205,6 +270,8 @@ POPULATION = PopulationHints(
         ("fal-ai/flux/schnell", "image"),
         ("fal-ai/minimax/video-01", "video"),
         ("fal-ai/flux-pro/v1.1-ultra", "image"),
+        ("workflows/acme/upscale-video", "video"),  # namespaced apps keep three segments (variants 5, 6)
+        ("comfy/acme/portrait-pipeline", "image"),
     ),
     errors=(
         ("Runner disconnected before the request completed", "runner_disconnected"),

@@ -198,7 +198,26 @@ class _Counters:
     answered: int = 0  # jobs that got a vendor answer (not skipped)
     errored: int = 0  # of those, ended in 5xx / timeout / connection error after retries
     skipped: int = 0  # jobs never asked (vendor stopped, budget spent, invalid id)
+    results: int = 0  # jobs whose result was asked for (fal: COMPLETED without error)
+    result_errors: int = 0  # of those, ended in a 5xx (or a timeout) after the retries
     by_state: Counter[str] = field(default_factory=Counter)
+    # Per endpoint, for vendors whose jobs go to several (KIE's products): answered and not-found jobs.
+    endpoint_answered: Counter[str] = field(default_factory=Counter)
+    endpoint_not_found: Counter[str] = field(default_factory=Counter)
+
+
+def result_outage(results: int, result_errors: int) -> bool:
+    """Most of a vendor's result requests ended in a 5xx after the retries: the vendor is down, and its
+    apps' failures cannot be told from it (contract: fal's app failures)."""
+    return result_errors > 0 and 2 * result_errors > results
+
+
+def result_outage_detail(vendor: str, results: int, result_errors: int) -> str:
+    return (
+        f"{vendor} looks down: its result endpoint answered 5xx (after retries) for {result_errors} of {results} "
+        f"completed requests. That is {vendor}'s outage, not its apps' failures: none of {vendor}'s answers may "
+        "change a job in this run. Check the vendor's status."
+    )
 
 
 class _VendorRun:
@@ -244,7 +263,7 @@ class _VendorRun:
         settings = self.settings
         concurrency = settings.vendor_concurrency
         timeout = settings.vendor_timeout_seconds
-        rate = settings.vendor_rate_limit_per_second
+        rate = settings.vendor_rate(self.vendor)
         burst = max(1.0, rate * self.tuning.burst_seconds)
         self._limiter = AsyncLimiter(burst, burst / rate)
         self._sem = asyncio.Semaphore(concurrency)
@@ -305,7 +324,7 @@ class _VendorRun:
                     job.job_id, job.vendor, VendorState.UNKNOWN, reason=f"internal_error:{type(exc).__name__}"
                 )
                 kind = None
-            self._record(answer, kind)
+            self._record(answer, kind, job)
 
     # ------------------------------------------------------------------ one job
 
@@ -329,11 +348,24 @@ class _VendorRun:
             result_request = self.adapter.result_request(job, self.base_url, self._secret, rid)
             result, more = await self._ask(job, result_request, self.adapter.parse_result, rid)
             attempts += more
-            if result.kind in (Kind.RATE_LIMITED, Kind.SERVER_ERROR, Kind.UNAUTHORIZED):
-                # The status said COMPLETED but the result could not be read: UNKNOWN, not a verdict.
-                result = replace(result, answer=replace(result.answer, reason=f"result_{result.reason}"))
-            parsed = result
+            parsed = self._result_verdict(result)
         return replace(parsed.answer, attempts=attempts), parsed.kind
+
+    def _result_verdict(self, result: Parsed) -> Parsed:
+        """The verdict of a result request, once its retries are over."""
+        if result.reason in _STOPPED:  # never sent: the vendor was stopped meanwhile
+            return result
+        self.counters.results += 1
+        if result.kind is Kind.SERVER_ERROR:
+            self.counters.result_errors += 1
+            if result.answer.state is VendorState.FAILED:
+                # The app's 5xx with a `detail` persisted after the retries: its failure, unless most of
+                # the vendor's result requests fail so (`result_outage`, judged as answers come in).
+                return replace(result, kind=Kind.FINAL)
+        if result.kind in (Kind.RATE_LIMITED, Kind.SERVER_ERROR, Kind.UNAUTHORIZED):
+            # The status said COMPLETED but the result could not be read: UNKNOWN, not a verdict.
+            return replace(result, answer=replace(result.answer, reason=f"result_{result.reason}"))
+        return result
 
     async def _ask(
         self,
@@ -538,18 +570,36 @@ class _VendorRun:
             logging.ERROR,
         )
 
-    def _record(self, answer: VendorAnswer, kind: Kind | None) -> None:
+    def _record(self, answer: VendorAnswer, kind: Kind | None, job: JobRef) -> None:
         c = self.counters
         self.out.append(answer)
         c.by_state[answer.state.value] += 1
         if kind is None or answer.reason in _STOPPED:
             return
         c.answered += 1
+        endpoint = self.adapter.endpoint(job) if self.adapter.endpoint else None
+        if endpoint is not None:
+            c.endpoint_answered[endpoint] += 1
         if kind is Kind.SERVER_ERROR:
             c.errored += 1
         elif kind is Kind.NOT_FOUND:
             c.not_found += 1
-        if c.answered < self.tuning.min_sample or self.stop_reason:
+            if endpoint is not None:
+                c.endpoint_not_found[endpoint] += 1
+        if self.stop_reason:
+            return
+        if c.results >= self.tuning.min_sample and result_outage(c.results, c.result_errors):
+            self._stop(
+                VendorHealth.DOWN,
+                NOT_ASKED[VendorHealth.DOWN],
+                result_outage_detail(self.vendor, c.results, c.result_errors) + f" Calls to {self.vendor} are stopped.",
+                logging.ERROR,
+            )
+            return
+        if endpoint is not None and self._endpoint_mostly_not_found(endpoint, self.tuning.not_found_stop_share):
+            self._misconfigured(stopping=True, endpoint=endpoint)
+            return
+        if c.answered < self.tuning.min_sample:
             return
         share = self.settings.vendor_outage_error_share
         if c.errored / c.answered > share:
@@ -566,13 +616,27 @@ class _VendorRun:
         elif c.not_found / c.answered > self.tuning.not_found_stop_share:
             self._misconfigured(stopping=True)
 
-    def _misconfigured(self, stopping: bool) -> None:
+    def _endpoint_mostly_not_found(self, endpoint: str, share: float) -> bool:
         c = self.counters
-        detail = (
-            f"{self.vendor} answered 'not found' for {c.not_found} of {c.answered} jobs "
-            f"({c.not_found / c.answered:.0%}): is {self.adapter.url_var} ({redact(self.base_url)}) the right "
-            f"base URL? None of {self.vendor}'s answers may change a job in this run."
-        )
+        answered = c.endpoint_answered[endpoint]
+        return answered >= self.tuning.min_sample and c.endpoint_not_found[endpoint] / answered > share
+
+    def _misconfigured(self, stopping: bool, endpoint: str | None = None) -> None:
+        c = self.counters
+        if endpoint is None:
+            detail = (
+                f"{self.vendor} answered 'not found' for {c.not_found} of {c.answered} jobs "
+                f"({c.not_found / c.answered:.0%}): is {self.adapter.url_var} ({redact(self.base_url)}) the right "
+                f"base URL? None of {self.vendor}'s answers may change a job in this run."
+            )
+        else:
+            found, answered = c.endpoint_not_found[endpoint], c.endpoint_answered[endpoint]
+            detail = (
+                f"{self.vendor} answered 'not found' for {found} of the {answered} jobs sent to its endpoint "
+                f"{endpoint} ({found / answered:.0%}): is that endpoint still the vendor's, and "
+                f"{self.adapter.url_var} ({redact(self.base_url)}) right? None of {self.vendor}'s answers may "
+                "change a job in this run."
+            )
         if stopping:
             self._stop(
                 VendorHealth.MISCONFIGURED,
@@ -588,8 +652,19 @@ class _VendorRun:
     def _judge_at_end(self) -> None:
         c = self.counters
         if self.health is VendorHealth.OK:
-            if c.answered >= self.tuning.min_sample and c.not_found / c.answered > self.tuning.not_found_share:
+            mostly_not_found = [
+                e for e in c.endpoint_answered if self._endpoint_mostly_not_found(e, self.tuning.not_found_share)
+            ]
+            if result_outage(c.results, c.result_errors):
+                # No minimum sample: with few results, a persistent 5xx on most of them is still no
+                # proof of the apps' failures, and not refunding is the safe side.
+                self.health = VendorHealth.DOWN
+                self.detail = result_outage_detail(self.vendor, c.results, c.result_errors)
+                log.error("%s", self.detail)
+            elif c.answered >= self.tuning.min_sample and c.not_found / c.answered > self.tuning.not_found_share:
                 self._misconfigured(stopping=False)
+            elif mostly_not_found:
+                self._misconfigured(stopping=False, endpoint=mostly_not_found[0])
             else:
                 self.detail = (
                     f"{self.vendor}: {len(self.jobs)} job(s), {c.requests} request(s) "
@@ -631,6 +706,8 @@ class _VendorRun:
             "connection_errors": c.connection_errors,
             "not_found": c.not_found,
             "skipped": c.skipped,
+            "results": c.results,
+            "result_errors": c.result_errors,
             "by_state": dict(c.by_state),
             "elapsed_seconds": round(self.elapsed, 3),
             "requests_per_second": round(self.rate(), 1),
@@ -652,6 +729,8 @@ def _empty_stats(jobs: int, transport: str, by_state: dict[str, int]) -> dict[st
         "connection_errors": 0,
         "not_found": 0,
         "skipped": jobs,
+        "results": 0,
+        "result_errors": 0,
         "by_state": by_state,
         "elapsed_seconds": 0.0,
         "requests_per_second": 0.0,

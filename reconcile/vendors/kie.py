@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 
 from reconcile.models import JobRef, VendorState
 from reconcile.simulator.truth import Outcome, TaskTruth
-from reconcile.simulator.wire import Answer, SimRoute, SimulatedVendor, json_answer, millis, times
+from reconcile.simulator.wire import Answer, SimRoute, SimulatedVendor, iso, json_answer, millis, times
 from reconcile.vendors.base import (
     InvalidJob,
     Kind,
@@ -46,82 +46,147 @@ API_PREFIX = "/api/v1"
 @dataclass(frozen=True)
 class Product:
     """One KIE product: which models it serves, its record endpoint, how its `data` reads, and how the
-    simulator writes it.
+    simulator writes it, with the documentation page its behaviour was taken from (`source`).
 
-    `model_prefixes`: a job whose model starts with one of these is this product's (empty: the default
-    product, for every model no other product claims). `path`: the record endpoint under the base URL.
-    `parse_data(job, raw, data, secrets)`: the canonical answer from the envelope's `data` (code 200).
-    `sim_data(task, word)`: the simulator's `data` for a task; `status_words`: its vocabulary.
+    `model_prefixes`: a job whose model starts with one of these (case-insensitive) is this product's
+    (empty: the default product, for every model no other product claims). `path`: the record endpoint
+    under the base URL. `state_field` and `states`: where `data` says how the task is and what each
+    value means (a value not in `states` is unmapped: for a person). `error_fields`: (code, message)
+    of a failed task. `result`: the part of `data` that holds the result URLs (`MALFORMED` if it
+    cannot be read). `sim_data(task, word)`: the simulator's `data`; `status_words` its vocabulary
+    (words are strings; a numeric flag is sent as a number).
     """
 
     name: str
     model_prefixes: tuple[str, ...]
     path: str
-    parse_data: Callable[[JobRef, RawAnswer, dict[str, Any], tuple[str, ...]], Parsed]
+    source: str
+    state_field: str
+    states: Mapping[Any, VendorState]
+    error_fields: tuple[str, str]
+    result: Callable[[dict[str, Any]], Any]
     sim_data: Callable[[TaskTruth, str], dict[str, Any]]
     status_words: Mapping[Outcome, tuple[str, ...]]
     unknown_status_words: tuple[str, ...] = ()
 
-
-# --- Market (the default product: jobs/recordInfo) ---
-
-MARKET_STATES = {
-    "waiting": VendorState.QUEUED,
-    "queuing": VendorState.QUEUED,
-    "generating": VendorState.RUNNING,
-    "success": VendorState.COMPLETED,
-    "fail": VendorState.FAILED,
-}
-
-
-def _market_parse(job: JobRef, raw: RawAnswer, data: dict[str, Any], secrets: tuple[str, ...]) -> Parsed:
-    state_value = data.get("state")
-    if not isinstance(state_value, str) or not state_value:
-        return garbage(job, raw, secrets, "missing_status" if state_value is None else "garbage_body")
-    state = MARKET_STATES.get(state_value)
-    if state is None:
-        return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(state_value)}"))
-    if state is VendorState.FAILED:
-        text = error_text(data.get("failMsg")) or "fail"
-        if data.get("failCode") not in (None, ""):
-            text = f"{data['failCode']}: {text}"
-        return Parsed(answer(job, state, raw, secrets, error=redact(text, secrets), reason="vendor_fail"))
-    if state is VendorState.COMPLETED:
-        result = data.get("resultJson")
-        if result in (None, ""):
-            return Parsed(answer(job, state, raw, secrets, reason="no_result_url"))
-        if isinstance(result, str):
-            try:
-                result = json.loads(result)
-            except (ValueError, RecursionError):
+    def parse_data(self, job: JobRef, raw: RawAnswer, data: dict[str, Any], secrets: tuple[str, ...]) -> Parsed:
+        value = data.get(self.state_field)
+        if isinstance(value, str) and value.strip().isdigit() and all(isinstance(k, int) for k in self.states):
+            value = int(value)  # a flag sent as text
+        if value is None or value == "" or isinstance(value, bool) or not isinstance(value, str | int):
+            return garbage(job, raw, secrets, "missing_status" if value is None else "garbage_body")
+        state = self.states.get(value)
+        if state is None:
+            return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(value)}"))
+        if state is VendorState.FAILED:
+            code_field, message_field = self.error_fields
+            text = error_text(data.get(message_field)) or str(value)
+            if data.get(code_field) not in (None, ""):
+                text = f"{data[code_field]}: {text}"
+            return Parsed(answer(job, state, raw, secrets, error=redact(text, secrets), reason="vendor_fail"))
+        if state is VendorState.COMPLETED:
+            # Only a final state's fields mean anything (Runway's own example shows a waiting task with a
+            # videoUrl and a failMsg): the result is read here, and only here.
+            result = self.result(data)
+            if result is MALFORMED:
                 return garbage(job, raw, secrets, "malformed_result_json")
-        if not isinstance(result, dict | list):
-            return garbage(job, raw, secrets, "malformed_result_json")
-        url = first_url(result)
-        return Parsed(answer(job, state, raw, secrets, result_url=url, reason=None if url else "no_result_url"))
-    return Parsed(answer(job, state, raw, secrets))
+            url = first_url(result)
+            return Parsed(answer(job, state, raw, secrets, result_url=url, reason=None if url else "no_result_url"))
+        return Parsed(answer(job, state, raw, secrets))
 
 
-def _market_sim_data(task: TaskTruth, word: str) -> dict[str, Any]:
+MALFORMED = object()
+
+
+def _path(*keys: str) -> Callable[[dict[str, Any]], Any]:
+    """`data[k1][k2]...`, or None where a level is missing."""
+
+    def get(data: dict[str, Any]) -> Any:
+        value: Any = data
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    return get
+
+
+def _market_result(data: dict[str, Any]) -> Any:
+    """`resultJson` is a JSON *string* `{"resultUrls": [...]}` inside the JSON answer."""
+    result = data.get("resultJson")
+    if result in (None, ""):
+        return None
+    if isinstance(result, str):
+        try:
+            result = json.loads(result)
+        except (ValueError, RecursionError):
+            return MALFORMED
+    return result if isinstance(result, dict | list) else MALFORMED
+
+
+# The successFlag of the flag products: 0 generating, 1 success, 2 create-task failed, 3 generation failed.
+FLAG_STATES = {0: VendorState.RUNNING, 1: VendorState.COMPLETED, 2: VendorState.FAILED, 3: VendorState.FAILED}
+FLAG_WORDS = {
+    Outcome.QUEUED: ("0",),  # these products have no queued flag: 0 is "generating" for both
+    Outcome.RUNNING: ("0",),
+    Outcome.COMPLETED: ("1",),
+    Outcome.FAILED: ("2", "3"),
+    Outcome.UNMAPPED: ("5",),
+}
+FLAG_UNKNOWN_WORDS = ("5", "6", "-1")
+DOCS = "https://docs.kie.ai"
+
+
+def _flag(word: str) -> int:
+    return int(word)
+
+
+def _failed(task: TaskTruth) -> bool:
+    return task.outcome is Outcome.FAILED
+
+
+def _done(task: TaskTruth) -> bool:
+    return task.outcome in (Outcome.COMPLETED, Outcome.FAILED)
+
+
+def _urls(task: TaskTruth) -> list[str]:
+    return [task.result_url] if task.result_url else []
+
+
+def _error_code(task: TaskTruth, default: int) -> int | str | None:
+    """The products' error codes are numbers in their examples (a non-numeric type is sent as is)."""
+    if not _failed(task):
+        return None
+    code = task.error_type or str(default)
+    return int(code) if code.isdigit() else code
+
+
+def _error_message(task: TaskTruth, default: str) -> str | None:
+    return (task.error or default) if _failed(task) else None
+
+
+def _param_json(task: TaskTruth) -> str:
+    return json.dumps({"prompt": "a simulated prompt", "model": task.model})
+
+
+# --- Market (the default product) ---
+
+
+def _market_sim(task: TaskTruth, word: str) -> dict[str, Any]:
     created, started, completed = times(task)
     outcome = task.outcome
-    result_json = ""
-    if outcome is Outcome.COMPLETED:
-        # A JSON *string* inside the JSON answer, as kie sends it.
-        result_json = json.dumps({"resultUrls": [task.result_url] if task.result_url else []})
-    terminal = outcome in (Outcome.COMPLETED, Outcome.FAILED)
+    result_json = json.dumps({"resultUrls": _urls(task)}) if outcome is Outcome.COMPLETED else ""
     return {
         "taskId": task.vendor_task_id,
         "model": task.model,
         "state": word,
         "param": json.dumps({"model": task.model, "input": {"prompt": "a simulated prompt"}}),
         "resultJson": result_json,
-        "failCode": (task.error_type or "500") if outcome is Outcome.FAILED else "",
-        "failMsg": (task.error or "generation failed") if outcome is Outcome.FAILED else "",
-        "costTime": 17345 if terminal else None,
-        "completeTime": millis(completed) if terminal else None,
+        "failCode": (task.error_type or "500") if _failed(task) else "",
+        "failMsg": (task.error or "generation failed") if _failed(task) else "",
+        "costTime": 17345 if _done(task) else None,
+        "completeTime": millis(completed) if _done(task) else None,
         "createTime": millis(created),
-        "updateTime": millis(completed if terminal else started),
+        "updateTime": millis(completed if _done(task) else started),
     }
 
 
@@ -129,8 +194,18 @@ MARKET = Product(
     name="market",
     model_prefixes=(),
     path=f"{API_PREFIX}/jobs/recordInfo",
-    parse_data=_market_parse,
-    sim_data=_market_sim_data,
+    source=f"{DOCS}/market/common/get-task-detail",
+    state_field="state",
+    states={
+        "waiting": VendorState.QUEUED,
+        "queuing": VendorState.QUEUED,
+        "generating": VendorState.RUNNING,
+        "success": VendorState.COMPLETED,
+        "fail": VendorState.FAILED,
+    },
+    error_fields=("failCode", "failMsg"),
+    result=_market_result,
+    sim_data=_market_sim,
     status_words={
         Outcome.QUEUED: ("waiting", "queuing"),  # both mean queued; chosen per task, stably
         Outcome.RUNNING: ("generating",),
@@ -141,15 +216,311 @@ MARKET = Product(
     unknown_status_words=("paused", "reviewing", "moderating"),
 )
 
-# The product table: the first product one of whose prefixes starts the model; else the default.
-PRODUCTS: tuple[Product, ...] = (MARKET,)
+
+# --- Veo 3 / 3.1 ---
+
+
+def _veo_sim(task: TaskTruth, word: str) -> dict[str, Any]:
+    created, _, completed = times(task)
+    done = task.outcome is Outcome.COMPLETED
+    return {
+        "taskId": task.vendor_task_id,
+        "paramJson": _param_json(task),
+        "completeTime": completed.strftime("%Y-%m-%d %H:%M:%S") if _done(task) else None,
+        "response": {"taskId": task.vendor_task_id, "resultUrls": _urls(task), "originUrls": [], "resolution": "1080p"}
+        if done
+        else None,
+        "successFlag": _flag(word),
+        "errorCode": _error_code(task, 500),
+        "errorMessage": _error_message(task, "Generation failed") or "",
+        "createTime": created.strftime("%Y-%m-%d %H:%M:%S"),
+        "fallbackFlag": False,
+    }
+
+
+VEO = Product(
+    name="veo",
+    model_prefixes=("veo3",),
+    path=f"{API_PREFIX}/veo/record-info",
+    source=f"{DOCS}/veo3-api/get-veo-3-video-details",
+    state_field="successFlag",
+    states=FLAG_STATES,
+    error_fields=("errorCode", "errorMessage"),
+    result=_path("response", "resultUrls"),
+    sim_data=_veo_sim,
+    status_words=FLAG_WORDS,
+    unknown_status_words=FLAG_UNKNOWN_WORDS,
+)
+
+
+# --- Runway (KIE's Runway product, not the direct Runway API) ---
+
+
+def _runway_sim(task: TaskTruth, word: str) -> dict[str, Any]:
+    created, _, _ = times(task)
+    done = task.outcome is Outcome.COMPLETED
+    return {
+        "taskId": task.vendor_task_id,
+        "parentTaskId": "",
+        "generateParam": {"prompt": "a simulated prompt", "imageUrl": "", "expandPrompt": True},
+        "state": word,
+        "generateTime": created.strftime("%Y-%m-%d %H:%M:%S"),
+        "videoInfo": {
+            "videoId": f"{task.vendor_task_id}-video",
+            "taskId": task.vendor_task_id,
+            "videoUrl": task.result_url or "",
+            "imageUrl": "",
+        }
+        if done
+        else None,
+        "failCode": _error_code(task, 400),
+        "failMsg": _error_message(task, "Generation failed, please try again later") or "",
+        "expireFlag": 0,
+    }
+
+
+RUNWAY = Product(
+    name="runway",
+    model_prefixes=("runway",),
+    path=f"{API_PREFIX}/runway/record-detail",
+    source=f"{DOCS}/runway-api/get-ai-video-details",
+    state_field="state",
+    states={
+        "wait": VendorState.QUEUED,
+        "queueing": VendorState.QUEUED,
+        "generating": VendorState.RUNNING,
+        "success": VendorState.COMPLETED,
+        "fail": VendorState.FAILED,
+    },
+    error_fields=("failCode", "failMsg"),
+    result=_path("videoInfo", "videoUrl"),
+    sim_data=_runway_sim,
+    status_words={
+        Outcome.QUEUED: ("wait", "queueing"),
+        Outcome.RUNNING: ("generating",),
+        Outcome.COMPLETED: ("success",),
+        Outcome.FAILED: ("fail",),
+        Outcome.UNMAPPED: ("expired",),
+    },
+    unknown_status_words=("expired", "moderating"),
+)
+
+
+# --- 4o Image ---
+
+_GPT4O_STATUS = {"0": "GENERATING", "1": "SUCCESS", "2": "CREATE_TASK_FAILED", "3": "GENERATE_FAILED"}
+
+
+def _gpt4o_sim(task: TaskTruth, word: str) -> dict[str, Any]:
+    created, _, completed = times(task)
+    return {
+        "taskId": task.vendor_task_id,
+        "paramJson": _param_json(task),
+        "completeTime": millis(completed) if _done(task) else None,
+        "response": {"resultUrls": _urls(task)} if task.outcome is Outcome.COMPLETED else None,
+        "successFlag": _flag(word),
+        "status": _GPT4O_STATUS.get(word, "UNKNOWN"),
+        "errorCode": _error_code(task, 400),
+        "errorMessage": _error_message(task, "Image generation failed") or "",
+        "createTime": millis(created),
+        "progress": "1.00" if _done(task) else "0.45",
+    }
+
+
+GPT4O_IMAGE = Product(
+    name="gpt4o_image",
+    model_prefixes=("gpt4o-image", "4o-image"),
+    path=f"{API_PREFIX}/gpt4o-image/record-info",
+    source=f"{DOCS}/4o-image-api/get-4-o-image-details",
+    state_field="successFlag",
+    states=FLAG_STATES,
+    error_fields=("errorCode", "errorMessage"),
+    result=_path("response", "resultUrls"),
+    sim_data=_gpt4o_sim,
+    status_words=FLAG_WORDS,
+    unknown_status_words=FLAG_UNKNOWN_WORDS,
+)
+
+
+# --- Flux Kontext ---
+
+
+def _flux_kontext_sim(task: TaskTruth, word: str) -> dict[str, Any]:
+    created, _, completed = times(task)
+    return {
+        "taskId": task.vendor_task_id,
+        "paramJson": _param_json(task),
+        "completeTime": iso(completed) if _done(task) else None,
+        "response": {"originImageUrl": None, "resultImageUrl": task.result_url}
+        if task.outcome is Outcome.COMPLETED
+        else None,
+        "successFlag": _flag(word),
+        "errorCode": _error_code(task, 500),
+        "errorMessage": _error_message(task, "Flux generation failed") or "",
+        "createTime": iso(created),
+    }
+
+
+FLUX_KONTEXT = Product(
+    name="flux_kontext",
+    model_prefixes=("flux-kontext",),
+    path=f"{API_PREFIX}/flux/kontext/record-info",
+    source=f"{DOCS}/flux-kontext-api/get-image-details",
+    state_field="successFlag",
+    states=FLAG_STATES,
+    error_fields=("errorCode", "errorMessage"),
+    # Not `response` whole: it also holds originImageUrl, the input image.
+    result=_path("response", "resultImageUrl"),
+    sim_data=_flux_kontext_sim,
+    status_words=FLAG_WORDS,
+    unknown_status_words=FLAG_UNKNOWN_WORDS,
+)
+
+
+# --- Midjourney ---
+
+
+def _midjourney_sim(task: TaskTruth, word: str) -> dict[str, Any]:
+    created, _, completed = times(task)
+    return {
+        "taskId": task.vendor_task_id,
+        "taskType": "mj_txt2img",
+        "paramJson": _param_json(task),
+        "completeTime": iso(completed) if _done(task) else None,
+        "resultInfoJson": {"resultUrls": [{"resultUrl": url} for url in _urls(task)]}
+        if task.outcome is Outcome.COMPLETED
+        else None,
+        "successFlag": _flag(word),
+        "createTime": iso(created),
+        "errorCode": _error_code(task, 400),
+        "errorMessage": _error_message(task, "Midjourney generation failed"),
+    }
+
+
+MIDJOURNEY = Product(
+    name="midjourney",
+    model_prefixes=("midjourney", "mj_"),
+    path=f"{API_PREFIX}/mj/record-info",
+    source=f"{DOCS}/mj-api/get-mj-task-details",
+    state_field="successFlag",
+    states=FLAG_STATES,
+    error_fields=("errorCode", "errorMessage"),
+    result=_path("resultInfoJson", "resultUrls"),
+    sim_data=_midjourney_sim,
+    status_words=FLAG_WORDS,
+    unknown_status_words=FLAG_UNKNOWN_WORDS,
+)
+
+
+# --- Suno (music) ---
+
+
+def _suno_tracks(data: dict[str, Any]) -> Any:
+    tracks = _path("response", "sunoData")(data)
+    return [track.get("audioUrl") for track in tracks if isinstance(track, dict)] if isinstance(tracks, list) else None
+
+
+def _suno_sim(task: TaskTruth, word: str) -> dict[str, Any]:
+    has_tracks = word in ("FIRST_SUCCESS", "SUCCESS")
+    track = {
+        "id": f"{task.vendor_task_id}-0",
+        "audioUrl": task.result_url or "",
+        "streamAudioUrl": "",
+        "imageUrl": "",
+        "prompt": "a simulated prompt",
+        "modelName": "chirp-v4-5",
+        "title": "Simulated",
+        "tags": "simulated",
+        "createTime": times(task)[2].strftime("%Y-%m-%d %H:%M:%S"),
+        "duration": 198.44,
+    }
+    return {
+        "taskId": task.vendor_task_id,
+        "parentMusicId": "",
+        "param": _param_json(task),
+        "response": {"taskId": task.vendor_task_id, "sunoData": [track]} if has_tracks else None,
+        "status": word,
+        "type": "GENERATE",
+        "errorCode": _error_code(task, 500),
+        "errorMessage": _error_message(task, "Audio generation failed"),
+    }
+
+
+SUNO = Product(
+    name="suno",
+    model_prefixes=("suno",),
+    path=f"{API_PREFIX}/generate/record-info",
+    source=f"{DOCS}/suno-api/get-music-details",
+    state_field="status",
+    states={
+        "PENDING": VendorState.QUEUED,
+        # Not final: the lyrics (TEXT_SUCCESS) or the first track (FIRST_SUCCESS) are done, not the task.
+        "TEXT_SUCCESS": VendorState.RUNNING,
+        "FIRST_SUCCESS": VendorState.RUNNING,
+        "SUCCESS": VendorState.COMPLETED,
+        "CREATE_TASK_FAILED": VendorState.FAILED,
+        "GENERATE_AUDIO_FAILED": VendorState.FAILED,
+        "SENSITIVE_WORD_ERROR": VendorState.FAILED,
+        # CALLBACK_EXCEPTION is left unmapped: it says the callback failed, nothing of the generation.
+    },
+    error_fields=("errorCode", "errorMessage"),
+    result=_suno_tracks,
+    sim_data=_suno_sim,
+    status_words={
+        Outcome.QUEUED: ("PENDING",),
+        Outcome.RUNNING: ("TEXT_SUCCESS", "FIRST_SUCCESS"),
+        Outcome.COMPLETED: ("SUCCESS",),
+        Outcome.FAILED: ("GENERATE_AUDIO_FAILED", "SENSITIVE_WORD_ERROR", "CREATE_TASK_FAILED"),
+        Outcome.UNMAPPED: ("CALLBACK_EXCEPTION",),
+    },
+    unknown_status_words=("CALLBACK_EXCEPTION", "REVIEWING"),
+)
+
+
+# --- Luma (KIE's Luma Modify product, not the direct Luma API) ---
+
+
+def _luma_sim(task: TaskTruth, word: str) -> dict[str, Any]:
+    created, _, completed = times(task)
+    return {
+        "taskId": task.vendor_task_id,
+        "paramJson": _param_json(task),
+        "completeTime": millis(completed) if _done(task) else None,
+        "response": {"taskId": task.vendor_task_id, "originUrls": [], "resultUrls": _urls(task)}
+        if task.outcome is Outcome.COMPLETED
+        else None,
+        "successFlag": _flag(word),
+        "createTime": millis(created),
+        "errorCode": _error_code(task, 500),
+        "errorMessage": _error_message(task, "Luma generation failed"),
+    }
+
+
+LUMA = Product(
+    name="luma",
+    model_prefixes=("luma",),
+    path=f"{API_PREFIX}/modify/record-info",
+    source=f"{DOCS}/luma-api/get-luma-modify-details",
+    state_field="successFlag",
+    # 4 is CALLBACK_FAILED: the generation succeeded, only the callback to the platform failed.
+    states={**FLAG_STATES, 4: VendorState.COMPLETED},
+    error_fields=("errorCode", "errorMessage"),
+    result=_path("response", "resultUrls"),
+    sim_data=_luma_sim,
+    status_words={**FLAG_WORDS, Outcome.COMPLETED: ("1", "4")},
+    unknown_status_words=FLAG_UNKNOWN_WORDS,
+)
+
+# The product table: the first product one of whose prefixes starts the model; else the default (Market).
+PRODUCTS: tuple[Product, ...] = (VEO, RUNWAY, GPT4O_IMAGE, FLUX_KONTEXT, MIDJOURNEY, SUNO, LUMA, MARKET)
 DEFAULT_PRODUCT = MARKET
 _BY_PATH = {product.path: product for product in PRODUCTS}
 
 
 def product_for(model: str) -> Product:
+    lowered = (model or "").lower()
     for product in PRODUCTS:
-        if product.model_prefixes and (model or "").startswith(product.model_prefixes):
+        if product.model_prefixes and lowered.startswith(product.model_prefixes):
             return product
     return DEFAULT_PRODUCT
 
@@ -187,23 +558,35 @@ def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> 
     return product_for(job.model).parse_data(job, raw, data, secrets)
 
 
+# KIE's answer to a record endpoint asked about a task it does not hold (the Market's OpenAPI spec).
+RECORD_IS_NULL = "recordinfo is null"
+# Service maintenance: transient, retried, never a failure of the job.
+MAINTENANCE = 455
+
+
+def _message(body: dict[str, Any]) -> Any:
+    """The envelope's text: `msg`, or `message` (the Market's own example uses the latter)."""
+    return body.get("msg") if body.get("msg") not in (None, "") else body.get("message")
+
+
 def _envelope_error(job: JobRef, raw: RawAnswer, body: dict[str, Any], code: int, secrets: tuple[str, ...]) -> Parsed:
     """An envelope whose code is not 200: what the code means, as an HTTP status would."""
+    message = _message(body)
     unknown = answer(
         job,
         VendorState.UNKNOWN,
         raw,
         secrets,
         reason=f"kie_code_{code}",
-        error=redact(error_text(body.get("msg")) or "", secrets) or None,
+        error=redact(error_text(message) or "", secrets) or None,
     )
     if code in (401, 403):
         return Parsed(unknown, Kind.UNAUTHORIZED)
-    if code == 404:
+    if code == 404 or (code == 422 and isinstance(message, str) and message.strip().lower() == RECORD_IS_NULL):
         return Parsed(unknown, Kind.NOT_FOUND)
     if code == 429:
         return Parsed(unknown, Kind.RATE_LIMITED, parse_retry_after(header(raw.headers, "retry-after")))
-    if code >= 500:
+    if code == MAINTENANCE or code >= 500:
         return Parsed(unknown, Kind.SERVER_ERROR)
     return Parsed(unknown)
 
@@ -253,10 +636,15 @@ SIMULATOR = SimulatedVendor(
     status_answer=sim_record,
     # A task is found only on its own product's record endpoint.
     serves=lambda task, route: product_for(task.model).name == route.scope,
-    not_found=lambda: envelope(404, "task not found"),
+    # What a record endpoint answers for a task it does not hold (the Market's OpenAPI spec).
+    not_found=lambda: envelope(422, "recordInfo is null"),
     unauthorized=lambda: envelope(401, "You do not have access permissions"),
     throttled=lambda: envelope(429, "The request frequency is too high, please try again later"),
-    server_error=lambda status: envelope(500, "Server internal error, please try again later"),
+    server_error=lambda status: (
+        envelope(MAINTENANCE, "Service Unavailable - System is currently undergoing maintenance")
+        if status == MAINTENANCE
+        else envelope(500, "Server internal error, please try again later")
+    ),
 )
 
 POPULATION = PopulationHints(
@@ -265,6 +653,14 @@ POPULATION = PopulationHints(
         ("bytedance/v1-pro-text-to-video", "video"),
         ("kling/v2-1-standard", "video"),
         ("gpt-4o-image", "image"),
+        # One model per product other than the Market (variants 4 on: population.KIE_PRODUCT_VARIANTS).
+        ("veo3_fast", "video"),
+        ("runway-gen4-turbo", "video"),
+        ("gpt4o-image", "image"),
+        ("flux-kontext-pro", "image"),
+        ("mj_txt2img", "image"),
+        ("suno/V4_5", "text"),
+        ("luma-modify", "video"),
     ),
     errors=(
         ("Generation failed, credits will be returned", "501"),
@@ -284,6 +680,7 @@ VENDOR = Vendor(
     auth_scheme="Bearer",
     status_route=status_route,
     parse_status=parse_status,
+    endpoint=lambda job: f"{product_for(job.model).name} ({product_for(job.model).path})",
     simulator=SIMULATOR,
     population=POPULATION,
 )

@@ -74,6 +74,10 @@ def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> 
         return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(status)}"))
     if state is VendorState.COMPLETED:
         url = first_url(body.get("output"))
+        if url is None and body.get("data_removed") is True:
+            # Replicate deletes an API prediction's output an hour after it finishes: completed at the
+            # vendor, nothing the user can fetch (a `completed_without_result` finding for a person).
+            return Parsed(answer(job, state, raw, secrets, reason="output_removed"))
         return Parsed(answer(job, state, raw, secrets, result_url=url, reason=None if url else "no_result_url"))
     if state is VendorState.FAILED:
         text = error_text(body.get("error")) or status
@@ -102,7 +106,7 @@ def sim_prediction(task: TaskTruth, origin: str, word: str) -> Answer:
     created, started, completed = times(task)
     outcome = task.outcome
     output: Any = None
-    if outcome is Outcome.COMPLETED and task.result_url:
+    if outcome is Outcome.COMPLETED and task.result_url and not task.output_removed:
         output = [task.result_url] if task.output_list else task.result_url
     terminal = outcome in (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELED, Outcome.ABORTED)
     get_url = f"{origin}/v1/predictions/{quote(task.vendor_task_id, safe='')}"
@@ -110,10 +114,12 @@ def sim_prediction(task: TaskTruth, origin: str, word: str) -> Answer:
         "id": task.vendor_task_id,
         "model": task.model,
         "version": f"{zlib.crc32(task.model.encode()):08x}" * 8,
-        "input": {"prompt": "a simulated prompt"},
+        # After the data retention hour, the input, output and logs are gone (replicate.com/docs,
+        # "Data retention"); `data_removed` says so.
+        "input": {} if task.output_removed else {"prompt": "a simulated prompt"},
         "logs": "",
         "output": output,
-        "data_removed": False,
+        "data_removed": task.output_removed,
         "error": (task.error or "Prediction failed") if outcome is Outcome.FAILED else None,
         "status": word,
         "created_at": iso(created),
@@ -182,6 +188,9 @@ VENDOR = Vendor(
     auth_scheme="Bearer",
     status_route=status_route,
     parse_status=parse_status,
+    # Replicate allows 3,000 reads a minute per account, shared with the platform's own polling
+    # (replicate.com/docs/topics/predictions/rate-limits): reconcile takes 600 of them at most.
+    default_rate_per_second=10.0,
     simulator=SIMULATOR,
     population=POPULATION,
 )

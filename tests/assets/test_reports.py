@@ -69,6 +69,11 @@ def test_the_reports_of_a_pass_match_the_database(world) -> None:
                 select(func.count(), func.coalesce(func.sum(f.credits), 0)).where(f.run_id == run_id)
             ).one()
             first_keys = set(conn.execute(select(f.category, f.job_id, f.detail).where(f.run_id == run_id)).all())
+            per_finding = conn.execute(select(f.job_id, f.credits).where(f.run_id == run_id)).all()
+        largest_per_job: dict = {}
+        for job_id, credits in per_finding:  # a job in two categories counts once, with its largest
+            key = job_id if job_id is not None else object()
+            largest_per_job[key] = max(largest_per_job.get(key, 0), credits)
 
         folder = Path(meta["folder"])
         assert folder.parent == reports_dir and folder.name.endswith(f"_{run_id}")
@@ -78,7 +83,14 @@ def test_the_reports_of_a_pass_match_the_database(world) -> None:
         assert refunded[0] > 0 and found[0] > 0  # the population has both
         assert (meta["refunds"], meta["credits_refunded"]) == tuple(refunded)
         assert (len(refunds_csv), sum(int(x["credits"]) for x in refunds_csv)) == tuple(refunded)
-        assert (meta["findings"], meta["credits_at_stake"]) == tuple(found)
+        assert (meta["findings"], meta["credits_at_stake"]) == (found[0], sum(largest_per_job.values()))
+        assert meta["credits_at_stake"] < found[1]  # the population has jobs in two categories
+        # Evidence a person can read: the failure text the vendor gave is on the page, not only in the CSV.
+        page = Path(paths["refunds.html"]).read_text()
+        failure_texts = {x["error_message"] for x in refunds_csv if "content policy violation" in x["error_message"]}
+        assert failure_texts and all(text in page for text in failure_texts)
+        findings_page = Path(paths["leakage.html"]).read_text()
+        assert all(x["what_to_do"] for x in leakage_csv) and "what to do" in findings_page
         assert (len(leakage_csv), sum(int(x["credits"]) for x in leakage_csv)) == tuple(found)
         assert meta["new_findings"] == found[0] and meta["previous_run"] == "(none)"
         assert all(x["vendor"] and x["model"] and x["type"] for x in refunds_csv)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pandas as pd
+from sqlalchemy import insert
 
-from reconcile.db.schema import utcnow
+from reconcile.db.schema import recon_status_changes, utcnow
 from reconcile.leakage import CATEGORIES, Scope, detect_leakage, previous_findings, write_findings
 from reconcile.runs import ledger_watermark
 from tests.platform import Platform
@@ -42,6 +43,19 @@ def _ledger_zoo(p: Platform) -> None:
     p.ledger("u1", "mismatch", "charge", -7, "charge:mismatch")
     p.job("missing-charge", status="completed", credits=9, charge=False)
     p.ledger("u9", "no-such-job", "charge", -11, "charge:no-such-job")
+    p.job("output-removed", vendor="replicate", status="completed", credits=7)
+    _set_by_reconcile(p, "output-removed", "completed")
+
+
+def _set_by_reconcile(p: Platform, job_id: str, to_status: str) -> None:
+    """The audit row reconcile writes when it changes a job's status (sync.apply_status_changes)."""
+    with p.engine.begin() as conn:
+        conn.execute(
+            insert(recon_status_changes).values(
+                job_id=job_id, from_status="processing", to_status=to_status, vendor="replicate",
+                vendor_state=to_status, evidence="{}", run_id="run-0", changed_at=utcnow(),
+            )
+        )  # fmt: skip
 
 
 def test_every_ledger_category_is_found_with_its_credits(db) -> None:
@@ -60,6 +74,7 @@ def test_every_ledger_category_is_found_with_its_credits(db) -> None:
         "missing_charge": [("missing-charge", 9)],
         "orphan_transaction": [("no-such-job", 11)],
         "invalid_job": [("bad-vendor", 12)],
+        "completed_without_result": [("output-removed", 7)],
     }
     assert set(found) == set(CATEGORIES)
 
@@ -105,3 +120,18 @@ def test_hostile_strings_are_findings_not_crashes(db) -> None:
     with db.engine.begin() as conn:
         write_findings(conn, found, "run-h", utcnow())
         assert previous_findings(conn, "run-h")["job_id"].tolist() == [hostile]
+
+
+def test_completed_without_result_is_only_a_media_job_reconcile_completed_without_a_url(db) -> None:
+    p = Platform(db.engine)
+    p.job("removed-image", status="completed", credits=5)
+    p.job("removed-video", status="completed", credits=6, type="video")
+    p.job("text-no-url", status="completed", credits=4, type="text")  # a text result is no file
+    p.job("with-url", status="completed", credits=3, result_url="https://cdn.example/x.png")
+    p.job("webhook-no-url", status="completed", credits=2)  # completed by the platform, not by reconcile
+    p.job("refunded", status="completed", credits=8)
+    p.ledger("u1", "refunded", "refund", 8, "refund:refunded")  # a person already gave the credits back
+    for job_id in ("removed-image", "removed-video", "text-no-url", "with-url", "refunded"):
+        _set_by_reconcile(p, job_id, "completed")
+    found = _by_category(_detect(db, Scope(full=True)))
+    assert found["completed_without_result"] == [("removed-image", 5), ("removed-video", 6)]

@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
+import pandas as pd
 import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, insert, inspect, select
 
-from reconcile.db.engine import MIGRATIONS_DIR, current_revision, upgrade_schema
+from reconcile.db.engine import MIGRATIONS_DIR, current_revision, head_revision, upgrade_schema
 from reconcile.db.schema import ai_generations, recon_metric_runs, recon_metrics, recon_refunds
 from reconcile.metrics import (
     COLUMNS,
@@ -20,6 +21,7 @@ from reconcile.metrics import (
     basis_points,
     compute_metrics,
     finished_query,
+    purge_old_metrics,
     recent_metric_runs,
     recent_pass_stuck,
     refunds_query,
@@ -309,9 +311,27 @@ def test_a_database_at_0001_upgrades_to_the_head_keeping_its_rows(db) -> None:
     _refund(db.engine, "kept", 4, minutes_ago=5)
     upgrade_schema(db.engine)
     upgrade_schema(db.engine)
-    assert current_revision(db.engine) == "0003"  # the head: every later revision applies too
+    assert current_revision(db.engine) == head_revision()  # the head: every later revision applies too
     inspector = inspect(db.engine)
     assert {"recon_metrics", "recon_metric_runs"} <= set(inspector.get_table_names())
     assert "recon_ix_refunds_created_at" in {ix["name"] for ix in inspector.get_indexes("recon_refunds")}
     with db.engine.connect() as conn:
         assert conn.execute(select(recon_refunds.c.credits).where(recon_refunds.c.job_id == "kept")).scalar() == 4
+
+
+def test_metrics_older_than_the_retention_window_are_purged(db) -> None:
+    """RECONCILE_METRICS_RETENTION_DAYS: a pass keeps the window (the 48 h method needs less) and
+    deletes what is older, headers and rows."""
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    frame = pd.DataFrame([{**dict.fromkeys(COLUMNS, 0), "window_hours": 1, "vendor": "fal", "model": "m",
+                           "type": "image", "success_rate_bp": None, "failure_rate_bp": None,
+                           "median_stuck_minutes": None}])  # fmt: skip
+    with db.engine.begin() as conn:
+        for days_ago in (9, 8, 6, 1, 0):
+            write_metrics(conn, frame, f"run-{days_ago}d", now - timedelta(days=days_ago), 30)
+        deleted = purge_old_metrics(conn, now, 7)
+    assert deleted == 2
+    with db.engine.connect() as conn:
+        kept = set(conn.execute(select(recon_metric_runs.c.run_id)).scalars())
+        rows = set(conn.execute(select(recon_metrics.c.run_id)).scalars())
+    assert kept == rows == {"run-6d", "run-1d", "run-0d"}

@@ -30,7 +30,7 @@ LOOKBACK = timedelta(hours=24 * 7)
 
 @pytest.fixture(scope="module")
 def pop() -> Population:
-    return generate_population(60, seed=1, now=NOW)
+    return generate_population(80, seed=1, now=NOW)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,8 @@ def test_same_seed_same_rows_other_seed_other_rows() -> None:
     assert {r["id"] for r in a.generations}.isdisjoint({r["id"] for r in c.generations})
 
 
-def test_every_case_appears_at_size_60(pop: Population) -> None:
-    assert len(pop.generations) == 60
+def test_every_case_appears_at_size_80(pop: Population) -> None:
+    assert len(pop.generations) == 80
     assert set(pop.case_counts) == set(CASE_NAMES)
     assert min(pop.case_counts.values()) >= 1, {c: n for c, n in pop.case_counts.items() if n == 0}
     jobs = {row["id"] for row in pop.generations}
@@ -79,9 +79,9 @@ def test_too_small_or_inconsistent_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match=str(LAYOUT_SIZE)):
         generate_population(LAYOUT_SIZE - 1, seed=1, now=NOW)
     with pytest.raises(ValueError, match="timezone"):
-        generate_population(60, seed=1, now=datetime(2025, 6, 1))
+        generate_population(80, seed=1, now=datetime(2025, 6, 1))
     with pytest.raises(ValueError, match="undispatched"):
-        generate_population(60, seed=1, now=NOW, stuck_after_minutes=120, undispatched_fail_after_minutes=60)
+        generate_population(80, seed=1, now=NOW, stuck_after_minutes=120, undispatched_fail_after_minutes=60)
 
 
 def test_the_fill_follows_the_weights_at_larger_sizes(big: Population) -> None:
@@ -335,11 +335,11 @@ def test_write_population_on_both_databases(db: Database, use_copy: bool) -> Non
 
 
 def test_write_population_inside_the_callers_transaction(db: Database) -> None:
-    pop = generate_population(60, seed=3, now=NOW)
+    pop = generate_population(80, seed=3, now=NOW)
     with db.engine.connect() as conn:
         transaction = conn.begin()
         write_population(conn, pop)
-        assert conn.scalar(select(func.count()).select_from(ai_generations)) == 60
+        assert conn.scalar(select(func.count()).select_from(ai_generations)) == 80
         transaction.rollback()
     with db.engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(ai_generations)) == 0

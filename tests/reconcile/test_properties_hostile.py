@@ -286,7 +286,8 @@ def answers_for(draw: st.DrawFn, refs, allow_nul: bool) -> pd.DataFrame:
 
 RECON_TABLES = (
     "recon_refunds",
-    "recon_leakage_findings",
+    "recon_finding_runs",
+    "recon_findings",
     "recon_status_changes",
     "recon_runs",
     "recon_lease",

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from reconcile.db.engine import ALEMBIC_VERSION_TABLE, current_revision, make_engine, upgrade_schema
+from reconcile.db.engine import ALEMBIC_VERSION_TABLE, current_revision, head_revision, make_engine, upgrade_schema
 from reconcile.db.schema import CONTRACT_SQL_DIR, platform_metadata, recon_metadata
 
 SHARED_CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "contract"
@@ -59,12 +59,13 @@ def test_owned_schema_matches_its_migrations(db) -> None:
 def test_upgrade_is_idempotent_and_adds_indexes(db) -> None:
     upgrade_schema(db.engine)
     upgrade_schema(db.engine)
-    assert current_revision(db.engine) == "0003"
+    assert current_revision(db.engine) == head_revision()
     inspector = inspect(db.engine)
     names = {ix["name"] for ix in inspector.get_indexes("ai_generations")}
     assert {"recon_ix_generations_stuck", "recon_ix_generations_updated_at"} <= names
     tables = set(inspector.get_table_names())
-    assert {"recon_refunds", "recon_leakage_findings", "recon_status_changes", "recon_runs"} <= tables
+    assert {"recon_refunds", "recon_status_changes", "recon_runs", "recon_findings"} <= tables
+    assert "recon_leakage_findings" in inspector.get_view_names()  # the contract's name, a view since 0004
 
 
 def test_concurrent_first_upgrades_are_safe(database_url: str) -> None:
@@ -74,6 +75,7 @@ def test_concurrent_first_upgrades_are_safe(database_url: str) -> None:
     setup = make_engine(database_url)
     reset_database(setup)
     with setup.begin() as conn:  # back to a platform without reconcile's tables
+        conn.exec_driver_sql("DROP VIEW recon_leakage_findings")
         for table in reversed(recon_metadata.sorted_tables):
             conn.exec_driver_sql(f"DROP TABLE {table.name}")
         conn.exec_driver_sql(f"DROP TABLE {ALEMBIC_VERSION_TABLE}")
@@ -99,5 +101,5 @@ def test_concurrent_first_upgrades_are_safe(database_url: str) -> None:
         t.join(timeout=120)
     assert errors == []
     check = make_engine(database_url)
-    assert current_revision(check) == "0003"
+    assert current_revision(check) == head_revision()
     check.dispose()

@@ -18,7 +18,9 @@ FAILED, COMPLETED, OPEN, UNKNOWN = "failed", "completed", "open", "unknown"
 
 
 def _ask_fal(http: httpx.Client, base: str, model: str, task_id: str) -> tuple[str, str | None]:
-    app, encoded = "/".join(model.split("/")[:2]), quote(task_id, safe="")
+    segments = model.split("/")
+    app = "/".join(segments[: 3 if segments[0] in ("workflows", "comfy") else 2])
+    encoded = quote(task_id, safe="")
     headers = {"Authorization": f"Key {DEFAULT_SECRETS['fal']}", "X-Request-Id": "accept"}
     response = http.get(f"{base}/{app}/requests/{encoded}/status", headers=headers)
     if response.status_code == 404:
@@ -27,7 +29,10 @@ def _ask_fal(http: httpx.Client, base: str, model: str, task_id: str) -> tuple[s
     if body["status"] == "COMPLETED":
         if "error" in body:
             return FAILED, None
-        result = http.get(f"{base}/{app}/requests/{encoded}", headers=headers).json()
+        result = http.get(f"{base}/{app}/requests/{encoded}", headers=headers)
+        if result.status_code in (422, 500) and "detail" in result.json():  # the app's own failure
+            return FAILED, None
+        result = result.json()
         url = (
             (result.get("images") or [{}])[0].get("url")
             if "images" in result
@@ -44,25 +49,50 @@ def _ask_replicate(http: httpx.Client, base: str, model: str, task_id: str) -> t
         return UNKNOWN, None
     body = response.json()
     if body["status"] == "succeeded":
-        output = body["output"]
+        output = body["output"]  # null once Replicate removed it
         return COMPLETED, output[0] if isinstance(output, list) else output
     if body["status"] in ("failed", "canceled", "aborted"):
         return FAILED, None
     return (OPEN, None) if body["status"] in ("starting", "processing") else (UNKNOWN, None)
 
 
+def _flags(completed: tuple[int, ...] = (1,)) -> dict:
+    return {0: OPEN, **dict.fromkeys(completed, COMPLETED), 2: FAILED, 3: FAILED}
+
+
+# KIE's products, from docs.kie.ai: model prefix -> (record path, state field, states, result URLs).
+_KIE = (
+    ("veo3", "veo/record-info", "successFlag", _flags(), lambda d: d["response"]["resultUrls"]),
+    ("runway", "runway/record-detail", "state",
+     {"wait": OPEN, "queueing": OPEN, "generating": OPEN, "success": COMPLETED, "fail": FAILED},
+     lambda d: [d["videoInfo"]["videoUrl"]]),
+    ("gpt4o-image", "gpt4o-image/record-info", "successFlag", _flags(), lambda d: d["response"]["resultUrls"]),
+    ("flux-kontext", "flux/kontext/record-info", "successFlag", _flags(), lambda d: [d["response"]["resultImageUrl"]]),
+    ("mj_", "mj/record-info", "successFlag", _flags(),
+     lambda d: [u["resultUrl"] for u in d["resultInfoJson"]["resultUrls"]]),
+    ("suno", "generate/record-info", "status",
+     {"PENDING": OPEN, "TEXT_SUCCESS": OPEN, "FIRST_SUCCESS": OPEN, "SUCCESS": COMPLETED,
+      "GENERATE_AUDIO_FAILED": FAILED, "SENSITIVE_WORD_ERROR": FAILED, "CREATE_TASK_FAILED": FAILED},
+     lambda d: [t["audioUrl"] for t in d["response"]["sunoData"]]),
+    ("luma", "modify/record-info", "successFlag", _flags((1, 4)), lambda d: d["response"]["resultUrls"]),
+    ("", "jobs/recordInfo", "state",
+     {"waiting": OPEN, "queuing": OPEN, "generating": OPEN, "success": COMPLETED, "fail": FAILED},
+     lambda d: json.loads(d["resultJson"])["resultUrls"]),
+)  # fmt: skip
+
+
 def _ask_kie(http: httpx.Client, base: str, model: str, task_id: str) -> tuple[str, str | None]:
     headers = {"Authorization": f"Bearer {DEFAULT_SECRETS['kie']}", "X-Request-Id": "accept"}
-    envelope = http.get(f"{base}/api/v1/jobs/recordInfo", params={"taskId": task_id}, headers=headers).json()
+    path, field, states, urls_of = next((p, f, s, u) for prefix, p, f, s, u in _KIE if model.startswith(prefix))
+    envelope = http.get(f"{base}/api/v1/{path}", params={"taskId": task_id}, headers=headers).json()
     if envelope["code"] != 200:
         return UNKNOWN, None
     data = envelope["data"]
-    if data["state"] == "success":
-        urls = json.loads(data["resultJson"])["resultUrls"]
+    state = states.get(data[field], UNKNOWN)
+    if state == COMPLETED:
+        urls = [u for u in urls_of(data) if u]
         return COMPLETED, urls[0] if urls else None
-    if data["state"] == "fail":
-        return FAILED, None
-    return (OPEN, None) if data["state"] in ("waiting", "queuing", "generating") else (UNKNOWN, None)
+    return state, None
 
 
 # Each vendor read the way the contract describes it, written out by hand (not through reconcile's

@@ -37,7 +37,7 @@ replicate_status_request = replicate.VENDOR.status_request
 SECRET = "s3cr3t-TOKEN-value-1234567890"
 FAL = JobRef("job-1", "fal", "fal-ai/flux/dev", "req-123")
 REP = JobRef("job-2", "replicate", "black-forest-labs/flux-schnell", "pred-abc")
-KIE = JobRef("job-3", "kie", "veo3", "task-xyz")
+KIE = JobRef("job-3", "kie", "google/nano-banana", "task-xyz")  # a Market model: jobs/recordInfo
 
 
 def ok(body: object, status: int = 200, headers: dict[str, str] | None = None) -> RawAnswer:
@@ -52,7 +52,7 @@ def kie_env(data: object, code: int = 200, msg: str = "success") -> RawAnswer:
 def kie_data(state: str, **kw: object) -> dict[str, object]:
     return {
         "taskId": KIE.vendor_task_id,
-        "model": "veo3",
+        "model": "google/nano-banana",
         "state": state,
         "resultJson": kw.pop("resultJson", ""),
         "failCode": kw.pop("failCode", ""),

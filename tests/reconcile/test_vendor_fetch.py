@@ -200,7 +200,7 @@ def test_every_status_over_loopback(sim: SimulatorThread, transport: str) -> Non
     assert answers[jobs[2].job_id].attempts == 2  # status, then result
     for job in unknown_ids:
         assert answers[job.job_id].state is VendorState.UNKNOWN
-        assert answers[job.job_id].reason in ("http_404", "kie_code_404")
+        assert answers[job.job_id].reason in ("http_404", "kie_code_404", "kie_code_422")  # 422: recordInfo is null
     assert answers["job-midjourney"].reason == "unknown_vendor"
     assert answers["job-dots"].reason == "invalid_task_id"
     assert result.health == {v: VendorHealth.OK for v in ("fal", "replicate", "kie")}

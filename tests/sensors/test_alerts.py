@@ -19,9 +19,10 @@ from dagster import (
     materialize,
 )
 
+from assets.alert_checks import vendor_reports
 from assets.metrics import observation_metrics
 from assets.resources import ReconcileResource
-from sensors.alerts import reconcile_alerts, vendor_reports
+from sensors.alerts import reconcile_alerts
 from tests.platform import Platform
 
 TOKEN = "xoxb-sEcReT-tOkEn"
@@ -250,3 +251,32 @@ def test_a_corrupt_cursor_is_reported_and_replaced(env, receiver: Receiver) -> N
     result = tick(instance, "{not json", logs)
     assert any(line.startswith("ERROR unreadable alert cursor") for line in logs)
     assert len(receiver.posts) == 1 and state(result)["version"] == 1
+
+
+def test_alerts_are_asset_checks_with_severities_on_the_metrics(env, receiver: Receiver) -> None:
+    """Where analysts look: the metrics asset's checks fail with the alert's severity (ERROR: red, WARN:
+    yellow) and the check history keeps each incident; the webhook sensor still posts it."""
+    from dagster import AssetCheckKey, AssetCheckSeverity
+
+    from assets.alert_checks import ALERT_CHECKS
+
+    db, instance = env
+    resources = {"reconcile": ReconcileResource()}
+    clean = materialize([observation_metrics, *ALERT_CHECKS], instance=instance, resources=resources)
+    assert all(e.passed for e in clean.get_asset_check_evaluations())  # nothing wrong yet: all green
+    backlog(db)
+    _vendor_stage(instance, "kie", "unauthorized")
+    result = materialize([observation_metrics, *ALERT_CHECKS], instance=instance, resources=resources)
+    assert result.success  # alerts never fail the pass
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not evaluations["no_undispatched_backlog"].passed
+    assert evaluations["no_undispatched_backlog"].severity == AssetCheckSeverity.ERROR
+    assert "3 jobs for fal never reached the vendor" in evaluations["no_undispatched_backlog"].description
+    assert not evaluations["every_vendor_answers"].passed
+    assert evaluations["every_vendor_answers"].severity == AssetCheckSeverity.ERROR
+    assert evaluations["no_refund_spike"].passed
+    key = AssetCheckKey(observation_metrics.key, "no_undispatched_backlog")
+    history = instance.event_log_storage.get_asset_check_execution_history(key, limit=10)
+    assert len(history) == 2  # the check history: one green, then the incident
+    tick(instance, None)
+    assert any("3 jobs for fal never reached" in text for text in receiver.texts())  # the webhook as before

@@ -24,6 +24,7 @@ from dagster import (
     MetadataValue,
     asset,
 )
+from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
 
 from assets.failures import DATABASE_TAG, PASS_TAG, known_failures
 from assets.resources import ReconcileResource
@@ -169,6 +170,16 @@ def stuck_jobs(context: AssetExecutionContext, config: PassConfig, reconcile: Re
     )
 
 
+def vendor_queue(vendor: str) -> str:
+    """The Celery queue of a vendor's step (deploy/celery): its workers are placed and sized for it."""
+    return f"vendor-{vendor}"
+
+
+def vendor_step_tags(vendor: str) -> dict[str, str]:
+    """The tags of a vendor's step, for the executors that route steps by tag."""
+    return {DAGSTER_CELERY_QUEUE_TAG: vendor_queue(vendor)}
+
+
 def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
     """The vendor stage of one vendor: its own step (own process or pod under a distributed executor),
     so one vendor's outage or slowness never delays another."""
@@ -178,6 +189,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
         group_name=GROUP,
         kinds={"python", "sql"},
         ins={"stuck_jobs": AssetIn("stuck_jobs")},
+        op_tags=vendor_step_tags(vendor),
         description=f"{vendor}'s true status of every dispatched stuck {vendor} job, asked concurrently and "
         "politely (rate limit, Retry-After, bounded retries) a chunk at a time, staged in recon_pass_answers; "
         "the vendor's health for the run.",

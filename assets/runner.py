@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, Failure, JobDefinition, execute_job, logger, reconstructable
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    Failure,
+    JobDefinition,
+    build_reconstructable_job,
+    execute_job,
+    logger,
+    reconstructable,
+)
 
 from assets.failures import DATABASE_TAG, FAILURE_TAG
 from assets.reconciliation import VENDOR_STATUS_ASSETS, stuck_jobs
@@ -202,30 +211,52 @@ def pass_job_with_progress() -> JobDefinition:
     return job.with_logger_defs({**job.loggers, "progress": progress_logger, "verbose": verbose_logger})
 
 
-def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: int = 1) -> PassOutcome:
+def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: int | None = 1) -> PassOutcome:
     """One reconciliation pass (every asset and check, as the schedule runs it).
 
+    processes=None: the job's own executor, as the daemon runs it (reconcile/definitions.py: each step in
+    a process forked from a preloaded server, the vendors side by side); `reconcile run` uses it. Its
+    step processes keep the environment of this process's first pass: one pass per process.
     processes=1: every step in this process. processes>1: Dagster's multiprocess executor, each step
     (e.g. each vendor's stage) in its own process, at most `processes` at once. Either way through
     `execute_job`, as the daemon's runs go: unlike `execute_in_process`, it keeps no step's output in
     memory once the IO manager has it (a post-incident pass would otherwise hold every asset's value).
     """
     run_config: dict[str, Any] = {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}}
-    if processes > 1:
+    if processes is None:
+        pass  # the job's own executor (reconcile/definitions.py)
+    elif processes > 1:
         run_config["execution"] = {"config": {"multiprocess": {"max_concurrent": processes}}}
     else:
         run_config["execution"] = {"config": {"in_process": {}}}
     if verbose:
         run_config["loggers"] = {"verbose": {}}
-    elif processes > 1:
+    elif processes is not None and processes > 1:
         run_config["loggers"] = {"console": {"config": {"log_level": "INFO"}}}
     else:
         run_config["loggers"] = {"progress": {}}
-    target = pass_job_with_progress
+    return _run(reconstructable(pass_job_with_progress), run_config)
+
+
+CELERY_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "celery"
+
+
+def execute_pass_on_celery(*, full_audit: bool = False) -> PassOutcome:
+    """One pass on Dagster's Celery executor (deploy/celery): each step a task for the workers of its
+    queue, this process only orchestrating. DAGSTER_HOME must be an instance the workers share
+    (PostgreSQL), RECONCILE_CELERY_BROKER_URL and RECONCILE_IO_DIR set."""
+    job = build_reconstructable_job(
+        "reconcile_celery", "pass_job", reconstructor_working_directory=str(CELERY_DEPLOY_DIR)
+    )
+    return _run(job, {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}})
+
+
+def _run(job: Any, run_config: dict[str, Any]) -> PassOutcome:
+    """Runs the pass's job; what the CLI tells of it: its failures (root causes), each asset's metadata."""
     settings = load_settings()
     tags = {DATABASE_TAG: database_label(settings.database_url)}
     with _instance(settings.database_url) as instance:
-        result = execute_job(reconstructable(target), instance=instance, run_config=run_config, tags=tags)
+        result = execute_job(job, instance=instance, run_config=run_config, tags=tags)
         outcome = PassOutcome(run_id=result.run_id, success=result.success)
         for event in result.all_events:
             if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
@@ -235,6 +266,9 @@ def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: 
                 }
             elif event.event_type == DagsterEventType.STEP_FAILURE:
                 outcome.failures.append(f"{event.step_key}: {_root_cause(event.event_specific_data, event.message)}")
+            elif event.event_type == DagsterEventType.RUN_FAILURE and not outcome.failures:
+                # The executor itself failed (e.g. Celery's broker connection lost), not a step: say why.
+                outcome.failures.append(f"run: {_root_cause(event.event_specific_data, event.message)}")
             elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
                 evaluation = event.event_specific_data
                 if not evaluation.passed:

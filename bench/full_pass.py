@@ -15,10 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.celery_workers import celery_deployment
 from bench.common import VENDOR_NAMES, Databases, analyze, note
 from reconcile.simulator import SimulatorProcess, generate_population, save_truth, write_population
 from reconcile.simulator.population import CASE_NAMES
@@ -34,12 +36,13 @@ def run_pass(
     dbs: Databases,
     stuck: int,
     limit: float,
-    processes: int,
+    executor: str,
     label: str,
     seed: int = 21,
     max_jobs_per_pass: int | None = None,
 ) -> dict[str, Any]:
     """A fresh platform with about `stuck` stuck jobs, one pass on it; the child's JSON answer.
+    `executor`: pass_child.py's --executor, or `celery:1` / `celery:3` (Celery workers, bench/celery_workers.py).
     `max_jobs_per_pass`: RECONCILE_MAX_JOBS_PER_PASS (default: above the stuck jobs, all in one pass)."""
     size = max(1000, round(stuck / STUCK_SHARE))
     started = time.perf_counter()
@@ -73,28 +76,41 @@ def run_pass(
         }
         (workdir / "dagster_home").mkdir()
         (workdir / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-        command = [sys.executable, str(HERE / "pass_child.py"), "--processes", str(processes)]
+        workers = nullcontext(env)
+        child_executor = executor
+        if executor.startswith("celery:"):
+            workers = celery_deployment(dbs, workdir, env, executor.split(":", 1)[1])
+            child_executor = "celery"
+        command = [sys.executable, str(HERE / "pass_child.py"), "--executor", child_executor]
         if os.environ.get("BENCH_PROFILE_DIR"):  # py-spy (installed by hand) records the pass's samples
             out = Path(os.environ["BENCH_PROFILE_DIR"]) / f"pass-{label}.raw"
             command = ["py-spy", "record", "-r", "100", "-s", "-f", "raw", "-o", str(out), "--", *command]
         elif os.environ.get("BENCH_MEMRAY_DIR"):  # memray (installed by hand) records its allocations
             out = Path(os.environ["BENCH_MEMRAY_DIR"]) / f"pass-{label}.memray"
             command = [sys.executable, "-m", "memray", "run", "--aggregate", "--force", "-o", str(out), *command[1:]]
-        child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
-        requests = sum(s["requests"] for s in sim.stats(with_tasks=False).values())
+        with workers as env:
+            child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
+        vendor_requests = {v: s["requests"] for v, s in sim.stats(with_tasks=False).items()}
+        requests = sum(vendor_requests.values())
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise RuntimeError(f"the pass child failed ({child.returncode}):\n{child.stderr[-4000:]}")
     result = json.loads(lines[-1])
     if "error" in result:
         return result
-    result.update(size=size, stuck_expected=stuck_expected, vendor_requests=requests, processes=processes)
+    result.update(
+        size=size,
+        stuck_expected=stuck_expected,
+        vendor_requests=requests,
+        requests_by_vendor=vendor_requests,
+        executor=executor,
+    )
     if not result["success"]:
         raise RuntimeError(f"the pass failed: {result['failures']}\n{child.stderr[-4000:]}")
     dbs.drop(f"{dbs.prefix}_pass_{label}")
     note(
         f"pass {label}: {result['seconds']:.1f}s, peak RSS {result['peak_rss_mb']:.0f} MB "
         f"(step processes {result['children_peak_rss_mb']:.0f} MB), {result['stuck']} stuck, "
-        f"{requests} vendor requests; processes={processes}"
+        f"{requests} vendor requests; executor {executor}"
     )
     return result

@@ -1,32 +1,64 @@
-"""One full pass in this process (started by bench/full_pass.py): prints one JSON line with its wall
+"""One full pass from this process (started by bench/full_pass.py): prints one JSON line with its wall
 time and peak memory. The environment (RECONCILE_DATABASE_URL, the vendor variables, DAGSTER_HOME)
-is set by the parent; `--processes N` > 1 uses Dagster's multiprocess executor."""
+is set by the parent. `--executor`: `default` (the job's own: each step in a forked process, the vendors
+side by side), `in_process`, `multiprocess:N` (Dagster's spawn-started processes, N at once) or
+`celery` (the steps on the Celery workers the parent started)."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import functools
 import json
 import os
-import resource
-import sys
 import threading
 import time
 
 
 class RssSampler(threading.Thread):
-    """This process's resident memory every 0.2 s, to tell which step holds the peak."""
+    """Every 0.2 s, the resident memory of this process and of every process it started (the step
+    processes, through the fork server): the largest one's, to tell which step holds the peak."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.samples: list[tuple[float, float]] = []  # (epoch seconds, MiB)
+        self.samples: list[tuple[float, float]] = []  # (epoch seconds, MiB of the largest process)
+        self.largest_by_pid: dict[int, float] = {}
         self.stop = threading.Event()
-        self.page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
 
     def run(self) -> None:
         while not self.stop.wait(0.2):
-            with open("/proc/self/statm") as statm:
-                self.samples.append((time.time(), int(statm.read().split()[1]) * self.page_mib))
+            sizes = process_tree_rss_mib(os.getpid())
+            for pid, mib in sizes.items():
+                self.largest_by_pid[pid] = max(mib, self.largest_by_pid.get(pid, 0.0))
+            self.samples.append((time.time(), max(sizes.values(), default=0.0)))
+
+    def peak_within(self, start: float, end: float) -> float:
+        return max((mib for at, mib in self.samples if start <= at <= end), default=0.0)
+
+
+def process_tree_rss_mib(root: int) -> dict[int, float]:
+    """VmRSS of `root` and its descendants (from /proc), in MiB."""
+    parents: dict[int, int] = {}
+    rss: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status:
+                fields = dict(line.split(":", 1) for line in status if ":" in line)
+        except OSError:
+            continue  # ended meanwhile
+        parents[int(entry)] = int(fields["PPid"])
+        if "VmRSS" in fields:
+            rss[int(entry)] = int(fields["VmRSS"].split()[0]) / 1024
+    tree = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return {pid: rss[pid] for pid in tree if pid in rss}
 
     def peak_within(self, start: float, end: float) -> float:
         return max((mib for at, mib in self.samples if start <= at <= end), default=0.0)
@@ -34,22 +66,26 @@ class RssSampler(threading.Thread):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--executor", default="default")
     args = parser.parse_args()
 
     import reconcile.definitions  # noqa: F401 - imported before the clock starts, as a running daemon has it
-    from assets.runner import execute_pass
+    from assets.runner import execute_pass, execute_pass_on_celery
 
-    kwargs = {}
-    if args.processes > 1:
-        if "processes" not in inspect.signature(execute_pass).parameters:
-            print(json.dumps({"error": "execute_pass() has no `processes` option yet"}))
-            sys.exit(3)
-        kwargs["processes"] = args.processes
+    if args.executor == "celery":
+        run = execute_pass_on_celery
+    elif args.executor == "default":
+        run = functools.partial(execute_pass, processes=None)
+    elif args.executor == "in_process":
+        run = functools.partial(execute_pass, processes=1)
+    elif args.executor.startswith("multiprocess:"):
+        run = functools.partial(execute_pass, processes=int(args.executor.split(":", 1)[1]))
+    else:
+        raise SystemExit(f"unknown --executor {args.executor!r}: default, in_process, multiprocess:N or celery")
     sampler = RssSampler()
     sampler.start()
     started = time.perf_counter()
-    outcome = execute_pass(**kwargs)
+    outcome = run()
     seconds = time.perf_counter() - started
     sampler.stop.set()
     # The kernel's high-water mark of this process image (VmHWM), read before our own measuring
@@ -59,9 +95,9 @@ def main() -> None:
     windows = step_windows(outcome.run_id)
     steps = {step: round(end - start, 3) for step, (start, end) in windows.items()}
     step_rss = {step: round(sampler.peak_within(start, end)) for step, (start, end) in windows.items()}
-    # The largest step process (multiprocess executor); it may carry this process's RSS at fork time
-    # (~160 MB), a lower bound, not more.
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    # The largest step process (multiprocess executors), as sampled: a forked one counts the pages it
+    # shares with the fork server (Dagster, reconcile and Great Expectations, imported once).
+    children = max((mib for pid, mib in sampler.largest_by_pid.items() if pid != os.getpid()), default=0.0)
     print(
         json.dumps(
             {

@@ -12,13 +12,21 @@ measured against its baseline in the same run:
                             (1x = 100,000 jobs in quick mode, 1,000,000 in full mode)
   refund_batch_vs_rowwise   10,000 refunds the way reconcile applies them vs a row-by-row ORM loop
                             with the same exactly-once guarantees (per refund)           goal >= 10
-  peak_rss_mb               peak memory of a full pass (Dagster, in-process)             goal <= 500
+  peak_rss_mb               peak memory of a full pass: its largest process (the default executor:
+                            each step in its own process, the vendors side by side)      goal <= 500
   pass_seconds              wall time of that full pass
+  pass_vs_vendor_bound      pass_seconds / (the slowest vendor's requests / its rate limit)
+                                                                  goal <= 1.5 quick, <= 1.3 full
+  ticks_to_drain            15-minute passes at the default settings until every job of a 200,000-
+                            stuck-job incident has an answer, computed from that pass   goal <= minimum + 1
   transport_httpx_rps, transport_httpx_aiohttp_rps, transport_aiohttp_rps, transport_aiohttp_vs_httpx:
                             the vendor stage's ceiling with each HTTP transport (one vendor, no rate limit)
-  pass_seconds_1_process, pass_seconds_<N>_processes, pass_speedup_<N>_processes: the same pass
-                            with Dagster's multiprocess executor (per-vendor steps in parallel);
-                            full mode, or --pass-processes N
+  pass_seconds_<executor>, pass_vs_vendor_bound_<executor>, peak_rss_mb_<executor>: the same pass on
+                            in_process, multiprocess_3 (spawn), celery_1 (one Celery worker on every
+                            queue), celery_3 (a worker per vendor queue; RabbitMQ on 127.0.0.1:5672);
+                            full mode, or --pass-executors
+  peak_rss_mb_1m            the largest process of a pass with 1,000,000 stuck jobs (full mode)
+                                                 goal <= 500 and within 10 % of peak_rss_mb
 
 The full pass holds 100,000 stuck jobs in both modes (read back in chunks of RECONCILE_CHUNK_SIZE);
 quick mode (under 5 minutes on 2 cores) lets the simulated vendors answer 2,000 req/s each so that its
@@ -42,6 +50,9 @@ if str(ROOT) not in sys.path:
 
 from bench import db_stages, full_pass, refunds_rowwise, vendor_stage  # noqa: E402
 from bench.common import DEFAULT_POSTGRES_URL, Databases, Report, load_average, machine, note  # noqa: E402
+from bench.drain import TICK_SECONDS, ticks_to_drain  # noqa: E402
+from reconcile.settings import VENDORS, load_settings  # noqa: E402
+from reconcile.vendors import registry  # noqa: E402
 
 SECTIONS = ("transport", "vendor", "speedup", "db", "refunds", "pass")
 
@@ -60,7 +71,9 @@ QUICK = {
     # The vendors' limit for the pass: high enough that 100,000 stuck jobs fit the 5 minutes (the simulator
     # and the client then bound the vendor steps, ~1,000 req/s each); full mode uses SPEEDUP_LIMIT.
     "pass_limit": 2000.0,
-    "pass_processes": 0,  # the multiprocess pass costs minutes of process start-up here: full mode only
+    "pass_vs_vendor_bound_goal": 1.5,
+    "pass_executors": [],  # the other executors' passes: full mode, or --pass-executors
+    "pass_stuck_1m": 0,
 }
 FULL = {
     "vendor_jobs": 10_000,
@@ -75,8 +88,11 @@ FULL = {
     "rowwise_jobs": 10_000,
     "pass_stuck": 100_000,
     "pass_limit": 500.0,
-    "pass_processes": 3,
+    "pass_vs_vendor_bound_goal": 1.3,
+    "pass_executors": ["in_process", "multiprocess:3", "celery:1", "celery:3"],
+    "pass_stuck_1m": 1_000_000,
 }
+DRAIN_INCIDENT = 200_000  # ticks_to_drain: stuck jobs of the incident
 RATE_LIMIT = 200.0  # vendor_rate_vs_limit: req/s per vendor
 SPEEDUP_LIMIT = 500.0  # speedup_vs_sequential and the full pass: req/s per vendor
 
@@ -200,48 +216,100 @@ def section_refunds(report: Report, dbs: Databases, sizes: dict) -> None:
     report.add("refunds_rowwise_measured", out["rowwise_refunds"])
 
 
+def vendor_bound_seconds(result: dict, limit: float) -> tuple[float, str]:
+    """The physical floor of a pass's vendor stage: the slowest vendor's requests at its rate limit."""
+    slowest = max(result["requests_by_vendor"], key=result["requests_by_vendor"].get)
+    return result["requests_by_vendor"][slowest] / limit, slowest
+
+
 def section_pass(report: Report, dbs: Databases, sizes: dict) -> None:
-    single = full_pass.run_pass(dbs, sizes["pass_stuck"], sizes["pass_limit"], 1, "1p")
+    limit, stuck = sizes["pass_limit"], sizes["pass_stuck"]
+    side = full_pass.run_pass(dbs, stuck, limit, "default", "default")
     report.add(
         "peak_rss_mb",
-        single["peak_rss_mb"],
+        side["children_peak_rss_mb"],
         goal="<= 500",
-        met=single["peak_rss_mb"] <= 500,
+        met=side["children_peak_rss_mb"] <= 500,
         digits=0,
-        detail=f"{single['stuck']:,} stuck jobs, {single['size']:,} jobs in the table; resident MB by the end of "
-        + ", ".join(f"{k} {v}" for k, v in single["step_peak_rss_mb"].items()),
+        detail=f"the largest step process; {side['stuck']:,} stuck jobs, {side['size']:,} jobs in the table; the "
+        f"run's own process {side['peak_rss_mb']:.0f} MB; largest process by step "
+        + ", ".join(f"{k} {v}" for k, v in side["step_peak_rss_mb"].items()),
     )
+    bound, slowest = vendor_bound_seconds(side, limit)
     report.add(
         "pass_seconds",
-        single["seconds"],
+        side["seconds"],
         digits=1,
-        detail=f"vendors at {sizes['pass_limit']:g} req/s each; steps: "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in single["steps"].items() if v >= 0.5),
+        detail=f"the default executor (vendors side by side); vendors at {limit:g} req/s each; steps: "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in side["steps"].items() if v >= 0.5),
     )
-    report.add("pass_stuck_jobs", single["stuck"])
-    report.add("pass_vendor_requests", single["vendor_requests"])
-    processes = sizes["pass_processes"]
-    if processes < 2:
-        note("no multiprocess pass (full mode, or --pass-processes N)")
-        return
-    multi = full_pass.run_pass(dbs, sizes["pass_stuck"], sizes["pass_limit"], processes, f"{processes}p")
-    if "error" in multi:
-        note(f"no {processes}-process figure: {multi['error']}")
-        return
-    report.add("pass_seconds_1_process", single["seconds"], digits=1)
+    goal = sizes["pass_vs_vendor_bound_goal"]
     report.add(
-        f"pass_seconds_{processes}_processes",
-        multi["seconds"],
-        digits=1,
-        detail="steps: " + ", ".join(f"{k} {v:.1f}s" for k, v in multi["steps"].items() if v >= 0.5),
+        "pass_vs_vendor_bound",
+        side["seconds"] / bound,
+        goal=f"<= {goal}",
+        met=side["seconds"] / bound <= goal,
+        digits=2,
+        detail=f"{side['seconds']:.1f}s vs {bound:.1f}s = {slowest}'s {side['requests_by_vendor'][slowest]:,} requests "
+        f"at {limit:g} req/s; requests by vendor {side['requests_by_vendor']}",
     )
-    report.add(f"pass_speedup_{processes}_processes", single["seconds"] / multi["seconds"], digits=2)
+    report.add("pass_stuck_jobs", side["stuck"])
+    report.add("pass_vendor_requests", side["vendor_requests"])
+    drain_figure(report, side)
+    for executor in sizes["pass_executors"]:
+        other = full_pass.run_pass(dbs, stuck, limit, executor, executor.replace(":", ""))
+        if "error" in other:
+            note(f"no {executor} figure: {other['error']}")
+            continue
+        name = executor.replace(":", "_")
+        report.add(
+            f"pass_seconds_{name}",
+            other["seconds"],
+            digits=1,
+            detail=f"vs {side['seconds']:.1f}s side by side (the default); steps: "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in other["steps"].items() if v >= 0.5),
+        )
+        report.add(f"pass_vs_vendor_bound_{name}", other["seconds"] / bound, digits=2)
+        report.add(
+            f"peak_rss_mb_{name}",
+            max(other["peak_rss_mb"], other["children_peak_rss_mb"]),
+            digits=0,
+            detail="the largest of the run's process and its step processes (Celery: the run's process only)",
+        )
+    if sizes["pass_stuck_1m"]:
+        million = full_pass.run_pass(dbs, sizes["pass_stuck_1m"], limit, "default", "1m")
+        peak = million["children_peak_rss_mb"]
+        within = peak <= 1.1 * side["children_peak_rss_mb"]
+        report.add(
+            "peak_rss_mb_1m",
+            peak,
+            goal="<= 500 and within 10 % of peak_rss_mb",
+            met=peak <= 500 and within,
+            digits=0,
+            detail=f"{million['stuck']:,} stuck jobs, {million['seconds']:.0f}s; vs "
+            f"{side['children_peak_rss_mb']:.0f} MB at {side['stuck']:,}",
+        )
+
+
+def drain_figure(report: Report, measured: dict) -> None:
+    """ticks_to_drain for a 200,000-stuck-job incident at the default settings, from the measured pass."""
+    settings = load_settings({})
+    vendor_seconds = max(measured["steps"][registry.step_name(v)] for v in VENDORS)
+    other_per_job = max(0.0, measured["seconds"] - vendor_seconds) / measured["stuck"]
+    jobs = {v: measured["metadata"][registry.step_name(v)]["answers"] for v in VENDORS}
+    drain = ticks_to_drain(DRAIN_INCIDENT, jobs, measured["requests_by_vendor"], other_per_job, settings)
     report.add(
-        f"peak_rss_mb_{processes}_processes",
-        max(multi["peak_rss_mb"], multi["children_peak_rss_mb"]),
-        digits=0,
-        detail="the largest of the run's process and its step processes",
+        "ticks_to_drain",
+        drain.ticks,
+        goal=f"<= {drain.minimum + 1} (physical minimum {drain.minimum} + 1)",
+        met=drain.ticks <= drain.minimum + 1,
+        detail=f"{DRAIN_INCIDENT:,} stuck jobs at the defaults ({settings.vendor_rate_limit_per_second:g} req/s per "
+        f"vendor, {settings.vendor_time_budget_seconds:g}s budget per vendor step, at most "
+        f"{settings.max_jobs_per_pass:,} jobs a pass); answered per pass {drain.answered_per_tick}; longest pass "
+        f"{drain.pass_seconds:.0f}s of the {TICK_SECONDS}s tick; requests per job and "
+        f"{1000 * other_per_job:.2f} ms per job outside the vendor stage from the measured pass",
     )
+    report.add("ticks_to_drain_minimum", drain.minimum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,12 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument(
-        "--pass-processes",
-        type=int,
+        "--pass-executors",
         default=None,
-        help="also run the pass with Dagster's multiprocess executor, N processes (default: 3 in full mode, "
-        "none in quick mode); 0 skips it",
+        help="comma-separated passes to run beside the default one (side by side): in_process, multiprocess:N, "
+        "celery:1 (one worker on every queue), celery:3 (a worker per vendor queue); default: all in full mode, "
+        "none in quick mode",
     )
+    parser.add_argument("--no-1m", action="store_true", help="full mode without the 1,000,000-stuck-job pass")
     parser.add_argument("--json", type=Path, help="also write every figure with its load average to this file")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -268,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown section(s) {sorted(unknown)}; sections: {SECTIONS}")
     sizes = dict(QUICK if args.quick else FULL)
-    if args.pass_processes is not None:
-        sizes["pass_processes"] = args.pass_processes
+    if args.pass_executors is not None:
+        sizes["pass_executors"] = [e.strip() for e in args.pass_executors.split(",") if e.strip()]
+    if args.no_1m:
+        sizes["pass_stuck_1m"] = 0
     started = time.perf_counter()
 
     report = Report()

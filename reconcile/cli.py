@@ -136,11 +136,18 @@ def _finish(outcome, engine_url: str, title: str) -> int:
 @click.option(
     "--processes",
     type=click.IntRange(1, 64),
-    default=1,
-    show_default=True,
-    help="Steps run in this many processes at once (Dagster's multiprocess executor); 1 runs in-process.",
+    default=None,
+    help="Steps run in this many processes at once (Dagster's multiprocess executor); 1 runs in-process. "
+    "Default: as the schedule runs it, each step in its own process, the vendors side by side.",
 )
-def run(full_audit: bool, verbose: bool, processes: int) -> None:
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "celery"]),
+    default="local",
+    show_default=True,
+    help="celery: every step a task for the Celery workers of deploy/celery (README, Deployment).",
+)
+def run(full_audit: bool, verbose: bool, processes: int | None, executor: str) -> None:
     """One full reconciliation pass against the configured database. Exit 0: every vendor answered;
     3: the pass succeeded but a vendor did not answer; 1: the pass failed; 2: it did not start."""
     settings = _load_or_exit()
@@ -151,7 +158,10 @@ def run(full_audit: bool, verbose: bool, processes: int) -> None:
         click.echo("reconcile run did not start (nothing was touched): `reconcile check-config` shows all.", err=True)
         sys.exit(EXIT_NOT_STARTED)
     _report_missing_secrets(settings)
-    outcome = _dagster_layer().execute_pass(full_audit=full_audit, verbose=verbose, processes=processes)
+    if executor == "celery":
+        outcome = _dagster_layer().execute_pass_on_celery(full_audit=full_audit)
+    else:
+        outcome = _dagster_layer().execute_pass(full_audit=full_audit, verbose=verbose, processes=processes)
     sys.exit(_finish(outcome, settings.database_url, "reconcile run"))
 
 

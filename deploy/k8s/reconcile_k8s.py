@@ -2,7 +2,7 @@
 every step of a run in its own pod.
 
 The image (deploy/Dockerfile) copies this file and run_config.yaml beside each other and serves it:
-`dagster code-server start -m reconcile_k8s -a defs`. On top of `reconcile.definitions.defs` it adds:
+`dagster code-server start -m reconcile_k8s -a defs`. It is `reconcile.definitions.build_definitions` with:
 
 - the executor: dagster-k8s's `k8s_job_executor`, configured with the `execution` section of
   run_config.yaml (one Kubernetes Job per step, each vendor's step sized on its own: one block for
@@ -26,7 +26,7 @@ import yaml
 from dagster import Definitions, EnvVar, ExecutorDefinition, FilesystemIOManager
 from dagster_k8s import k8s_job_executor
 
-from reconcile.definitions import defs as reconcile_defs
+from reconcile.definitions import build_definitions
 from reconcile.vendors import registry
 
 RUN_CONFIG_PATH = Path(__file__).resolve().with_name("run_config.yaml")
@@ -51,13 +51,7 @@ def run_config(path: Path = RUN_CONFIG_PATH) -> dict[str, Any]:
 
 def build_defs(executor: ExecutorDefinition) -> Definitions:
     """reconcile's Definitions run by `executor`, with step outputs on the shared IO volume."""
-    return Definitions.merge(
-        reconcile_defs,
-        Definitions(
-            executor=executor,
-            resources={"io_manager": FilesystemIOManager(base_dir=EnvVar(IO_DIR_ENV))},
-        ),
-    )
+    return build_definitions(executor, {"io_manager": FilesystemIOManager(base_dir=EnvVar(IO_DIR_ENV))})
 
 
 defs = build_defs(k8s_job_executor.configured(executor_config()))

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from reconcile.db.schema import ai_generations, recon_lease, recon_refunds, recon_runs, utcnow
 from reconcile.runs import acquire_lease
 from reconcile.settings import database_label
-from reconcile.simulator.population import generate_population, write_population
+from reconcile.simulator.population import LAYOUT_SIZE, generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from tests.platform import assert_statuses_and_refunds_are_the_truth
 
@@ -187,7 +187,7 @@ def test_run_without_the_platform_tables_says_so_in_one_line(tmp_path: Path) -> 
 def test_a_held_lease_fails_the_pass_in_one_line_with_its_fix(db, tmp_path: Path) -> None:
     """A known failure is a Dagster Failure: one line with the fix, also the run's tag (the run page's top),
     no cascade of steps not executed, no stack trace even with -v; the run names its database."""
-    write_population(db.engine, generate_population(80, seed=2, now=utcnow()))
+    write_population(db.engine, generate_population(LAYOUT_SIZE, seed=2, now=utcnow()))
     acquire_lease(db.engine, "another-pass", utcnow(), 3600)
     env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, FAL_KEY="k", REPLICATE_API_TOKEN="k", KIE_API_KEY="k")
     for args in (["run"], ["run", "-v"]):

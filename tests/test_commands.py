@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from reconcile.simulator.population import LAYOUT_SIZE
 from reconcile.simulator.truth import load_truth
 
 pytestmark = pytest.mark.slow
@@ -29,8 +30,8 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     root = tmp_path_factory.mktemp("state")
     env = {k: v for k, v in os.environ.items() if not k.startswith(OURS)}
     env.update({"RECONCILE_STATE_DIR": str(root), "PYTHONUNBUFFERED": "1"})
-    demo = subprocess.run([RECONCILE, "demo", "--size", "80"], env=env, cwd="/", capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    command = [RECONCILE, "demo", "--size", str(LAYOUT_SIZE)]
+    demo = subprocess.run(command, env=env, cwd="/", capture_output=True, text=True, timeout=600)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "== reconcile demo: summary ==" in demo.stdout and "report: " in demo.stdout
     assert (root / "dagster_home" / "dagster.yaml").exists()  # the demo's Dagster home stays where it was

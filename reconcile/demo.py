@@ -107,6 +107,7 @@ def summarise(
             f"{vendor} (health {meta.get('health', '?')}): answers by state",
             str(meta.get("answers_by_state", "")),
         ]
+    width = max((len(category) for category, *_ in findings), default=0)  # the longest category sets the column
     lines += [
         "",
         "status changes:  " + (", ".join(f"{n} -> {status}" for status, n in changes) or "none"),
@@ -114,6 +115,6 @@ def summarise(
         + (", ".join(f"{n} {reason} ({int(total)} credits)" for reason, n, total in refunds) or "none"),
         "",
         "leakage findings by category:",
-        *[f"  {category:<22} {n:>5} findings {int(total):>8} credits" for category, n, total in findings],
+        *[f"  {category:<{width}} {n:>5} findings {int(total):>8} credits" for category, n, total in findings],
     ]
     return "\n".join(lines)

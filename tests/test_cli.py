@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -19,14 +18,14 @@ from reconcile.runs import acquire_lease
 from reconcile.settings import database_label
 from reconcile.simulator.population import LAYOUT_SIZE, generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
+from tests.environ import clean_environ
 from tests.platform import assert_statuses_and_refunds_are_the_truth
 
 pytestmark = pytest.mark.slow
-OURS = ("RECONCILE_", "FAL_", "REPLICATE_", "KIE_", "DAGSTER_HOME")
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(OURS)}
+    env = clean_environ()
     reports = str(tmp_path / "reports")
     return {**env, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "RECONCILE_REPORTS_DIR": reports, **extra}
 

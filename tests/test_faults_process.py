@@ -22,7 +22,6 @@ Unavailable at start:
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from reconcile.runs import lease_holder
 from reconcile.simulator.population import Population, generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from sensors.run_failures import reconcile_pass_failed
+from tests.environ import clean_environ
 from tests.platform import assert_ledger_invariants
 from tests.test_fault_matrix import FAST
 
@@ -316,8 +316,7 @@ def _reconcile_run(env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def _cli_env(tmp_path: Path, sim: SimulatorThread, url: str, **extra: str) -> dict[str, str]:
-    ours = ("RECONCILE_", "FAL_", "REPLICATE_", "KIE_", "DAGSTER_HOME")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    env = clean_environ()
     return {**env, **sim.env(), **FAST, "RECONCILE_DATABASE_URL": url, "DAGSTER_HOME": str(tmp_path / "dh"),
             "RECONCILE_REPORTS_DIR": str(tmp_path / "reports"), **extra}  # fmt: skip
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import secrets as random_secrets
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from reconcile.db.schema import ai_generations, utcnow
 from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from reconcile.simulator.truth import Outcome
+from tests.environ import clean_environ
 from tests.platform import assert_ledger_invariants
 from tests.test_fault_matrix import FAST
 
@@ -164,7 +164,7 @@ MALFORMED_VALUES = {  # name: (variable, value): every shape a password or token
 def test_no_secret_in_any_configuration_error(command: str, shape: str, tmp_path: Path) -> None:
     """Black box, as a user types it: the command fails naming the variable, and never shows the secret."""
     variable, value = MALFORMED_VALUES[shape]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILE_", "FAL_", "REPLICATE_", "KIE_"))}
+    env = clean_environ()
     env.update({"DAGSTER_HOME": str(tmp_path / "dagster"), variable: value})
     reconcile = Path(sys.executable).with_name("reconcile")
     done = subprocess.run([reconcile, command], env=env, cwd="/", capture_output=True, text=True, timeout=120)

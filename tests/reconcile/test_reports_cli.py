@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -12,15 +11,15 @@ from pathlib import Path
 import pytest
 
 from reconcile.reports import REPORT_FILES
+from tests.environ import clean_environ
 from tests.platform import NOW
 from tests.reconcile.test_reports import add_findings, record_run, seed_hostile_run
 
 pytestmark = pytest.mark.slow
-OURS = ("RECONCILE_", "FAL_", "REPLICATE_", "KIE_", "DAGSTER_HOME")
 
 
 def reconcile_report(db_url: str, reports_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(OURS)}
+    env = clean_environ()
     env |= {"RECONCILE_DATABASE_URL": db_url, "RECONCILE_REPORTS_DIR": str(reports_dir)}
     return subprocess.run(
         [sys.executable, "-m", "reconcile.cli", "report", *args],

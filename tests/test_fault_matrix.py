@@ -63,15 +63,7 @@ def _refunds_within_charges(db) -> None:
     assert over == {}
 
 
-# A lone fal app failure answered 5xx is judged a fal outage when it is the only result request of the normal
-# pass (issue 12's rule, no minimum sample): known, see the closing note of this session.
-LONE_RESULT_5XX = pytest.mark.xfail(strict=False, reason="lone fal result 5xx judged an outage in the normal pass")
-KNOWN = {"5xx_burst": LONE_RESULT_5XX, "unknown_status_values": LONE_RESULT_5XX}
-
-
-@pytest.mark.parametrize(
-    "scenario", [pytest.param(name, marks=KNOWN[name]) if name in KNOWN else name for name in SCENARIOS]
-)
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_vendor_fault_then_normal_pass(db, monkeypatch: pytest.MonkeyPatch, caplog, scenario: str) -> None:
     population = generate_population(150, seed=29, now=utcnow())
     write_population(db.engine, population)

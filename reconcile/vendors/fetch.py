@@ -206,10 +206,17 @@ class _Counters:
     endpoint_not_found: Counter[str] = field(default_factory=Counter)
 
 
+# A single failed result request is no "most of the vendor's result requests": it is the app's failure, the
+# contract's default. Without this floor, a pass whose only completed fal job is an app failure answered 5xx
+# (1 of 1) judged fal down, and the job stayed stuck, charged, pass after pass. An outage fails every result
+# request, so it shows from the second.
+MIN_RESULT_ERRORS_FOR_OUTAGE = 2
+
+
 def result_outage(results: int, result_errors: int) -> bool:
-    """Most of a vendor's result requests ended in a 5xx after the retries: the vendor is down, and its
-    apps' failures cannot be told from it (contract: fal's app failures)."""
-    return result_errors > 0 and 2 * result_errors > results
+    """Most of a vendor's result requests, and at least two, ended in a 5xx after the retries: the vendor
+    is down, and its apps' failures cannot be told from it (contract: fal's app failures)."""
+    return result_errors >= MIN_RESULT_ERRORS_FOR_OUTAGE and 2 * result_errors > results
 
 
 def result_outage_detail(vendor: str, results: int, result_errors: int) -> str:
@@ -656,8 +663,8 @@ class _VendorRun:
                 e for e in c.endpoint_answered if self._endpoint_mostly_not_found(e, self.tuning.not_found_share)
             ]
             if result_outage(c.results, c.result_errors):
-                # No minimum sample: with few results, a persistent 5xx on most of them is still no
-                # proof of the apps' failures, and not refunding is the safe side.
+                # No minimum sample beyond two failures: with few results, a persistent 5xx on most of
+                # them is still no proof of the apps' failures, and not refunding is the safe side.
                 self.health = VendorHealth.DOWN
                 self.detail = result_outage_detail(self.vendor, c.results, c.result_errors)
                 log.error("%s", self.detail)

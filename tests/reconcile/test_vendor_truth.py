@@ -85,6 +85,21 @@ def test_fal_result_endpoint_failing_for_most_requests_is_an_outage(sim: Simulat
     assert "result" in result.health_detail["fal"] and "4 of 5" in result.health_detail["fal"]
 
 
+def test_a_lone_fal_app_failure_answered_5xx_is_the_apps_failure_not_an_outage(sim: SimulatorThread) -> None:
+    """The only completed fal job of a pass (1 of 1 result requests failing) is no outage of fal."""
+    crashed = add(sim, "fal", "fal-ai/flux/dev", Outcome.FAILED, result_http_status=500, error="CUDA OOM")
+    running = add(sim, "fal", "fal-ai/flux/dev", Outcome.RUNNING)
+    result, answers = ask(sim, [crashed, running])
+    assert result.health["fal"] is VendorHealth.OK, result.health_detail
+    assert answers[crashed.job_id].state is VendorState.FAILED and "CUDA OOM" in answers[crashed.job_id].error
+
+
+def test_two_fal_app_failures_answered_5xx_out_of_two_are_an_outage(sim: SimulatorThread) -> None:
+    crashed = [add(sim, "fal", "fal-ai/flux/dev", Outcome.FAILED, result_http_status=500) for _ in range(2)]
+    result, _ = ask(sim, crashed)
+    assert result.health["fal"] is VendorHealth.DOWN and "2 of 2" in result.health_detail["fal"]
+
+
 def test_fal_namespaced_apps_keep_three_segments(sim: SimulatorThread) -> None:
     workflow = add(sim, "fal", "workflows/acme/upscale-video", Outcome.COMPLETED, result_url="https://cdn.test/w.mp4",
                    media="video")  # fmt: skip

@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute, Match, NoMatchFound, Route
 from starlette.types import Receive, Scope, Send
 
 from reconcile.simulator import render
-from reconcile.simulator.knobs import KnobsArg, VendorKnobs, build_knobs
+from reconcile.simulator.knobs import SHARE_FIELDS, KnobsArg, VendorKnobs, build_knobs
 from reconcile.simulator.truth import TaskTruth, TruthStore, open_truth
 from reconcile.simulator.wire import SimRoute
 from reconcile.vendors import registry
@@ -248,11 +248,39 @@ class _VendorRoute(BaseRoute):
         await self.handler(self.vendor, scope, receive, send)
 
 
+@dataclass(frozen=True, slots=True)
+class _AdmittedRequest:
+    """A vendor request past admission: routed, authorized and within the rate limit."""
+
+    vendor: str
+    knobs: VendorKnobs
+    route: SimRoute
+    scope: Scope
+    receive: Receive
+    send: Send
+    stats: VendorStats
+    rng: random.Random
+
+
+_FaultAnswer = Callable[[_AdmittedRequest], Awaitable[None]]
+
+
 class VendorHandler:
-    """Answers one vendor request: knobs first (faults), then the truth."""
+    """Answers one vendor request: admission first (down, wrong path, route, secret, rate limit), then one
+    fault draw, the latency, and the answer under the drawn fault (mostly none: the truth)."""
 
     def __init__(self, state: SimulatorState) -> None:
         self.state = state
+        self._answer_by_fault: dict[str | None, _FaultAnswer] = {
+            None: self._answer_truth,
+            "error_share": self._answer_server_error,
+            "timeout_share": self._answer_after_hanging,
+            "garbage_share": self._answer_garbage,
+            "unknown_status_share": self._answer_unknown_status,
+        }
+        unanswered = set(SHARE_FIELDS) - self._answer_by_fault.keys()
+        if unanswered:
+            raise RuntimeError(f"simulator faults without an answer: {sorted(unanswered)}")
 
     async def __call__(self, vendor: str, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state
@@ -268,125 +296,130 @@ class VendorHandler:
                 stats.in_flight -= 1
 
     async def _handle(self, vendor: str, scope: Scope, receive: Receive, send: Send, stats: VendorStats) -> None:
-        state = self.state
-        knobs = state.knobs[vendor]
-        authorization = request_id = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value
-            elif name == b"x-request-id":
-                request_id = value.decode("latin-1")
-
+        """Admission in this order, each refusal counted and answered; then the admitted request is served."""
+        knobs = self.state.knobs[vendor]
         if knobs.down:
-            state.count(vendor, "down")
-            if knobs.down_mode == "reset" and _reset_connection(state, scope):
-                state.count(vendor, "resets")
-                await asyncio.sleep(0)  # let the transport report the loss before the app returns
-                return
-            state.count(vendor, "server_errors")
-            await _send(send, render.unavailable())
+            await self._refuse_down(vendor, knobs, scope, send)
             return
         if knobs.wrong_path:
-            state.count(vendor, "wrong_path")
-            await _send(send, render.wrong_path())
+            await self._send_counted(vendor, "wrong_path", render.wrong_path(), send)
             return
-        parsed = _parse(vendor, scope) if scope["method"] == "GET" else None
-        if parsed is None:
-            state.count(vendor, "unrouted")
-            await _send(send, render.wrong_path())
+        route = _parse(vendor, scope) if scope["method"] == "GET" else None
+        if route is None:
+            await self._send_counted(vendor, "unrouted", render.wrong_path(), send)
             return
+        authorization, request_id = _auth_and_request_id(scope)
+        self._record_request(stats, route, request_id)
+        if not _authorized(vendor, knobs, authorization):
+            await self._send_counted(vendor, "unauthorized", render.unauthorized(vendor), send)
+            return
+        if not self.state.bucket_allows(vendor, knobs):
+            await self._refuse_throttled(vendor, knobs, send)
+            return
+        rng = self.state.rng(vendor)
+        await self._serve(_AdmittedRequest(vendor, knobs, route, scope, receive, send, stats, rng))
 
+    # --- admission -----------------------------------------------------------------------------
+
+    async def _send_counted(self, vendor: str, counter: str, answer: render.Answer, send: Send) -> None:
+        self.state.count(vendor, counter)
+        await _send(send, answer)
+
+    async def _refuse_down(self, vendor: str, knobs: VendorKnobs, scope: Scope, send: Send) -> None:
+        self.state.count(vendor, "down")
+        if knobs.down_mode == "reset" and _reset_connection(self.state, scope):
+            self.state.count(vendor, "resets")
+            await asyncio.sleep(0)  # let the transport report the loss before the app returns
+            return
+        await self._send_counted(vendor, "server_errors", render.unavailable(), send)
+
+    async def _refuse_throttled(self, vendor: str, knobs: VendorKnobs, send: Send) -> None:
+        self.state.count(vendor, "rate_limited")
+        await self._latency(vendor, knobs)
+        await _send(send, render.throttled(vendor), _retry_after_header(knobs.retry_after))
+
+    def _record_request(self, stats: VendorStats, route: SimRoute, request_id: str | None) -> None:
+        state = self.state
         with state.lock:
-            if parsed.kind == "result":
+            if route.kind == "result":
                 stats.counters["result_requests"] += 1
                 if state.track_tasks:
-                    stats.result_tasks[parsed.task_id] += 1
+                    stats.result_tasks[route.task_id] += 1
             elif state.track_tasks:
-                stats.tasks[parsed.task_id] += 1
+                stats.tasks[route.task_id] += 1
             if request_id is None:
                 stats.counters["missing_request_id"] += 1
             else:
                 stats.request_ids[request_id] += 1
 
-        scheme = registry.get(vendor).auth_scheme.encode() + b" "
-        if knobs.unauthorized or authorization != scheme + knobs.secret_for(vendor).encode():
-            state.count(vendor, "unauthorized")
-            await _send(send, render.unauthorized(vendor))
-            return
+    # --- answers under the drawn fault ---------------------------------------------------------
 
-        if not state.bucket_allows(vendor, knobs):
-            state.count(vendor, "rate_limited")
-            extra = None
-            if knobs.retry_after is not None:
-                value = knobs.retry_after
-                extra = [(b"retry-after", (str(int(value)) if value == int(value) else str(value)).encode())]
-            await self._latency(vendor, knobs)
-            await _send(send, render.throttled(vendor), extra)
-            return
+    async def _serve(self, request: _AdmittedRequest) -> None:
+        # The fault is drawn before the latency, which draws from the same seeded RNG: keep that order.
+        fault = _draw_fault(request.rng, request.knobs)
+        await self._latency(request.vendor, request.knobs)
+        await self._answer_by_fault[fault](request)
 
-        # One uniform draw split into the shares: exact proportions, never two faults at once.
-        rng = state.rng(vendor)
-        draw = rng.random()
-        fault = None
-        edge = 0.0
-        for name in ("error_share", "timeout_share", "garbage_share", "unknown_status_share"):
-            edge += getattr(knobs, name)
-            if draw < edge:
-                fault = name
-                break
+    async def _answer_truth(self, request: _AdmittedRequest) -> None:
+        await self._send_truth(request, unknown_status=False)
 
-        await self._latency(vendor, knobs)
-        if fault == "error_share":
-            state.count(vendor, "server_errors")
-            await _send(send, render.server_error(vendor, rng.choice(knobs.error_statuses)))
-            return
-        if fault == "timeout_share":
-            state.count(vendor, "timeouts")
-            try:
-                # Hang, but stop as soon as the client gives up: a hung handler must not pile up.
-                await asyncio.wait_for(_wait_disconnect(receive), knobs.timeout_seconds)
-                return
-            except TimeoutError:
-                pass  # the client is still there: a very slow answer, then the real one
+    async def _answer_unknown_status(self, request: _AdmittedRequest) -> None:
+        await self._send_truth(request, unknown_status=True)
 
-        answer, answered = await self._answer(vendor, parsed, scope, fault, rng)
-        if fault == "garbage_share":
-            # Whatever the answer would have been (a status, a 404, a result) arrives mangled.
-            state.count(vendor, "garbage")
-            await _send(send, self._garbage(rng, answer))
-            return
-        if answered:
-            with state.lock:
-                stats.counters["answered"] += 1
-                if state.track_tasks:
-                    stats.answered_tasks[parsed.task_id] += 1
-        await _send(send, answer)
+    async def _answer_server_error(self, request: _AdmittedRequest) -> None:
+        answer = render.server_error(request.vendor, request.rng.choice(request.knobs.error_statuses))
+        await self._send_counted(request.vendor, "server_errors", answer, request.send)
 
-    async def _answer(
-        self, vendor: str, parsed: SimRoute, scope: Scope, fault: str | None, rng: random.Random
-    ) -> tuple[render.Answer, bool]:
-        """The truth's answer to a request, and whether it counts as a status answer."""
-        state = self.state
-        sim = render.simulated(vendor)
-        if parsed.error is not None:  # on the vendor's route, but naming no task
-            return parsed.error, False
-        task = state.truth.get(vendor, parsed.task_id)
-        if state.on_request is not None and parsed.kind == "status":
-            task = await self._run_hook(vendor, parsed.task_id, task)
-        if task is not None and not sim.serves(task, parsed):
-            task = None  # e.g. fal scopes request ids to the app: another model path finds nothing
+    async def _answer_after_hanging(self, request: _AdmittedRequest) -> None:
+        self.state.count(request.vendor, "timeouts")
+        if not await _client_left(request.receive, request.knobs.timeout_seconds):
+            # The client is still there: a very slow answer, then the real one.
+            await self._send_truth(request, unknown_status=False)
+
+    async def _answer_garbage(self, request: _AdmittedRequest) -> None:
+        # Whatever the answer would have been (a status, a 404, a result) arrives mangled.
+        answer, _ = await self._truth_answer(request, unknown_status=False)
+        self.state.count(request.vendor, "garbage")
+        await _send(request.send, _garbage(request.rng, answer))
+
+    async def _send_truth(self, request: _AdmittedRequest, unknown_status: bool) -> None:
+        answer, status_answer = await self._truth_answer(request, unknown_status)
+        if status_answer:
+            with self.state.lock:
+                request.stats.counters["answered"] += 1
+                if self.state.track_tasks:
+                    request.stats.answered_tasks[request.route.task_id] += 1
+        await _send(request.send, answer)
+
+    # --- the truth -----------------------------------------------------------------------------
+
+    async def _truth_answer(self, request: _AdmittedRequest, unknown_status: bool) -> tuple[render.Answer, bool]:
+        """The truth's answer to a request, and whether it is a status answer (counted as `answered`)."""
+        vendor, route = request.vendor, request.route
+        if route.error is not None:  # on the vendor's route, but naming no task
+            return route.error, False
+        task = await self._find_task(request)
         if task is None:
-            state.count(vendor, "not_found")
+            self.state.count(vendor, "not_found")
             return render.not_found(vendor), False
-        if parsed.kind == "result":
-            if sim.result_answer is None:
-                return render.wrong_path(), False
-            return sim.result_answer(task), False
+        sim = render.simulated(vendor)
+        if route.kind == "result":
+            return (render.wrong_path() if sim.result_answer is None else sim.result_answer(task)), False
         word = None
-        if fault == "unknown_status_share":
-            state.count(vendor, "unknown_status")
-            word = sim.unknown_word(task, rng.choice)
-        return render.status_answer(task, _origin(scope), word), fault != "garbage_share"
+        if unknown_status:
+            self.state.count(vendor, "unknown_status")
+            word = sim.unknown_word(task, request.rng.choice)
+        return render.status_answer(task, _origin(request.scope), word), True
+
+    async def _find_task(self, request: _AdmittedRequest) -> TaskTruth | None:
+        """The task the route names, as the on_request hook may replace it, if the route's scope serves it."""
+        vendor, route = request.vendor, request.route
+        task = self.state.truth.get(vendor, route.task_id)
+        if self.state.on_request is not None and route.kind == "status":
+            task = await self._run_hook(vendor, route.task_id, task)
+        if task is not None and not render.simulated(vendor).serves(task, route):
+            return None  # e.g. fal scopes request ids to the app: another model path finds nothing
+        return task
 
     async def _latency(self, vendor: str, knobs: VendorKnobs) -> None:
         if knobs.latency_ms <= 0 and knobs.jitter_ms <= 0:
@@ -414,15 +447,60 @@ class VendorHandler:
             return task
         return replaced if isinstance(replaced, TaskTruth) else task
 
-    @staticmethod
-    def _garbage(rng: random.Random, real: render.Answer) -> render.Answer:
-        kind = rng.randrange(3)
-        if kind == 0:
-            return 200, render.BAD_GATEWAY_BODY, render.JSON  # HTML labelled as JSON
-        if kind == 1:
-            body = real[1]
-            return 200, body[: max(1, len(body) // 2)], render.JSON  # truncated JSON
-        return 200, b"", render.JSON
+
+def _auth_and_request_id(scope: Scope) -> tuple[bytes | None, str | None]:
+    authorization = request_id = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value
+        elif name == b"x-request-id":
+            request_id = value.decode("latin-1")
+    return authorization, request_id
+
+
+def _authorized(vendor: str, knobs: VendorKnobs, authorization: bytes | None) -> bool:
+    expected = f"{registry.get(vendor).auth_scheme} {knobs.secret_for(vendor)}".encode()
+    return not knobs.unauthorized and authorization == expected
+
+
+def _retry_after_header(seconds: float | None) -> list[tuple[bytes, bytes]] | None:
+    if seconds is None:
+        return None
+    shown = str(int(seconds)) if seconds == int(seconds) else str(seconds)
+    return [(b"retry-after", shown.encode())]
+
+
+def _draw_fault(rng: random.Random, knobs: VendorKnobs) -> str | None:
+    """The share field of this request's fault, or None. One uniform draw split into the shares (in
+    SHARE_FIELDS order): exact proportions, never two faults at once."""
+    draw = rng.random()
+    edge = 0.0
+    for name in SHARE_FIELDS:
+        edge += getattr(knobs, name)
+        if draw < edge:
+            return name
+    return None
+
+
+async def _client_left(receive: Receive, seconds: float) -> bool:
+    """Hang up to `seconds`, but stop as soon as the client gives up: a hung handler must not pile up."""
+    try:
+        await asyncio.wait_for(_wait_disconnect(receive), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+# The garbage knob's bodies, one picked per request: all HTTP 200 labelled as JSON.
+_GARBAGE: tuple[Callable[[render.Answer], render.Answer], ...] = (
+    lambda real: (200, render.BAD_GATEWAY_BODY, render.JSON),  # HTML
+    lambda real: (200, real[1][: max(1, len(real[1]) // 2)], render.JSON),  # truncated JSON
+    lambda real: (200, b"", render.JSON),  # empty
+)
+
+
+def _garbage(rng: random.Random, real: render.Answer) -> render.Answer:
+    return _GARBAGE[rng.randrange(len(_GARBAGE))](real)
 
 
 # --- admin API ---------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ import sys
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import uvicorn
@@ -76,7 +77,36 @@ def env_for(base_urls: Mapping[str, str], secrets: Mapping[str, str]) -> dict[st
     return env
 
 
-class SimulatorThread:
+class _Simulator(ABC):
+    """What a simulator offers however it runs: start/stop (also as `with`) and its addresses."""
+
+    host: str
+    port: int
+
+    @abstractmethod
+    def start(self) -> Self: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def origin(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_urls(self) -> dict[str, str]:
+        return base_urls_for(self.host, self.port)
+
+
+class SimulatorThread(_Simulator):
     """The simulator served by uvicorn in a background thread of this process.
 
     `with SimulatorThread(tasks) as sim:` ... `sim.env()` gives FAL_QUEUE_URL & co. Knobs, stats
@@ -148,23 +178,7 @@ class SimulatorThread:
             self._sock.close()  # already closed by uvicorn unless it never started
             self._sock = None
 
-    def __enter__(self) -> SimulatorThread:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     # --- addresses -----------------------------------------------------------------------------
-
-    @property
-    def origin(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def base_urls(self) -> dict[str, str]:
-        return base_urls_for(self.host, self.port)
 
     def env(self) -> dict[str, str]:
         secrets = {vendor: knobs.secret_for(vendor) for vendor, knobs in self.state.knobs.items()}
@@ -208,7 +222,7 @@ class SimulatorThread:
         self.state.on_request = hook
 
 
-class SimulatorProcess:
+class SimulatorProcess(_Simulator):
     """The simulator in a subprocess (`python -m reconcile.simulator`), controlled over /_admin.
 
     For benchmarks: the server gets its own interpreter and GIL, so it does not steal time from
@@ -319,25 +333,9 @@ class SimulatorProcess:
             self._stderr.close()
             self._stderr = None
 
-    def __enter__(self) -> SimulatorProcess:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
-
-    @property
-    def origin(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def base_urls(self) -> dict[str, str]:
-        return base_urls_for(self.host, self.port)
 
     def env(self) -> dict[str, str]:
         knobs = self.knobs()

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import gc
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from operator import itemgetter
 from random import Random
 from typing import Any
@@ -61,6 +62,7 @@ HOSTILE_TEXT_UNIT = (
     '\\x00 \\\\ "quoted" `tick` {{template}} ${env} '
 )
 HOSTILE_ERROR = (HOSTILE_TEXT_UNIT * (10_240 // len(HOSTILE_TEXT_UNIT) + 1))[:10_240]  # ~10 KB
+HOSTILE_URL_QUERY = "?sig=a'b\"c&next=..%2F..%2Fetc%2Fpasswd&q=\u00fc\u202e"
 
 
 EVERY = "*"  # in a layout: one row for each vendor the case allows (CaseSpec.vendors)
@@ -69,8 +71,6 @@ KIE_PRODUCT_VARIANTS = tuple(range(4, len(MODELS["kie"])))
 KIE_PRODUCT_ROWS = tuple(("kie", variant) for variant in KIE_PRODUCT_VARIANTS)
 KIE_SUNO = next(i for i, (model, _) in enumerate(MODELS["kie"]) if model.startswith("suno"))
 KIE_LUMA = next(i for i, (model, _) in enumerate(MODELS["kie"]) if model.startswith("luma"))
-# Cases whose vendor answer uses one exact status word of the task's product.
-_CASE_STATUS_WORDS = {"stuck_completed_callback_failed": "4", "stuck_running_partial": "FIRST_SUCCESS"}
 
 
 @dataclass(frozen=True)
@@ -141,25 +141,15 @@ CASES: tuple[CaseSpec, ...] = (
     CaseSpec("hostile_failed", ((EVERY, 0),), 0.2),
 )
 # Ledger rows whose job does not exist; they add to `size` jobs (one each, then ~0.1% of size each).
-ORPHAN_CASES = ("orphan_charge", "orphan_refund")
+# Each case's (ledger kind, sign of the amount).
+_ORPHAN_ENTRIES = {"orphan_charge": ("charge", -1), "orphan_refund": ("refund", 1)}
+ORPHAN_CASES = tuple(_ORPHAN_ENTRIES)
 CASE_NAMES = tuple(spec.name for spec in CASES) + ORPHAN_CASES
 LAYOUT_SIZE = sum(len(spec.rows()) for spec in CASES)
 
-
-_STUCK_OUTCOMES = {
-    "stuck_queued": Outcome.QUEUED,
-    "stuck_running": Outcome.RUNNING,
-    "stuck_running_partial": Outcome.RUNNING,
-    "stuck_unmapped": Outcome.UNMAPPED,
-    "stuck_vendor_404": None,  # the vendor does not know the task
-}
-_FAILURE_OUTCOMES = {"stuck_canceled": Outcome.CANCELED, "stuck_aborted": Outcome.ABORTED}
-_SETTLED_FINDINGS = {
-    "duplicate_charge": "duplicate_charge",
-    "charge_mismatch": "charge_mismatch",
-    "missing_charge": "missing_charge",
-    "refund_on_completed": "refund_on_completed",
-}
+# Credits a job costs, per media type: (lowest, number of values from it).
+_CREDIT_RANGES = {"video": (20, 131), "text": (1, 3), "image": (1, 8)}
+_EXTENSIONS = {"image": "png", "video": "mp4", "text": "txt"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +165,64 @@ class Expected:
     result_url: str | None = None  # the job's result_url after the pass (completed jobs)
     findings: frozenset[str] = frozenset()  # leakage categories the job must be reported under
     queried: bool | None = False  # must reconcile ask its vendor? None: either is acceptable
+
+
+@dataclass(slots=True)
+class _Draft:
+    """One job while its case builder shapes it; the generator then emits its rows from it."""
+
+    # Drawn for every job before its builder runs.
+    case: str
+    vendor: str
+    variant: int
+    model: str
+    kind: str
+    job_id: str
+    user: str
+    hostile: bool
+    credits: int
+    task_id: str | None
+    age_range: tuple[timedelta, timedelta]  # (low, high) age of the job's last update before `now`
+    # The platform's job row.
+    status: str = "processing"
+    error_message: str | None = None
+    result_url: str | None = None
+    # The vendor's truth; none when outcome or task_id is None (the vendor does not know the task).
+    outcome: Outcome | None = None
+    truth_url: str | None = None
+    truth_error: tuple[str, str] | None = None
+    status_word: str | None = None  # one exact status word of the task's product
+    result_http_status: int | None = None  # fal: the app's failure, answered by the result request
+    output_removed: bool = False  # Replicate: the output was deleted since (data retention)
+    # The platform's ledger rows of the job, each of `credits`.
+    charges: int = 1  # charge rows at submit (2: a retried charge)
+    overcharged: bool = False  # the (first) charge row takes more than credits_charged
+    refunds: int = 0  # refund rows the platform already wrote
+    # What one correct pass leaves (see Expected); set by expect().
+    final_status: str | None = None
+    queried: bool | None = True
+    refund_reason: str | None = None  # reconcile must refund `credits`, for this reason
+    expected_url: str | None = None
+    findings: frozenset[str] = frozenset()
+
+    def expect(
+        self,
+        final_status: str,
+        *,
+        queried: bool | None,
+        result_url: str | None = None,
+        findings: Iterable[str] = (),
+        refund_reason: str | None = None,
+    ) -> None:
+        self.final_status = final_status
+        self.queried = queried
+        self.expected_url = result_url
+        self.findings = frozenset(findings)
+        self.refund_reason = refund_reason
+
+    def cost_nothing(self, credits: int = 0) -> None:
+        """A job that charged no credits (or, invalid, a negative amount): no charge row."""
+        self.credits, self.charges = credits, 0
 
 
 @dataclass
@@ -217,9 +265,6 @@ class Population:
         row = self.job(job_id)
         return index.get((row["vendor"], row["vendor_task_id"]))
 
-    def expected_refund_total(self) -> int:
-        return sum(e.refund_credits for e in self.expected.values())
-
 
 class _Generator:
     def __init__(self, seed: int, now: datetime, stuck: int, undispatched: int, lookback_hours: int) -> None:
@@ -248,6 +293,7 @@ class _Generator:
         self.case_ids: dict[str, list[str]] = defaultdict(list)
         self.users: list[str] = []
         self.hostile_users: list[str] = []
+        self.builders = self.case_builders()
 
     # --- small deterministic pieces ------------------------------------------------------------
 
@@ -267,8 +313,7 @@ class _Generator:
         return HINTS[vendor].hostile_task_id(self.token(6))
 
     def result_url(self, vendor: str, media: str) -> str:
-        ext = {"image": "png", "video": "mp4", "text": "txt"}[media]
-        return HINTS[vendor].result_url(self.token(10), ext)
+        return HINTS[vendor].result_url(self.token(10), _EXTENSIONS[media])
 
     def pick(self, n: int) -> int:
         # random() scaled, not randrange(): several times cheaper, and plenty uniform here.
@@ -279,11 +324,8 @@ class _Generator:
         return self.now - low - timedelta(seconds=self.rng.random() * span)
 
     def credits(self, kind: str) -> int:
-        if kind == "video":
-            return 20 + self.pick(131)
-        if kind == "text":
-            return 1 + self.pick(3)
-        return 1 + self.pick(8)
+        lowest, choices = _CREDIT_RANGES[kind]
+        return lowest + self.pick(choices)
 
     def error(self, vendor: str) -> tuple[str, str]:
         choices = VENDOR_ERRORS[vendor]
@@ -311,212 +353,265 @@ class _Generator:
     # --- one job -------------------------------------------------------------------------------
 
     def make(self, case: str, vendor: str, variant: int) -> None:
-        rng = self.rng
+        build = self.builders[case]
+        draft = self.draft(case, vendor, variant)
+        build(draft)
+        updated_at = self.ago(*draft.age_range)
+        created_at = updated_at - self.submit_gap * self.rng.random() - timedelta(milliseconds=500)
+        self.emit_truth(draft, created_at)
+        self.emit_job_row(draft, created_at, updated_at)
+        self.emit_ledger(draft, created_at, updated_at)
+        self.emit_expected(draft)
+
+    def draft(self, case: str, vendor: str, variant: int) -> _Draft:
+        """The fields every job draws, in this order, before its case shapes it."""
         models = MODELS[vendor]
         model, kind = models[variant % len(models)]
         job_id = self.uuid()
         hostile = case.startswith("hostile_")
         user = self.user(hostile)
         credits = self.credits(kind)
-        task_id: str | None = self.hostile_task_id(vendor) if hostile else self.task_id(vendor)
-        status = "processing"
-        error_message: str | None = None
-        result_url: str | None = None
-        outcome: Outcome | None = None  # None: the vendor does not know the task
-        truth_url: str | None = None
-        truth_error: tuple[str, str] | None = None
-        result_http_status: int | None = None  # fal: the app's failure, answered by the result request
-        output_removed = False  # Replicate: the output was deleted since (data retention)
-        exp: dict[str, Any] = {"queried": True}
-        charge = True  # the platform's charge row at submit
-        refunds: list[int] = []  # refund rows the platform already wrote
+        task_id = self.hostile_task_id(vendor) if hostile else self.task_id(vendor)
+        return _Draft(case, vendor, variant, model, kind, job_id, user, hostile, credits, task_id, self.stuck_range)
 
-        young_range = self.young_range
-        settled_range = self.settled_range
-        age_range = self.stuck_range
-
-        if case in ("fresh_pending", "fresh_processing"):
-            age_range = self.fresh_range
-            if case == "fresh_pending":
-                status, task_id = "pending", None
-            else:
-                outcome = Outcome.RUNNING
-            exp = {"final_status": status, "queried": False}
-        elif case in _STUCK_OUTCOMES:
-            outcome = _STUCK_OUTCOMES[case]
-            if case == "stuck_running_partial":
-                truth_url = self.result_url(vendor, kind)  # the first track's URL: there, and not final
-            exp = {"final_status": "processing", "findings": {"stuck_unresolved"}, "queried": True}
-        elif case == "stuck_completed_output_removed":
-            outcome, truth_url, output_removed = Outcome.COMPLETED, self.result_url(vendor, kind), True
-            charged_media = kind in MEDIA_TYPES and credits > 0
-            exp = {"final_status": "completed", "result_url": None, "queried": True}
-            exp["findings"] = {"completed_without_result"} if charged_media else set()
-        elif case == "stuck_app_failure":
-            outcome, truth_error = Outcome.FAILED, self.error(vendor)
-            result_http_status = 500 if variant % 2 else 422
-            exp = {"final_status": "failed", "refund": credits, "reason": "vendor_failed", "queried": True}
-        elif case in ("stuck_completed", "stuck_completed_no_output", "hostile_completed", *_CASE_STATUS_WORDS):
-            outcome = Outcome.COMPLETED
-            if case != "stuck_completed_no_output":
-                truth_url = self.result_url(vendor, kind)
-                if hostile:
-                    truth_url += "?sig=a'b\"c&next=..%2F..%2Fetc%2Fpasswd&q=\u00fc\u202e"
-                    error_message = HOSTILE_ERROR  # left over from an earlier attempt
-            exp = {"final_status": "completed", "result_url": truth_url, "queried": True}
-        elif case in ("stuck_failed", "stuck_canceled", "stuck_aborted", "hostile_failed"):
-            outcome = _FAILURE_OUTCOMES.get(case, Outcome.FAILED)
-            truth_error = (HOSTILE_ERROR, "runner_disconnected") if hostile else self.error(vendor)
-            exp = {"final_status": "failed", "refund": credits, "reason": "vendor_failed", "queried": True}
-        elif case == "stuck_failed_zero_credits":
-            outcome, truth_error, credits, charge = Outcome.FAILED, self.error(vendor), 0, False
-            exp = {"final_status": "failed", "queried": True}
-        elif case == "stuck_failed_already_refunded":
-            outcome, truth_error = Outcome.FAILED, self.error(vendor)
-            refunds = [credits]  # the platform refunded but never updated the status
-            exp = {"final_status": "failed", "queried": True}
-        elif case.startswith("pending_dispatched_"):
-            status = "pending"
-            if case.endswith("completed"):
-                outcome, truth_url = Outcome.COMPLETED, self.result_url(vendor, kind)
-                exp = {"final_status": "completed", "result_url": truth_url, "queried": True}
-            elif case.endswith("failed"):
-                outcome, truth_error = Outcome.FAILED, self.error(vendor)
-                exp = {"final_status": "failed", "refund": credits, "reason": "vendor_failed", "queried": True}
-            else:
-                outcome = Outcome.RUNNING
-                exp = {"final_status": "pending", "findings": {"stuck_unresolved"}, "queried": True}
-        elif case == "undispatched_young":
-            status, task_id, age_range = "pending", None, young_range
-            exp = {"final_status": "pending", "findings": {"stuck_unresolved"}, "queried": False}
-        elif case == "undispatched_old":
-            status, task_id = "pending", None
-            age_range = self.old_undispatched_range
-            exp = {"final_status": "failed", "refund": credits, "reason": "never_dispatched", "queried": False}
-        elif case in (
-            "terminal_completed",
-            "duplicate_charge",
-            "charge_mismatch",
-            "missing_charge",
-            "refund_on_completed",
-        ):
-            status, outcome, age_range = "completed", Outcome.COMPLETED, settled_range
-            result_url = truth_url = self.result_url(vendor, kind)
-            finding = _SETTLED_FINDINGS.get(case)
-            exp = {"final_status": "completed", "result_url": result_url, "queried": False}
-            exp["findings"] = {finding} if finding else set()
-            if case == "missing_charge":
-                charge = False
-            elif case == "refund_on_completed":
-                refunds = [credits]
-        elif case in (
-            "terminal_failed_refunded",
-            "double_refund",
-            "terminal_zero_credits",
-            "failed_unrefunded_recent",
-            "failed_unrefunded_old",
-        ):
-            status, outcome, age_range = "failed", Outcome.FAILED, settled_range
-            truth_error = self.error(vendor)
-            error_message = truth_error[0]
-            exp = {"final_status": "failed", "queried": False}
-            if case == "terminal_failed_refunded":
-                refunds = [credits]
-            elif case == "double_refund":
-                refunds = [credits, credits]
-                exp["findings"] = {"duplicate_refund"}
-            elif case == "terminal_zero_credits":
-                credits, charge = 0, False
-            elif case == "failed_unrefunded_recent":
-                age_range = self.recent_failed_range
-                exp.update(refund=credits, reason="vendor_failed")
-            else:  # failed_unrefunded_old: outside the lookback, reported, not refunded
-                age_range = self.old_failed_range
-                exp["findings"] = {"failed_unrefunded"}
-        elif case == "invalid_unknown_vendor":
-            age_range = young_range
-            exp = {"final_status": "processing", "findings": {"invalid_job"}, "queried": None}
-        elif case == "invalid_negative_credits":
-            outcome, age_range = Outcome.RUNNING, young_range
-            credits, charge = -rng.randint(1, 50), False
-            exp = {"final_status": "processing", "findings": {"invalid_job"}, "queried": None}
-        elif case == "invalid_processing_no_task":
-            task_id, age_range = None, young_range
-            exp = {"final_status": "processing", "findings": {"invalid_job"}, "queried": None}
-        else:  # pragma: no cover - CASES and this chain are kept in step by the tests
-            raise AssertionError(f"no builder for case {case!r}")
-
-        updated_at = self.ago(*age_range)
-        created_at = updated_at - self.submit_gap * rng.random() - timedelta(milliseconds=500)
-        if outcome is not None and task_id is not None:
-            err = truth_error or (None, None)
-            self.truth.append(
-                TaskTruth(
-                    vendor,
-                    task_id,
-                    model,
-                    outcome,
-                    truth_url,
-                    err[0],
-                    err[1],
-                    output_list=variant % 2 == 1,  # a vendor that can answer a list or one URL alternates
-                    media=kind,
-                    status_word=_CASE_STATUS_WORDS.get(case),
-                    created_at=created_at + timedelta(seconds=1),
-                    result_http_status=result_http_status,
-                    output_removed=output_removed,
-                )
+    def emit_truth(self, d: _Draft, created_at: datetime) -> None:
+        if d.outcome is None or d.task_id is None:
+            return
+        error, error_type = d.truth_error or (None, None)
+        self.truth.append(
+            TaskTruth(
+                d.vendor,
+                d.task_id,
+                d.model,
+                d.outcome,
+                d.truth_url,
+                error,
+                error_type,
+                output_list=d.variant % 2 == 1,  # a vendor that can answer a list or one URL alternates
+                media=d.kind,
+                status_word=d.status_word,
+                created_at=created_at + timedelta(seconds=1),
+                result_http_status=d.result_http_status,
+                output_removed=d.output_removed,
             )
+        )
+
+    def emit_job_row(self, d: _Draft, created_at: datetime, updated_at: datetime) -> None:
         self.pop_rows.append(
             {
-                "id": job_id,
-                "user_id": user,
-                "type": kind,
-                "model": model,
-                "vendor": vendor,
-                "vendor_task_id": task_id,
-                "status": status,
-                "credits_charged": credits,
-                "error_message": error_message,
-                "result_url": result_url,
+                "id": d.job_id,
+                "user_id": d.user,
+                "type": d.kind,
+                "model": d.model,
+                "vendor": d.vendor,
+                "vendor_task_id": d.task_id,
+                "status": d.status,
+                "credits_charged": d.credits,
+                "error_message": d.error_message,
+                "result_url": d.result_url,
                 "created_at": created_at,
                 "updated_at": updated_at,
             }
         )
-        if charge and credits > 0:
-            self.ledger(user, job_id, "charge", -credits, f"charge:{job_id}", created_at)
-            if case == "duplicate_charge":
-                again = created_at + timedelta(seconds=1)
-                self.ledger(user, job_id, "charge", -credits, f"charge:{job_id}:retry-1", again)
-            if case == "charge_mismatch":
-                self.tx[-1]["amount"] = -(credits + rng.randint(1, 10))
-        for n, amount in enumerate(refunds):
-            key = f"refund:{job_id}" if n == 0 else f"refund:{job_id}:retry-{n}"
-            self.ledger(user, job_id, "refund", amount, key, updated_at + timedelta(seconds=n + 1))
 
-        refund = exp.get("refund", 0)
-        self.expected[job_id] = Expected(
-            job_id,
-            case,
-            user,
-            exp["final_status"],
+    def emit_ledger(self, d: _Draft, created_at: datetime, updated_at: datetime) -> None:
+        if d.credits > 0:
+            for n in range(d.charges):
+                amount = -d.credits
+                if n == 0 and d.overcharged:
+                    amount -= self.rng.randint(1, 10)
+                key = f"charge:{d.job_id}" if n == 0 else f"charge:{d.job_id}:retry-{n}"
+                self.ledger(d.user, d.job_id, "charge", amount, key, created_at + timedelta(seconds=n))
+        for n in range(d.refunds):
+            key = f"refund:{d.job_id}" if n == 0 else f"refund:{d.job_id}:retry-{n}"
+            self.ledger(d.user, d.job_id, "refund", d.credits, key, updated_at + timedelta(seconds=n + 1))
+
+    def emit_expected(self, d: _Draft) -> None:
+        if d.final_status is None:
+            raise AssertionError(f"the builder of case {d.case!r} set no expectation")
+        refund = d.credits if d.refund_reason else 0
+        self.expected[d.job_id] = Expected(
+            d.job_id,
+            d.case,
+            d.user,
+            d.final_status,
             refund,
-            exp.get("reason") if refund else None,
-            exp.get("result_url"),
-            frozenset(exp.get("findings", ())),
-            exp["queried"],
+            d.refund_reason if refund else None,
+            d.expected_url,
+            d.findings,
+            d.queried,
         )
-        self.case_ids[case].append(job_id)
+        self.case_ids[d.case].append(d.job_id)
+
+    # --- case builders: each shapes the draft of one family of cases -------------------------
+    # A builder's random draws (and their order) are part of the population: keep them as they are.
+
+    def case_builders(self) -> dict[str, Callable[[_Draft], None]]:
+        running = partial(self.stuck_unresolved, outcome=Outcome.RUNNING)
+        builders: dict[str, Callable[[_Draft], None]] = {
+            "fresh_pending": partial(self.fresh, dispatched=False),
+            "fresh_processing": partial(self.fresh, dispatched=True),
+            "stuck_queued": partial(self.stuck_unresolved, outcome=Outcome.QUEUED),
+            "stuck_running": running,
+            "stuck_unmapped": partial(self.stuck_unresolved, outcome=Outcome.UNMAPPED),
+            "stuck_vendor_404": partial(self.stuck_unresolved, outcome=None),  # the vendor does not know it
+            "stuck_running_partial": self.stuck_running_partial,
+            "stuck_completed": self.vendor_completed,
+            "stuck_completed_no_output": partial(self.vendor_completed, with_output=False),
+            # Luma's successFlag 4 ("callback failed") is a success.
+            "stuck_completed_callback_failed": partial(self.vendor_completed, status_word="4"),
+            "hostile_completed": self.vendor_completed,
+            "stuck_completed_output_removed": self.output_removed,
+            "stuck_failed": self.vendor_failed,
+            "stuck_canceled": partial(self.vendor_failed, outcome=Outcome.CANCELED),
+            "stuck_aborted": partial(self.vendor_failed, outcome=Outcome.ABORTED),
+            "stuck_app_failure": partial(self.vendor_failed, app_failure=True),
+            "hostile_failed": self.vendor_failed,
+            "stuck_failed_zero_credits": self.vendor_failed_zero_credits,
+            "stuck_failed_already_refunded": self.vendor_failed_already_refunded,
+            "pending_dispatched_completed": partial(self.pending_dispatched, then=self.vendor_completed),
+            "pending_dispatched_failed": partial(self.pending_dispatched, then=self.vendor_failed),
+            "pending_dispatched_running": partial(self.pending_dispatched, then=running),
+            "undispatched_young": self.undispatched_young,
+            "undispatched_old": self.undispatched_old,
+            "terminal_completed": self.settled_completed,
+            "duplicate_charge": partial(self.settled_completed, finding="duplicate_charge", charges=2),
+            "charge_mismatch": partial(self.settled_completed, finding="charge_mismatch", overcharged=True),
+            "missing_charge": partial(self.settled_completed, finding="missing_charge", charges=0),
+            "refund_on_completed": partial(self.settled_completed, finding="refund_on_completed", refunds=1),
+            "terminal_failed_refunded": partial(self.settled_failed, refunds=1),
+            "double_refund": partial(self.settled_failed, finding="duplicate_refund", refunds=2),
+            "terminal_zero_credits": self.settled_failed_zero_credits,
+            "failed_unrefunded_recent": self.failed_unrefunded_recent,
+            "failed_unrefunded_old": self.failed_unrefunded_old,
+            "invalid_unknown_vendor": self.invalid,
+            "invalid_negative_credits": self.invalid_negative_credits,
+            "invalid_processing_no_task": self.invalid_processing_no_task,
+        }
+        out_of_step = set(builders).symmetric_difference(spec.name for spec in CASES)
+        if out_of_step:
+            raise AssertionError(f"CASES and the case builders differ on {sorted(out_of_step)}")
+        return builders
+
+    def fresh(self, d: _Draft, *, dispatched: bool) -> None:
+        """Updated within stuck_after: not stuck, left alone."""
+        d.age_range = self.fresh_range
+        if dispatched:
+            d.outcome = Outcome.RUNNING
+        else:
+            d.status, d.task_id = "pending", None
+        d.expect(d.status, queried=False)
+
+    def stuck_unresolved(self, d: _Draft, *, outcome: Outcome | None) -> None:
+        """The vendor has no final answer (or does not know the task): the job stays as it is, reported."""
+        d.outcome = outcome
+        d.expect(d.status, queried=True, findings={"stuck_unresolved"})
+
+    def stuck_running_partial(self, d: _Draft) -> None:
+        """Suno's FIRST_SUCCESS: one track done and its URL there, the task not final."""
+        self.stuck_unresolved(d, outcome=Outcome.RUNNING)
+        d.status_word = "FIRST_SUCCESS"
+        d.truth_url = self.result_url(d.vendor, d.kind)
+
+    def vendor_completed(self, d: _Draft, *, with_output: bool = True, status_word: str | None = None) -> None:
+        d.outcome, d.status_word = Outcome.COMPLETED, status_word
+        if with_output:
+            d.truth_url = self.result_url(d.vendor, d.kind)
+            if d.hostile:
+                d.truth_url += HOSTILE_URL_QUERY
+                d.error_message = HOSTILE_ERROR  # left over from an earlier attempt
+        d.expect("completed", queried=True, result_url=d.truth_url)
+
+    def output_removed(self, d: _Draft) -> None:
+        """Replicate: succeeded, its output deleted since: completed with no URL, a finding if it was paid media."""
+        d.outcome, d.truth_url, d.output_removed = Outcome.COMPLETED, self.result_url(d.vendor, d.kind), True
+        charged_media = d.kind in MEDIA_TYPES and d.credits > 0
+        d.expect("completed", queried=True, findings={"completed_without_result"} if charged_media else ())
+
+    def vendor_failed(self, d: _Draft, *, outcome: Outcome = Outcome.FAILED, app_failure: bool = False) -> None:
+        d.outcome = outcome
+        d.truth_error = (HOSTILE_ERROR, "runner_disconnected") if d.hostile else self.error(d.vendor)
+        if app_failure:  # fal: COMPLETED, the result request answers 422 (even variants) or 500 (odd)
+            d.result_http_status = 500 if d.variant % 2 else 422
+        d.expect("failed", queried=True, refund_reason="vendor_failed")
+
+    def vendor_failed_zero_credits(self, d: _Draft) -> None:
+        self.vendor_failed(d)
+        d.cost_nothing()
+        d.refund_reason = None
+
+    def vendor_failed_already_refunded(self, d: _Draft) -> None:
+        """The platform refunded but never updated the status: nothing is left to refund."""
+        self.vendor_failed(d)
+        d.refunds, d.refund_reason = 1, None
+
+    def pending_dispatched(self, d: _Draft, *, then: Callable[[_Draft], None]) -> None:
+        """Stuck pending with a vendor_task_id (the worker never said so): it resolves like a processing job."""
+        d.status = "pending"
+        then(d)
+
+    def undispatched_young(self, d: _Draft) -> None:
+        d.status, d.task_id, d.age_range = "pending", None, self.young_range
+        d.expect("pending", queried=False, findings={"stuck_unresolved"})
+
+    def undispatched_old(self, d: _Draft) -> None:
+        d.status, d.task_id, d.age_range = "pending", None, self.old_undispatched_range
+        d.expect("failed", queried=False, refund_reason="never_dispatched")
+
+    def settled_completed(
+        self, d: _Draft, *, finding: str | None = None, charges: int = 1, overcharged: bool = False, refunds: int = 0
+    ) -> None:
+        """A finished job; `finding`: the ledger anomaly its charges and refunds make."""
+        d.status, d.outcome, d.age_range = "completed", Outcome.COMPLETED, self.settled_range
+        d.result_url = d.truth_url = self.result_url(d.vendor, d.kind)
+        d.charges, d.overcharged, d.refunds = charges, overcharged, refunds
+        d.expect("completed", queried=False, result_url=d.result_url, findings={finding} if finding else ())
+
+    def settled_failed(self, d: _Draft, *, finding: str | None = None, refunds: int = 0) -> None:
+        d.status, d.outcome, d.age_range = "failed", Outcome.FAILED, self.settled_range
+        d.truth_error = self.error(d.vendor)
+        d.error_message = d.truth_error[0]
+        d.refunds = refunds
+        d.expect("failed", queried=False, findings={finding} if finding else ())
+
+    def settled_failed_zero_credits(self, d: _Draft) -> None:
+        self.settled_failed(d)
+        d.cost_nothing()
+
+    def failed_unrefunded_recent(self, d: _Draft) -> None:
+        """Failed within the refund lookback, never refunded: reconcile refunds it."""
+        self.settled_failed(d)
+        d.age_range = self.recent_failed_range
+        d.refund_reason = "vendor_failed"
+
+    def failed_unrefunded_old(self, d: _Draft) -> None:
+        """Failed before the refund lookback, never refunded: reported, not refunded."""
+        self.settled_failed(d, finding="failed_unrefunded")
+        d.age_range = self.old_failed_range
+
+    def invalid(self, d: _Draft) -> None:
+        # Younger than undispatched_fail_after: no reading of the contract fails and refunds it.
+        d.age_range = self.young_range
+        d.expect("processing", queried=None, findings={"invalid_job"})
+
+    def invalid_negative_credits(self, d: _Draft) -> None:
+        self.invalid(d)
+        d.outcome = Outcome.RUNNING
+        d.cost_nothing(-self.rng.randint(1, 50))
+
+    def invalid_processing_no_task(self, d: _Draft) -> None:
+        self.invalid(d)
+        d.task_id = None
+
+    # --- a ledger entry without a job ----------------------------------------------------------
 
     def orphan(self, case: str) -> None:
+        kind, sign = _ORPHAN_ENTRIES[case]
         job_id = self.uuid()
         user = self.user()
         at = self.ago(timedelta(hours=1), timedelta(days=30))
         amount = self.rng.randint(1, 40)
-        if case == "orphan_charge":
-            self.ledger(user, job_id, "charge", -amount, f"charge:{job_id}", at)
-        else:
-            self.ledger(user, job_id, "refund", amount, f"refund:{job_id}", at)
+        self.ledger(user, job_id, kind, sign * amount, f"{kind}:{job_id}", at)
         self.expected[job_id] = Expected(
             job_id, case, user, None, findings=frozenset({"orphan_transaction"}), queried=False
         )

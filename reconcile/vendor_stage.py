@@ -22,18 +22,10 @@ from reconcile.models import VendorAnswer, VendorHealth, VendorState
 from reconcile.settings import Settings
 from reconcile.staging import StuckSet, analyze, clear_answers, iter_pass_jobs, write_answers
 from reconcile.stuck import DISPATCHED, Classified
-from reconcile.vendors.fetch import (
-    NOT_ASKED,
-    TIME_BUDGET_EXHAUSTED,
-    fetch_vendor_truth,
-    result_outage,
-    result_outage_detail,
-)
+from reconcile.vendors.fetch import COUNTED_STATS, fetch_vendor_truth, not_asked_reason, result_outage_verdict
 
-_SUMMED = (
-    "jobs", "requests", "retries", "http_429", "http_5xx", "timeouts", "connection_errors", "not_found",
-    "results", "result_errors",
-)  # fmt: skip
+# The chunks' figures that add up ('skipped' too, with the jobs no chunk asked: `VendorStage.add`).
+_SUMMED = ("jobs", *(name for name in COUNTED_STATS if name != "skipped"))
 
 
 @dataclass
@@ -108,7 +100,7 @@ def ask_vendor(
         refs = Classified(chunk).job_refs()
         stage.chunk_sizes.append(len(refs))
         budget = deadline - time.monotonic()
-        reason = NOT_ASKED.get(stage.health) or (TIME_BUDGET_EXHAUSTED if budget <= 0 else None)
+        reason = not_asked_reason(stage.health, budget)
         if reason:
             answers = [VendorAnswer(r.job_id, r.vendor, VendorState.UNKNOWN, reason=reason) for r in refs]
             stage.add(answers, None, skipped=len(answers))
@@ -123,11 +115,10 @@ def ask_vendor(
         if progress:
             progress(stage)
     analyze(engine, recon_pass_answers)
-    results, result_errors = stage.stats.get("results", 0), stage.stats.get("result_errors", 0)
-    if stage.health == VendorHealth.OK and result_outage(results, result_errors):
-        # Judged over the whole pass: each chunk may have had too few result requests to tell.
-        stage.health = VendorHealth.DOWN
-        stage.detail = result_outage_detail(vendor, results, result_errors)
+    # Judged over the whole pass: each chunk may have had too few result requests to tell.
+    outage = result_outage_verdict(vendor, stage.stats.get("results", 0), stage.stats.get("result_errors", 0))
+    if stage.health == VendorHealth.OK and outage is not None:
+        stage.health, stage.detail = outage.health, outage.detail
     elif stage.health == VendorHealth.OK and len(stage.chunk_sizes) > 1:
         s = stage.stats
         stage.detail = (

@@ -20,25 +20,23 @@ Jobs not asked because calls stopped get UNKNOWN with reason 'vendor_down', 'ven
 
 `vendor_time_budget_seconds` is a wall-clock budget per vendor for the whole run: no retry sleeps past
 it, and jobs not started by then get UNKNOWN 'time_budget_exhausted' (the next run asks again).
+
+Here: the workers, each job's flow (status request, result request, verdict) and the retry loop. The
+health rules, over the run's counters, are in `_health` (no I/O); the HTTP client is in `_transport`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import functools
 import logging
 import random
-import ssl
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlencode
 
-import aiohttp
 import httpx
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -47,6 +45,31 @@ from tenacity.wait import wait_base
 from reconcile.models import JobRef, VendorAnswer, VendorHealth, VendorState
 from reconcile.settings import Settings
 from reconcile.vendors import registry
+from reconcile.vendors._health import (
+    COUNTED_STATS,
+    MIN_RESULT_ERRORS_FOR_OUTAGE,
+    NEVER_SENT,
+    NOT_ASKED,
+    TIME_BUDGET_EXHAUSTED,
+    Counters,
+    HealthJudge,
+    Verdict,
+    not_asked_reason,
+    requests_per_second,
+    result_outage,
+    result_outage_detail,
+    result_outage_verdict,
+)
+from reconcile.vendors._transport import (
+    DEFAULT_TRANSPORT,
+    TRANSPORT_ERRORS,
+    TRANSPORTS,
+    BodyTooLarge,
+    HttpClient,
+    failure_reason,
+    open_client,
+    transport_name,
+)
 from reconcile.vendors.base import (
     InvalidJob,
     Kind,
@@ -59,6 +82,26 @@ from reconcile.vendors.base import (
     request_id,
 )
 
+__all__ = [
+    "COUNTED_STATS",
+    "DEFAULT_TRANSPORT",
+    "MIN_RESULT_ERRORS_FOR_OUTAGE",
+    "NOT_ASKED",
+    "TIME_BUDGET_EXHAUSTED",
+    "TRANSPORTS",
+    "UNKNOWN_VENDOR",
+    "FetchResult",
+    "RetryAfterOrBackoff",
+    "Transient",
+    "Tuning",
+    "fetch_vendor_truth",
+    "fetch_vendor_truth_async",
+    "not_asked_reason",
+    "result_outage",
+    "result_outage_detail",
+    "result_outage_verdict",
+]
+
 log = logging.getLogger("reconcile.vendors")
 
 try:  # uvicorn[standard] brings uvloop (not on Windows)
@@ -66,30 +109,9 @@ try:  # uvicorn[standard] brings uvloop (not on Windows)
 except ImportError:
     _loop_factory = None
 
-TRANSPORTS = ("aiohttp", "httpx")
-# Measured on the 2-core dev machine, one vendor, 4,000 jobs, concurrency 32, simulator in its own
-# process answering after 20 ms: httpx's own transport 170-200 req/s (client CPU-bound, httpcore's
-# pool: httpx issue #3215), httpx over aiohttp (httpx-aiohttp) 800-930 req/s. The vendor stage is
-# client-CPU bound, so 'aiohttp' uses an aiohttp.ClientSession directly: per request, httpx's
-# Request/URL/Headers/cookies layer plus httpx-aiohttp's wrapping cost 0.5 ms of CPU, aiohttp alone
-# 0.18 ms. 'httpx' (or an httpx transport instance, e.g. a test's MockTransport) goes through httpx.
-DEFAULT_TRANSPORT = "aiohttp"
-
-USER_AGENT = "reconcile/0.1 (+credit reconciliation)"
-
-# Why a job was not asked: the reason its UNKNOWN answer carries, defined here only. Once a vendor is
-# judged unhealthy, its remaining jobs (in this call and, in the vendor stage, in later chunks) get the
-# reason of that health; jobs left when the vendor's time budget runs out get TIME_BUDGET_EXHAUSTED.
-NOT_ASKED: dict[VendorHealth, str] = {
-    VendorHealth.MISSING_SECRET: "missing_secret",
-    VendorHealth.UNAUTHORIZED: "vendor_unauthorized",
-    VendorHealth.DOWN: "vendor_down",
-    VendorHealth.MISCONFIGURED: "vendor_misconfigured",
-}
-TIME_BUDGET_EXHAUSTED = "time_budget_exhausted"
 UNKNOWN_VENDOR = "unknown_vendor"
-# Reasons of jobs that were never sent: they say nothing of the vendor's health.
-_STOPPED = frozenset(NOT_ASKED.values()) | {TIME_BUDGET_EXHAUSTED}
+
+_Parse = Callable[[JobRef, RawAnswer, tuple[str, ...]], Parsed]  # a vendor's parse_status or parse_result
 
 
 @dataclass(frozen=True)
@@ -137,29 +159,6 @@ class _Abort(Exception):
         self.reason = reason
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-# ------------------------------------------------------------------------------------ transports
-
-
-def _transport_reason(exc: BaseException) -> str:
-    """'timeout' or 'connection_error' for a transport failure (aiohttp's timeouts are TimeoutErrors;
-    an httpx error wrapping an aiohttp one, e.g. httpx-aiohttp's ConnectTimeout for a refused
-    connection, is judged by its cause)."""
-    cause = exc.__cause__
-    if cause is not None and type(cause).__module__.startswith("aiohttp"):
-        exc = cause
-    return "timeout" if isinstance(exc, httpx.TimeoutException | TimeoutError) else "connection_error"
-
-
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """httpx's default context (its CA bundle), made once: loading the bundle takes ~30 ms."""
-    return httpx.create_ssl_context()
-
-
 # ---------------------------------------------------------------------------------- retry waiting
 
 
@@ -186,48 +185,9 @@ class RetryAfterOrBackoff(wait_base):
 # ----------------------------------------------------------------------------------- one vendor
 
 
-@dataclass
-class _Counters:
-    requests: int = 0
-    retries: int = 0
-    http_429: int = 0
-    http_5xx: int = 0
-    timeouts: int = 0
-    connection_errors: int = 0
-    not_found: int = 0
-    answered: int = 0  # jobs that got a vendor answer (not skipped)
-    errored: int = 0  # of those, ended in 5xx / timeout / connection error after retries
-    skipped: int = 0  # jobs never asked (vendor stopped, budget spent, invalid id)
-    results: int = 0  # jobs whose result was asked for (fal: COMPLETED without error)
-    result_errors: int = 0  # of those, ended in a 5xx (or a timeout) after the retries
-    by_state: Counter[str] = field(default_factory=Counter)
-    # Per endpoint, for vendors whose jobs go to several (KIE's products): answered and not-found jobs.
-    endpoint_answered: Counter[str] = field(default_factory=Counter)
-    endpoint_not_found: Counter[str] = field(default_factory=Counter)
-
-
-# A single failed result request is no "most of the vendor's result requests": it is the app's failure, the
-# contract's default. Without this floor, a pass whose only completed fal job is an app failure answered 5xx
-# (1 of 1) judged fal down, and the job stayed stuck, charged, pass after pass. An outage fails every result
-# request, so it shows from the second.
-MIN_RESULT_ERRORS_FOR_OUTAGE = 2
-
-
-def result_outage(results: int, result_errors: int) -> bool:
-    """Most of a vendor's result requests, and at least two, ended in a 5xx after the retries: the vendor
-    is down, and its apps' failures cannot be told from it (contract: fal's app failures)."""
-    return result_errors >= MIN_RESULT_ERRORS_FOR_OUTAGE and 2 * result_errors > results
-
-
-def result_outage_detail(vendor: str, results: int, result_errors: int) -> str:
-    return (
-        f"{vendor} looks down: its result endpoint answered 5xx (after retries) for {result_errors} of {results} "
-        f"completed requests. That is {vendor}'s outage, not its apps' failures: none of {vendor}'s answers may "
-        "change a job in this run. Check the vendor's status."
-    )
-
-
 class _VendorRun:
+    """One vendor's part of a fetch: its jobs asked by a pool of workers over one HTTP client."""
+
     def __init__(
         self,
         vendor: str,
@@ -251,25 +211,38 @@ class _VendorRun:
         assert secret is not None
         self._secret = secret.get_secret_value()
         self.secrets = (self._secret,)
-        self.counters = _Counters()
+        self.counters = Counters()
+        self.judge = HealthJudge(
+            vendor=vendor,
+            url_var=self.adapter.url_var,
+            secret_var=self.adapter.secret_var,
+            base_url=self.base_url,
+            min_sample=tuning.min_sample,
+            not_found_share=tuning.not_found_share,
+            not_found_stop_share=tuning.not_found_stop_share,
+            error_share=settings.vendor_outage_error_share,
+        )
+        # OK until judged otherwise; while the run lasts, any other health has stopped the calls.
         self.health = VendorHealth.OK
-        self.stop_reason: str | None = None  # set when calls stop for the rest of the run
         self.detail = ""
         self.pause_until = 0.0
         self.started = 0.0
         self.deadline = 0.0
         self.elapsed = 0.0
-        self._client: httpx.AsyncClient | None = None  # one of these two, for the whole run
-        self._session: aiohttp.ClientSession | None = None
+        self._http: HttpClient | None = None  # for the whole run
         self._sem: asyncio.Semaphore | None = None
         self._limiter: AsyncLimiter | None = None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why calls stopped for the rest of the run: the reason of the health that stopped them."""
+        return NOT_ASKED.get(self.health)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
         settings = self.settings
         concurrency = settings.vendor_concurrency
-        timeout = settings.vendor_timeout_seconds
         rate = settings.vendor_rate(self.vendor)
         burst = max(1.0, rate * self.tuning.burst_seconds)
         self._limiter = AsyncLimiter(burst, burst / rate)
@@ -283,43 +256,21 @@ class _VendorRun:
             redact(self.base_url),
             concurrency,
             rate,
-            self.transport if isinstance(self.transport, str) else type(self.transport).__name__,
+            transport_name(self.transport),
         )
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                await self._open(stack, concurrency, timeout)
+            async with open_client(
+                self.transport, concurrency, settings.vendor_timeout_seconds, self.tuning.max_body_bytes
+            ) as http:
+                self._http = http
                 jobs = iter(self.jobs)
                 n_workers = min(len(self.jobs), 2 * concurrency)
                 workers = [asyncio.create_task(self._worker(jobs)) for _ in range(n_workers)]
                 await asyncio.gather(*workers)
         finally:
-            self._client = self._session = None
+            self._http = None
             self.elapsed = time.monotonic() - self.started
         self._judge_at_end()
-
-    async def _open(self, stack: contextlib.AsyncExitStack, concurrency: int, timeout: float) -> None:
-        """One HTTP client for the whole run: an aiohttp session ('aiohttp') or an httpx client."""
-        if self.transport == "aiohttp":
-            session = aiohttp.ClientSession(
-                # httpx's CA bundle and keep-alive expiry, as before with httpx over aiohttp
-                connector=aiohttp.TCPConnector(limit=concurrency, ssl=_ssl_context(), keepalive_timeout=5.0),
-                # every phase bounded as by httpx.Timeout(timeout): pool wait + connect, connect, read
-                timeout=aiohttp.ClientTimeout(connect=timeout, sock_connect=timeout, sock_read=timeout),
-                headers={"User-Agent": USER_AGENT},
-            )
-            self._session = await stack.enter_async_context(session)
-            return
-        transport = self.transport
-        if not isinstance(transport, httpx.AsyncBaseTransport):  # 'httpx' (names are checked up front)
-            limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-            transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
-        client = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(timeout),
-            follow_redirects=False,  # a redirect must never carry the secret elsewhere
-            headers={"User-Agent": USER_AGENT},
-        )
-        self._client = await stack.enter_async_context(client)
 
     async def _worker(self, jobs: Iterator[JobRef]) -> None:
         for job in jobs:  # a shared iterator: each job is taken by exactly one worker
@@ -340,10 +291,9 @@ class _VendorRun:
         return VendorAnswer(job.job_id, job.vendor, VendorState.UNKNOWN, reason=reason), None
 
     async def _job(self, job: JobRef) -> tuple[VendorAnswer, Kind | None]:
-        if self.stop_reason:
-            return self._skip(job, self.stop_reason)
-        if time.monotonic() >= self.deadline:
-            return self._skip(job, TIME_BUDGET_EXHAUSTED)
+        not_asked = not_asked_reason(self.health, self.deadline - time.monotonic())
+        if not_asked:
+            return self._skip(job, not_asked)
         rid = request_id(self.run_id, job.job_id)
         try:
             request = self.adapter.status_request(job, self.base_url, self._secret, rid)
@@ -360,7 +310,7 @@ class _VendorRun:
 
     def _result_verdict(self, result: Parsed) -> Parsed:
         """The verdict of a result request, once its retries are over."""
-        if result.reason in _STOPPED:  # never sent: the vendor was stopped meanwhile
+        if result.reason in NEVER_SENT:  # never sent: the vendor was stopped meanwhile
             return result
         self.counters.results += 1
         if result.kind is Kind.SERVER_ERROR:
@@ -378,7 +328,7 @@ class _VendorRun:
         self,
         job: JobRef,
         request: VendorRequest,
-        parse: Callable[[JobRef, RawAnswer, tuple[str, ...]], Parsed],
+        parse: _Parse,
         rid: str,
     ) -> tuple[Parsed, int]:
         attempts = 0
@@ -453,233 +403,114 @@ class _VendorRun:
         self,
         job: JobRef,
         request: VendorRequest,
-        parse: Callable[[JobRef, RawAnswer, tuple[str, ...]], Parsed],
+        parse: _Parse,
         rid: str,
         attempt: int,
     ) -> Parsed:
         assert self._sem is not None and self._limiter is not None
         await self._wait_for_pause()
-        timeout = self.settings.vendor_timeout_seconds
         async with self._sem:
             await self._limiter.acquire()
             if self.stop_reason:
                 raise _Abort(self.stop_reason)
             self.counters.requests += 1
             started = time.monotonic()
-            try:
-                # httpx's timeouts bound each phase; this bounds the whole exchange (a slow drip).
-                async with asyncio.timeout(2 * timeout + 1):
-                    raw = await self._exchange(request)
-            except _BodyTooLarge:
-                parsed = Parsed(
-                    VendorAnswer(
-                        job.job_id,
-                        job.vendor,
-                        VendorState.UNKNOWN,
-                        reason="body_too_large",
-                        evidence=f"body over {self.tuning.max_body_bytes} bytes",
-                    )
-                )
-            except (httpx.HTTPError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                reason = _transport_reason(exc)
-                if reason == "timeout":
-                    self.counters.timeouts += 1
-                    evidence = f"no complete answer within {timeout:g} s ({type(exc).__name__})"
-                else:
-                    self.counters.connection_errors += 1
-                    evidence = excerpt(f"{type(exc).__name__}: {exc}", self.secrets)
-                parsed = Parsed(
-                    VendorAnswer(job.job_id, job.vendor, VendorState.UNKNOWN, reason=reason, evidence=evidence),
-                    Kind.SERVER_ERROR,
-                )
-            else:
-                parsed = parse(job, raw, self.secrets)
-                # kie says 429 / 5xx inside an HTTP 200 envelope: counted as what they mean.
-                if parsed.kind is Kind.RATE_LIMITED:
-                    self.counters.http_429 += 1
-                elif parsed.kind is Kind.SERVER_ERROR:
-                    self.counters.http_5xx += 1
+            parsed = await self._exchange(job, request, parse)
             elapsed_ms = (time.monotonic() - started) * 1000
-        answer = parsed.answer
         if log.isEnabledFor(logging.DEBUG):  # path_for_log parses the URL: not for nothing
-            log.debug(
-                "%s %s %s %s -> %s %s in %.0f ms (attempt %d) x-request-id=%s",
-                self.vendor,
-                request.purpose,
-                request.method,
-                request.path_for_log,
-                answer.http_status if answer.http_status is not None else "-",
-                answer.reason or answer.state.value,
-                elapsed_ms,
-                attempt,
-                rid,
-            )
+            self._log_exchange(request, parsed.answer, elapsed_ms, attempt, rid)
         if parsed.kind is Kind.RATE_LIMITED and parsed.retry_after is not None:
             pause = min(parsed.retry_after, self.tuning.retry_after_max_seconds)
             self.pause_until = max(self.pause_until, time.monotonic() + pause)
         elif parsed.kind is Kind.UNAUTHORIZED:
-            self._unauthorized(answer)
+            self._stop(self.judge.unauthorized(parsed.answer))
         return parsed
 
-    async def _exchange(self, request: VendorRequest) -> RawAnswer:
-        if self._session is not None:
-            # The query encoded as httpx encodes `params` (urlencode), so both transports send one URL.
-            url = f"{request.url}?{urlencode(request.params)}" if request.params else request.url
-            async with self._session.request(
-                request.method,
-                url,
-                headers=request.headers,
-                allow_redirects=False,  # a redirect must never carry the secret elsewhere
-            ) as response:
-                body = await self._read_capped(response.content.iter_any())
-                # lower-case names, like httpx's headers (parsers look names up case-insensitively anyway)
-                headers = {name.lower(): value for name, value in response.headers.items()}
-                return RawAnswer(response.status, headers, body)
-        assert self._client is not None
-        async with self._client.stream(
-            request.method, request.url, params=request.params or None, headers=dict(request.headers)
-        ) as response:
-            body = await self._read_capped(response.aiter_bytes())
-            return RawAnswer(response.status_code, dict(response.headers), body)
+    async def _exchange(self, job: JobRef, request: VendorRequest, parse: _Parse) -> Parsed:
+        """One request sent and its answer parsed; a failed exchange is an UNKNOWN answer too."""
+        assert self._http is not None
+        timeout = self.settings.vendor_timeout_seconds
+        try:
+            # The client's timeouts bound each phase; this bounds the whole exchange (a slow drip).
+            async with asyncio.timeout(2 * timeout + 1):
+                raw = await self._http.exchange(request)
+        except BodyTooLarge:
+            return Parsed(
+                VendorAnswer(
+                    job.job_id,
+                    job.vendor,
+                    VendorState.UNKNOWN,
+                    reason="body_too_large",
+                    evidence=f"body over {self.tuning.max_body_bytes} bytes",
+                )
+            )
+        except TRANSPORT_ERRORS as exc:
+            reason = failure_reason(exc)
+            if reason == "timeout":
+                self.counters.timeouts += 1
+                evidence = f"no complete answer within {timeout:g} s ({type(exc).__name__})"
+            else:
+                self.counters.connection_errors += 1
+                evidence = excerpt(f"{type(exc).__name__}: {exc}", self.secrets)
+            return Parsed(
+                VendorAnswer(job.job_id, job.vendor, VendorState.UNKNOWN, reason=reason, evidence=evidence),
+                Kind.SERVER_ERROR,
+            )
+        parsed = parse(job, raw, self.secrets)
+        # kie says 429 / 5xx inside an HTTP 200 envelope: counted as what they mean.
+        if parsed.kind is Kind.RATE_LIMITED:
+            self.counters.http_429 += 1
+        elif parsed.kind is Kind.SERVER_ERROR:
+            self.counters.http_5xx += 1
+        return parsed
 
-    async def _read_capped(self, chunks: AsyncIterator[bytes]) -> bytes:
-        """The body (decoded), or _BodyTooLarge as soon as it passes `Tuning.max_body_bytes`."""
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in chunks:
-            size += len(chunk)
-            if size > self.tuning.max_body_bytes:
-                raise _BodyTooLarge
-            parts.append(chunk)
-        return b"".join(parts)
+    def _log_exchange(
+        self, request: VendorRequest, answer: VendorAnswer, elapsed_ms: float, attempt: int, rid: str
+    ) -> None:
+        log.debug(
+            "%s %s %s %s -> %s %s in %.0f ms (attempt %d) x-request-id=%s",
+            self.vendor,
+            request.purpose,
+            request.method,
+            request.path_for_log,
+            answer.http_status if answer.http_status is not None else "-",
+            answer.reason or answer.state.value,
+            elapsed_ms,
+            attempt,
+            rid,
+        )
 
     # ------------------------------------------------------------------ health
 
-    def _stop(self, health: VendorHealth, reason: str, detail: str, level: int) -> None:
+    def _stop(self, verdict: Verdict) -> None:
+        """Calls stop for the rest of the run (the first verdict stands)."""
         if self.stop_reason is not None:
             return
-        self.health = health
-        self.stop_reason = reason
-        self.detail = detail
-        log.log(level, "%s", detail)
-
-    def _unauthorized(self, answer: VendorAnswer) -> None:
-        var = self.adapter.secret_var
-        how = f"HTTP {answer.http_status}"
-        if answer.http_status is not None and 200 <= answer.http_status < 300:
-            # The refusal was inside a 2xx answer (e.g. kie's envelope code): say what the parser read.
-            how = f"{answer.reason} in an HTTP {answer.http_status} answer"
-        self._stop(
-            VendorHealth.UNAUTHORIZED,
-            NOT_ASKED[VendorHealth.UNAUTHORIZED],
-            f"{var} is rejected by {self.vendor} ({how}): check {var}. Calls to {self.vendor} "
-            "are stopped for this run; its jobs stay as they are.",
-            logging.ERROR,
-        )
+        self.health = verdict.health
+        self.detail = verdict.detail
+        log.error("%s", verdict.detail)
 
     def _record(self, answer: VendorAnswer, kind: Kind | None, job: JobRef) -> None:
-        c = self.counters
         self.out.append(answer)
-        c.by_state[answer.state.value] += 1
-        if kind is None or answer.reason in _STOPPED:
+        self.counters.by_state[answer.state.value] += 1
+        if kind is None or answer.reason in NEVER_SENT:
             return
-        c.answered += 1
         endpoint = self.adapter.endpoint(job) if self.adapter.endpoint else None
-        if endpoint is not None:
-            c.endpoint_answered[endpoint] += 1
-        if kind is Kind.SERVER_ERROR:
-            c.errored += 1
-        elif kind is Kind.NOT_FOUND:
-            c.not_found += 1
-            if endpoint is not None:
-                c.endpoint_not_found[endpoint] += 1
+        self.counters.count_answered(kind, endpoint)
         if self.stop_reason:
             return
-        if c.results >= self.tuning.min_sample and result_outage(c.results, c.result_errors):
-            self._stop(
-                VendorHealth.DOWN,
-                NOT_ASKED[VendorHealth.DOWN],
-                result_outage_detail(self.vendor, c.results, c.result_errors) + f" Calls to {self.vendor} are stopped.",
-                logging.ERROR,
-            )
-            return
-        if endpoint is not None and self._endpoint_mostly_not_found(endpoint, self.tuning.not_found_stop_share):
-            self._misconfigured(stopping=True, endpoint=endpoint)
-            return
-        if c.answered < self.tuning.min_sample:
-            return
-        share = self.settings.vendor_outage_error_share
-        if c.errored / c.answered > share:
-            self._stop(
-                VendorHealth.DOWN,
-                NOT_ASKED[VendorHealth.DOWN],
-                f"{self.vendor} looks down: {c.errored} of {c.answered} answered jobs ended in "
-                f"5xx/timeouts/connection errors after retries ({c.errored / c.answered:.0%} > "
-                f"RECONCILE_VENDOR_OUTAGE_ERROR_SHARE={share:g}). Calls to {self.vendor} are stopped "
-                f"for this run. Check the vendor's status, or {self.adapter.url_var} "
-                f"({redact(self.base_url)}).",
-                logging.ERROR,
-            )
-        elif c.not_found / c.answered > self.tuning.not_found_stop_share:
-            self._misconfigured(stopping=True)
-
-    def _endpoint_mostly_not_found(self, endpoint: str, share: float) -> bool:
-        c = self.counters
-        answered = c.endpoint_answered[endpoint]
-        return answered >= self.tuning.min_sample and c.endpoint_not_found[endpoint] / answered > share
-
-    def _misconfigured(self, stopping: bool, endpoint: str | None = None) -> None:
-        c = self.counters
-        if endpoint is None:
-            detail = (
-                f"{self.vendor} answered 'not found' for {c.not_found} of {c.answered} jobs "
-                f"({c.not_found / c.answered:.0%}): is {self.adapter.url_var} ({redact(self.base_url)}) the right "
-                f"base URL? None of {self.vendor}'s answers may change a job in this run."
-            )
-        else:
-            found, answered = c.endpoint_not_found[endpoint], c.endpoint_answered[endpoint]
-            detail = (
-                f"{self.vendor} answered 'not found' for {found} of the {answered} jobs sent to its endpoint "
-                f"{endpoint} ({found / answered:.0%}): is that endpoint still the vendor's, and "
-                f"{self.adapter.url_var} ({redact(self.base_url)}) right? None of {self.vendor}'s answers may "
-                "change a job in this run."
-            )
-        if stopping:
-            self._stop(
-                VendorHealth.MISCONFIGURED,
-                NOT_ASKED[VendorHealth.MISCONFIGURED],
-                detail + f" Calls to {self.vendor} are stopped.",
-                logging.ERROR,
-            )
-        else:
-            self.health = VendorHealth.MISCONFIGURED
-            self.detail = detail
-            log.error("%s", detail)
+        verdict = self.judge.mid_run(self.counters, endpoint)
+        if verdict is not None:
+            self._stop(verdict)
 
     def _judge_at_end(self) -> None:
         c = self.counters
         if self.health is VendorHealth.OK:
-            mostly_not_found = [
-                e for e in c.endpoint_answered if self._endpoint_mostly_not_found(e, self.tuning.not_found_share)
-            ]
-            if result_outage(c.results, c.result_errors):
-                # No minimum sample beyond two failures: with few results, a persistent 5xx on most of
-                # them is still no proof of the apps' failures, and not refunding is the safe side.
-                self.health = VendorHealth.DOWN
-                self.detail = result_outage_detail(self.vendor, c.results, c.result_errors)
-                log.error("%s", self.detail)
-            elif c.answered >= self.tuning.min_sample and c.not_found / c.answered > self.tuning.not_found_share:
-                self._misconfigured(stopping=False)
-            elif mostly_not_found:
-                self._misconfigured(stopping=False, endpoint=mostly_not_found[0])
-            else:
-                self.detail = (
-                    f"{self.vendor}: {len(self.jobs)} job(s), {c.requests} request(s) "
-                    f"in {self.elapsed:.1f} s; "
-                    f"{self.adapter.url_var} and {self.adapter.secret_var} work"
-                )
-                if c.skipped:
-                    self.detail += f" ({c.skipped} job(s) not asked, see the answers' reasons)"
+            verdict = self.judge.at_end(c, len(self.jobs), self.elapsed)
+            self.health = verdict.health
+            self.detail = verdict.detail
+            if verdict.health is not VendorHealth.OK:
+                log.error("%s", verdict.detail)
         log.log(
             logging.INFO if self.health is VendorHealth.OK else logging.WARNING,
             "%s: health %s; %d requests, %d retries, %d x 429, %d x 5xx, %d timeouts, %d connection errors, "
@@ -695,54 +526,14 @@ class _VendorRun:
             c.not_found,
             dict(c.by_state),
             self.elapsed,
-            self.rate(),
+            requests_per_second(c.requests, self.elapsed),
         )
 
-    def rate(self) -> float:
-        return self.counters.requests / self.elapsed if self.elapsed > 0 else 0.0
-
     def stats(self) -> dict[str, Any]:
-        c = self.counters
-        return {
-            "jobs": len(self.jobs),
-            "requests": c.requests,
-            "retries": c.retries,
-            "http_429": c.http_429,
-            "http_5xx": c.http_5xx,
-            "timeouts": c.timeouts,
-            "connection_errors": c.connection_errors,
-            "not_found": c.not_found,
-            "skipped": c.skipped,
-            "results": c.results,
-            "result_errors": c.result_errors,
-            "by_state": dict(c.by_state),
-            "elapsed_seconds": round(self.elapsed, 3),
-            "requests_per_second": round(self.rate(), 1),
-            "transport": self.transport if isinstance(self.transport, str) else type(self.transport).__name__,
-        }
+        return self.counters.stats(len(self.jobs), self.elapsed, transport_name(self.transport))
 
 
 # ---------------------------------------------------------------------------------- entry points
-
-
-def _empty_stats(jobs: int, transport: str, by_state: dict[str, int]) -> dict[str, Any]:
-    return {
-        "jobs": jobs,
-        "requests": 0,
-        "retries": 0,
-        "http_429": 0,
-        "http_5xx": 0,
-        "timeouts": 0,
-        "connection_errors": 0,
-        "not_found": 0,
-        "skipped": jobs,
-        "results": 0,
-        "result_errors": 0,
-        "by_state": by_state,
-        "elapsed_seconds": 0.0,
-        "requests_per_second": 0.0,
-        "transport": transport,
-    }
 
 
 async def fetch_vendor_truth_async(
@@ -762,7 +553,6 @@ async def fetch_vendor_truth_async(
     tuning = tuning or Tuning()
     if isinstance(transport, str) and transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
-    transport_name = transport if isinstance(transport, str) else type(transport).__name__
     by_vendor: dict[str, list[JobRef]] = {}
     seen: set[str] = set()
     answers: list[VendorAnswer] = []
@@ -800,7 +590,8 @@ async def fetch_vendor_truth_async(
                 VendorAnswer(j.job_id, j.vendor, VendorState.UNKNOWN, reason=NOT_ASKED[VendorHealth.MISSING_SECRET])
                 for j in vendor_jobs
             )
-            stats[vendor] = _empty_stats(len(vendor_jobs), transport_name, {"unknown": len(vendor_jobs)})
+            never_asked = Counters(skipped=len(vendor_jobs), by_state=Counter({"unknown": len(vendor_jobs)}))
+            stats[vendor] = never_asked.stats(len(vendor_jobs), 0.0, transport_name(transport))
             continue
         runs.append(_VendorRun(vendor, vendor_jobs, settings, run_id, transport, tuning, answers))
 

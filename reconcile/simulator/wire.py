@@ -69,6 +69,16 @@ def gateway_error(status: int) -> Answer:
     return status, BAD_GATEWAY_BODY if status == 502 else SERVICE_UNAVAILABLE_BODY, HTML
 
 
+def server_errors(internal_error: Any) -> Callable[[int], Answer]:
+    """A vendor's 5xx answers: a 500 from its API itself (`internal_error`, as JSON), any other 5xx
+    from the gateway in front of it (`gateway_error`)."""
+
+    def server_error(status: int) -> Answer:
+        return json_answer(500, internal_error) if status == 500 else gateway_error(status)
+
+    return server_error
+
+
 @dataclass(frozen=True)
 class SimRoute:
     """What a vendor request names: a task id, `kind` 'status' or 'result', and the vendor's own scope
@@ -83,6 +93,18 @@ class SimRoute:
 # The vendor's route parser: the raw path segments after `/{vendor}` (still percent-encoded: b'/fal/a/b'
 # gives [b'a', b'b']) and the raw query string -> a SimRoute, or None when no route of the vendor matches.
 RouteParser = Callable[[list[bytes], bytes], SimRoute | None]
+
+
+def task_path_route(*prefix: bytes) -> RouteParser:
+    """The route `/{prefix...}/{id}` of a vendor that names a task by one path segment after fixed ones."""
+    fixed = list(prefix)
+
+    def route(parts: list[bytes], query: bytes) -> SimRoute | None:
+        if len(parts) == len(fixed) + 1 and parts[:-1] == fixed and parts[-1]:
+            return SimRoute(decode_segment(parts[-1]))
+        return None
+
+    return route
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 A vendor is one `Vendor` value (its configuration names, how a job becomes a request, how an answer
 becomes a canonical `VendorAnswer`, its simulator part and its population hints), defined in its own
 module and collected by `reconcile.vendors.registry`. This module holds only what is true of every
-vendor: the request and answer types, the verdict of a non-2xx HTTP answer, redaction, excerpts,
-Retry-After, URL-finding and safe path segments.
+vendor: the request and answer types, the verdict of a non-2xx HTTP answer, the verdicts a status
+answer comes to (`json_document`, `missing_status`, `unmapped_status`, `completed`, `failed`) and the
+reading of the usual one-object task answer (`TaskDocument`), redaction, excerpts, Retry-After,
+URL-finding and safe path segments.
 
 Nothing here does I/O. The fetch engine (`reconcile.vendors.fetch`) sends the requests, retries and
 keeps the vendor's health; the vendors' functions only build requests and read answers, so every status
@@ -17,11 +19,13 @@ Safety rules kept here:
   e.g. yarl under aiohttp, turn even '%2E%2E' back into '..' and would resolve it);
 - kie's taskId goes into the query string as `VendorRequest.params` (the engine urlencodes it);
 - the secret is only in `VendorRequest.headers`, which no repr shows, and `redact()` removes it (and
-  anything else secret-looking) from every excerpt that is kept as evidence.
+  anything else secret-looking, e.g. a token with a prefix of some vendor's `token_prefixes`) from
+  every excerpt that is kept as evidence.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -124,7 +128,6 @@ _SECRET_KEYS = (
 _RE_AUTH_SCHEME = re.compile(r"(?i)\b(bearer|key|token|basic)(\s+)(?=[A-Za-z0-9._~+/=:-]*\d)[A-Za-z0-9._~+/=:-]{8,}")
 _RE_JSON_KV = re.compile(rf'(?i)("{_SECRET_KEYS}"\s*:\s*)"(?:[^"\\]|\\.)*"')
 _RE_QUERY_KV = re.compile(rf"(?i)([?&;](?:[\w.-]*[-_.])?{_SECRET_KEYS}=)[^&#\s\"']+")
-_RE_VENDOR_TOKEN = re.compile(r"\b(r8_|sk-|sk_|fal_|kie_)[A-Za-z0-9_-]{8,}")
 _RE_URL_USERINFO = re.compile(r"(?i)(https?://)[^/@\s:]+:[^/@\s]+@")
 
 
@@ -133,7 +136,19 @@ _RE_URL_USERINFO = re.compile(r"(?i)(https?://)[^/@\s:]+:[^/@\s]+@")
 # which matters as every answer's evidence is redacted.
 _AUTH_SCHEME_WORDS = ("bearer", "key", "token", "basic")
 _SECRET_KEY_WORDS = ("key", "token", "secret", "passw", "authorization", "sig", "credential")
-_VENDOR_TOKEN_PREFIXES = ("r8_", "sk-", "sk_", "fal_", "kie_")
+# Secret-key prefixes of no vendor in particular (OpenAI's 'sk-', Stripe's 'sk_'), which any vendor's text
+# may quote; each vendor's own prefixes are its `Vendor.token_prefixes`.
+_COMMON_TOKEN_PREFIXES = ("sk-", "sk_")
+
+
+@functools.cache
+def _token_prefixes() -> tuple[tuple[str, ...], re.Pattern[str]]:
+    """The token prefixes (the common ones and every vendor's) and the pattern of a token with one."""
+    # Imported here: the registry imports this module (and every vendor module, which imports it too).
+    from reconcile.vendors import registry
+
+    prefixes = tuple(sorted({*_COMMON_TOKEN_PREFIXES, *registry.token_prefixes()}, key=lambda p: (-len(p), p)))
+    return prefixes, re.compile(rf"\b({'|'.join(map(re.escape, prefixes))})[A-Za-z0-9_-]{{8,}}")
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
@@ -149,8 +164,9 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     if lower is None or any(word in lower for word in _SECRET_KEY_WORDS):
         text = _RE_JSON_KV.sub(r'\1"***"', text)
         text = _RE_QUERY_KV.sub(r"\1***", text)
-    if any(prefix in text for prefix in _VENDOR_TOKEN_PREFIXES):
-        text = _RE_VENDOR_TOKEN.sub(r"\1***", text)
+    token_prefixes, token = _token_prefixes()
+    if any(prefix in text for prefix in token_prefixes):
+        text = token.sub(r"\1***", text)
     if "@" in text:
         text = _RE_URL_USERINFO.sub(r"\1***@", text)
     return text
@@ -307,6 +323,98 @@ def error_text(*parts: Any) -> str | None:
     return ": ".join(shown)[:2000] if shown else None
 
 
+# -------------------------------------------------------------------------------- 2xx status answers
+# The verdicts a vendor's 2xx answer comes to, the same for every vendor: where each vendor finds its
+# status, result and error is its own (its module); what they then mean is written here once.
+
+# The verdict of an answer's HTTP status (None for a 2xx): `classify_http`, or a vendor's own variant.
+HttpClassifier = Callable[[JobRef, RawAnswer, tuple[str, ...]], Parsed | None]
+
+
+def json_document(
+    job: JobRef, raw: RawAnswer, secrets: tuple[str, ...], classify: HttpClassifier = classify_http
+) -> dict[str, Any] | Parsed:
+    """The JSON object of a 2xx answer, or the verdict that stands instead of reading one: the HTTP
+    status's (`classify`, `classify_http` unless the vendor retries more), or garbage for a body that is
+    no JSON object."""
+    verdict = classify(job, raw, secrets)
+    if verdict is not None:
+        return verdict
+    body = json_object(raw.body)
+    return garbage(job, raw, secrets) if body is None else body
+
+
+def missing_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...], value: Any) -> Parsed:
+    """The verdict on an answer whose status value is absent ('missing_status') or no status at all."""
+    return garbage(job, raw, secrets, "missing_status" if value is None else "garbage_body")
+
+
+def names_another_task(job: JobRef, answered_id: Any) -> bool:
+    """Whether an answer names a task other than the job's (then it says nothing of the job)."""
+    return answered_id is not None and answered_id != job.vendor_task_id
+
+
+def unmapped_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...], value: Any) -> Parsed:
+    """A status value the vendor's table does not map (a new one, perhaps): unknown, for a person."""
+    return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(value)}"))
+
+
+def completed(
+    job: JobRef, raw: RawAnswer, secrets: tuple[str, ...], url: str | None, without_url: str = "no_result_url"
+) -> Parsed:
+    """A completed task, with its result URL; without one, `without_url` says why."""
+    return Parsed(answer(job, VendorState.COMPLETED, raw, secrets, result_url=url, reason=None if url else without_url))
+
+
+def failed(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...], text: str, reason: str) -> Parsed:
+    """A failed task with the vendor's error text (redacted: vendors quote keys back in their errors)."""
+    return Parsed(answer(job, VendorState.FAILED, raw, secrets, error=redact(text, secrets), reason=reason))
+
+
+def _no_result_url(body: dict[str, Any]) -> str:
+    return "no_result_url"
+
+
+@dataclass(frozen=True)
+class TaskDocument:
+    """How a vendor's status answer reads when it is one JSON object about the task (Replicate's
+    prediction, Runway's task, Luma's generation): the vendor's part is where things are, not what
+    they mean.
+
+    `status_field`: the field whose value says how the task is; `states`: what each value means (a
+    value not there is unmapped). `id_field`: the task's id, when the answer has it (another task's id
+    makes the answer garbage). `result_url(body)`: the result of a completed task (None: no URL, and
+    `no_result_reason(body)` says why). `failure(body, value)`: the (error text, reason) of a failed
+    task whose status value is `value`.
+    """
+
+    status_field: str
+    states: Mapping[str, VendorState]
+    result_url: Callable[[dict[str, Any]], str | None]
+    failure: Callable[[dict[str, Any], str], tuple[str, str]]
+    no_result_reason: Callable[[dict[str, Any]], str] = _no_result_url
+    id_field: str = "id"
+
+    def parse(self, job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> Parsed:
+        body = json_document(job, raw, secrets)
+        if isinstance(body, Parsed):
+            return body
+        value = body.get(self.status_field)
+        if not isinstance(value, str) or not value:
+            return missing_status(job, raw, secrets, value)
+        if names_another_task(job, body.get(self.id_field)):
+            return garbage(job, raw, secrets, "task_id_mismatch")
+        state = self.states.get(value)
+        if state is None:
+            return unmapped_status(job, raw, secrets, value)
+        if state is VendorState.COMPLETED:
+            url = self.result_url(body)
+            return completed(job, raw, secrets, url, self.no_result_reason(body))
+        if state is VendorState.FAILED:
+            return failed(job, raw, secrets, *self.failure(body, value))
+        return Parsed(answer(job, state, raw, secrets))
+
+
 # ----------------------------------------------------------------------------------------- vendor
 
 StatusParser = Callable[[JobRef, RawAnswer, tuple[str, ...]], Parsed]
@@ -333,6 +441,12 @@ class PopulationHints:
     fill_weight: float = 0.1
 
 
+def uuid_task_id(token: Callable[[int], str]) -> str:
+    """A task id shaped like a version-4 UUID, from `token(16)`'s hex (for vendors whose ids are UUIDs)."""
+    h = token(16)
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:32]}"
+
+
 @dataclass(frozen=True)
 class Vendor:
     """Everything reconcile knows of one vendor. Each vendor module defines one, named `VENDOR`.
@@ -342,6 +456,8 @@ class Vendor:
     `Accept: application/json` and `extra_headers`. The settings derive one field of each per vendor.
 
     Rate: `default_rate_per_second` (None: the global rate). Endpoints: `endpoint(job)` (None: one).
+    `token_prefixes`: how the vendor's API tokens begin (Replicate's 'r8_'), so that `redact()` hides
+    any such token quoted in any vendor's text, not only the configured secret.
 
     Requests: `status_route(job)` -> (path, query params) of the status request; `parse_status` turns
     its answer into a `Parsed`. A parser may answer `Kind.NEEDS_RESULT`: then `result_route` and
@@ -369,6 +485,7 @@ class Vendor:
     # Requests a second when RECONCILE_<VENDOR>_RATE_LIMIT_PER_SECOND is unset (at most the global
     # RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND): a share of a limit the vendor shares with the platform.
     default_rate_per_second: float | None = None
+    token_prefixes: tuple[str, ...] = ()
     simulator: SimulatedVendor | None = field(default=None, repr=False, compare=False)
     population: PopulationHints | None = field(default=None, repr=False, compare=False)
 
@@ -377,6 +494,10 @@ class Vendor:
             raise ValueError(f"vendor name {self.name!r} must be lower-case letters, digits and '_'")
         if (self.result_route is None) != (self.parse_result is None):
             raise ValueError(f"vendor {self.name!r}: result_route and parse_result go together")
+        for prefix in self.token_prefixes:
+            # A word character first: redact() finds a token at a word boundary.
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{1,15}", prefix):
+                raise ValueError(f"vendor {self.name!r}: token prefix {prefix!r} must be 2-16 of A-Z a-z 0-9 _ -")
 
     def headers(self, secret: str, req_id: str) -> dict[str, str]:
         return {

@@ -19,9 +19,9 @@ from reconcile.simulator.wire import (
     SimRoute,
     SimulatedVendor,
     decode_segment,
-    gateway_error,
     iso,
     json_answer,
+    server_errors,
     stable_pick,
     times,
 )
@@ -33,13 +33,17 @@ from reconcile.vendors.base import (
     Vendor,
     answer,
     classify_http,
+    completed,
     error_text,
+    failed,
     first_url,
     garbage,
+    json_document,
     json_object,
+    missing_status,
     path_segment,
-    redact,
-    shown,
+    unmapped_status,
+    uuid_task_id,
 )
 
 NAME = "fal"
@@ -83,26 +87,20 @@ def _classify(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...]) -> Parsed |
 
 
 def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> Parsed:
-    verdict = _classify(job, raw, secrets)
-    if verdict is not None:
-        return verdict
-    body = json_object(raw.body)
-    if body is None:
-        return garbage(job, raw, secrets)
+    body = json_document(job, raw, secrets, _classify)
+    if isinstance(body, Parsed):
+        return body
     status = body.get("status")
     if not isinstance(status, str) or not status:
-        return garbage(job, raw, secrets, "missing_status" if status is None else "garbage_body")
+        return missing_status(job, raw, secrets, status)
     if status in STATES:
         return Parsed(answer(job, STATES[status], raw, secrets))
     if status == "COMPLETED":
         error, error_type = body.get("error"), body.get("error_type")
         if error not in (None, "") or error_type not in (None, ""):
-            text = error_text(error_type, error) or "failed"
-            return Parsed(
-                answer(job, VendorState.FAILED, raw, secrets, error=redact(text, secrets), reason="vendor_error")
-            )
+            return failed(job, raw, secrets, error_text(error_type, error) or "failed", "vendor_error")
         return Parsed(answer(job, VendorState.COMPLETED, raw, secrets), Kind.NEEDS_RESULT)
-    return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(status)}"))
+    return unmapped_status(job, raw, secrets, status)
 
 
 def detail_messages(raw: RawAnswer) -> str | None:
@@ -136,16 +134,13 @@ def parse_result(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> 
             if verdict.kind is Kind.SERVER_ERROR:
                 return verdict
             return Parsed(replace(verdict.answer, reason=f"result_{verdict.reason}"))
-        failed = answer(job, VendorState.FAILED, raw, secrets, error=redact(detail, secrets), reason="app_error")
-        return Parsed(failed, verdict.kind if verdict.kind is Kind.SERVER_ERROR else Kind.FINAL, verdict.retry_after)
+        kind = Kind.SERVER_ERROR if verdict.kind is Kind.SERVER_ERROR else Kind.FINAL
+        return replace(failed(job, raw, secrets, detail, "app_error"), kind=kind, retry_after=verdict.retry_after)
     try:
         body = json.loads(raw.body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return garbage(job, raw, secrets, "result_garbage_body")
-    url = first_url(body)
-    if url is None:
-        return Parsed(answer(job, VendorState.COMPLETED, raw, secrets, reason="no_result_url"))
-    return Parsed(answer(job, VendorState.COMPLETED, raw, secrets, result_url=url))
+    return completed(job, raw, secrets, first_url(body))
 
 
 # ----------------------------------------------------------------------------------------- simulator
@@ -238,10 +233,6 @@ def sim_route(parts: list[bytes], query: bytes) -> SimRoute | None:
 UNAUTHORIZED_DETAIL = "Invalid key: authentication is required to access this endpoint"
 
 
-def _sim_server_error(status: int) -> Answer:
-    return json_answer(500, {"detail": "Internal Server Error"}) if status == 500 else gateway_error(status)
-
-
 SIMULATOR = SimulatedVendor(
     default_secret="sim-fal-key",
     status_words=STATUS_WORDS,
@@ -254,13 +245,8 @@ SIMULATOR = SimulatedVendor(
     not_found=lambda: json_answer(404, {"detail": "Request not found"}),
     unauthorized=lambda: json_answer(401, {"detail": UNAUTHORIZED_DETAIL}),
     throttled=lambda: json_answer(429, {"detail": "Rate limit exceeded"}),
-    server_error=_sim_server_error,
+    server_error=server_errors({"detail": "Internal Server Error"}),
 )
-
-
-def _uuid(token: Any) -> str:
-    h = token(16)
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:32]}"
 
 
 POPULATION = PopulationHints(
@@ -278,7 +264,7 @@ POPULATION = PopulationHints(
         ("Request timed out after 600 seconds", "request_timeout"),
         ("Image generation failed: content policy violation", "content_policy_violation"),
     ),
-    task_id=_uuid,
+    task_id=uuid_task_id,
     hostile_task_id=lambda tok: f"{tok}/../../admin?x=1&y=2#frag%2F%25 \u00fc\u202e",
     result_url=lambda tok, ext: f"https://v3.fal.media/files/penguin/{tok}.{ext}",
     fill_weight=0.45,
@@ -294,6 +280,7 @@ VENDOR = Vendor(
     parse_status=parse_status,
     result_route=result_route,
     parse_result=parse_result,
+    token_prefixes=("fal_",),
     simulator=SIMULATOR,
     population=POPULATION,
 )

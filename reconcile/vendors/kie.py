@@ -25,15 +25,18 @@ from reconcile.vendors.base import (
     RawAnswer,
     Vendor,
     answer,
-    classify_http,
+    completed,
     error_text,
+    failed,
     first_url,
     garbage,
     header,
-    json_object,
+    json_document,
+    missing_status,
+    names_another_task,
     parse_retry_after,
     redact,
-    shown,
+    unmapped_status,
 )
 
 NAME = "kie"
@@ -74,24 +77,23 @@ class Product:
         if isinstance(value, str) and value.strip().isdigit() and all(isinstance(k, int) for k in self.states):
             value = int(value)  # a flag sent as text
         if value is None or value == "" or isinstance(value, bool) or not isinstance(value, str | int):
-            return garbage(job, raw, secrets, "missing_status" if value is None else "garbage_body")
+            return missing_status(job, raw, secrets, value)
         state = self.states.get(value)
         if state is None:
-            return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(value)}"))
+            return unmapped_status(job, raw, secrets, value)
         if state is VendorState.FAILED:
             code_field, message_field = self.error_fields
             text = error_text(data.get(message_field)) or str(value)
             if data.get(code_field) not in (None, ""):
                 text = f"{data[code_field]}: {text}"
-            return Parsed(answer(job, state, raw, secrets, error=redact(text, secrets), reason="vendor_fail"))
+            return failed(job, raw, secrets, text, "vendor_fail")
         if state is VendorState.COMPLETED:
             # Only a final state's fields mean anything (Runway's own example shows a waiting task with a
             # videoUrl and a failMsg): the result is read here, and only here.
             result = self.result(data)
             if result is MALFORMED:
                 return garbage(job, raw, secrets, "malformed_result_json")
-            url = first_url(result)
-            return Parsed(answer(job, state, raw, secrets, result_url=url, reason=None if url else "no_result_url"))
+            return completed(job, raw, secrets, first_url(result))
         return Parsed(answer(job, state, raw, secrets))
 
 
@@ -134,6 +136,33 @@ FLAG_WORDS = {
 }
 FLAG_UNKNOWN_WORDS = ("5", "6", "-1")
 DOCS = "https://docs.kie.ai"
+
+
+def _flag_product(
+    name: str,
+    model_prefixes: tuple[str, ...],
+    path: str,
+    source: str,
+    result: Callable[[dict[str, Any]], Any],
+    sim_data: Callable[[TaskTruth, str], dict[str, Any]],
+    states: Mapping[Any, VendorState] = FLAG_STATES,
+    status_words: Mapping[Outcome, tuple[str, ...]] = FLAG_WORDS,
+) -> Product:
+    """A product whose record says how the task is by its `successFlag` and why it failed by its
+    `errorCode` and `errorMessage` (all but the Market, Runway and Suno)."""
+    return Product(
+        name=name,
+        model_prefixes=model_prefixes,
+        path=path,
+        source=source,
+        state_field="successFlag",
+        states=states,
+        error_fields=("errorCode", "errorMessage"),
+        result=result,
+        sim_data=sim_data,
+        status_words=status_words,
+        unknown_status_words=FLAG_UNKNOWN_WORDS,
+    )
 
 
 def _flag(word: str) -> int:
@@ -238,18 +267,13 @@ def _veo_sim(task: TaskTruth, word: str) -> dict[str, Any]:
     }
 
 
-VEO = Product(
+VEO = _flag_product(
     name="veo",
     model_prefixes=("veo3",),
     path=f"{API_PREFIX}/veo/record-info",
     source=f"{DOCS}/veo3-api/get-veo-3-video-details",
-    state_field="successFlag",
-    states=FLAG_STATES,
-    error_fields=("errorCode", "errorMessage"),
     result=_path("response", "resultUrls"),
     sim_data=_veo_sim,
-    status_words=FLAG_WORDS,
-    unknown_status_words=FLAG_UNKNOWN_WORDS,
 )
 
 
@@ -327,18 +351,13 @@ def _gpt4o_sim(task: TaskTruth, word: str) -> dict[str, Any]:
     }
 
 
-GPT4O_IMAGE = Product(
+GPT4O_IMAGE = _flag_product(
     name="gpt4o_image",
     model_prefixes=("gpt4o-image", "4o-image"),
     path=f"{API_PREFIX}/gpt4o-image/record-info",
     source=f"{DOCS}/4o-image-api/get-4-o-image-details",
-    state_field="successFlag",
-    states=FLAG_STATES,
-    error_fields=("errorCode", "errorMessage"),
     result=_path("response", "resultUrls"),
     sim_data=_gpt4o_sim,
-    status_words=FLAG_WORDS,
-    unknown_status_words=FLAG_UNKNOWN_WORDS,
 )
 
 
@@ -361,19 +380,14 @@ def _flux_kontext_sim(task: TaskTruth, word: str) -> dict[str, Any]:
     }
 
 
-FLUX_KONTEXT = Product(
+FLUX_KONTEXT = _flag_product(
     name="flux_kontext",
     model_prefixes=("flux-kontext",),
     path=f"{API_PREFIX}/flux/kontext/record-info",
     source=f"{DOCS}/flux-kontext-api/get-image-details",
-    state_field="successFlag",
-    states=FLAG_STATES,
-    error_fields=("errorCode", "errorMessage"),
     # Not `response` whole: it also holds originImageUrl, the input image.
     result=_path("response", "resultImageUrl"),
     sim_data=_flux_kontext_sim,
-    status_words=FLAG_WORDS,
-    unknown_status_words=FLAG_UNKNOWN_WORDS,
 )
 
 
@@ -397,18 +411,13 @@ def _midjourney_sim(task: TaskTruth, word: str) -> dict[str, Any]:
     }
 
 
-MIDJOURNEY = Product(
+MIDJOURNEY = _flag_product(
     name="midjourney",
     model_prefixes=("midjourney", "mj_"),
     path=f"{API_PREFIX}/mj/record-info",
     source=f"{DOCS}/mj-api/get-mj-task-details",
-    state_field="successFlag",
-    states=FLAG_STATES,
-    error_fields=("errorCode", "errorMessage"),
     result=_path("resultInfoJson", "resultUrls"),
     sim_data=_midjourney_sim,
-    status_words=FLAG_WORDS,
-    unknown_status_words=FLAG_UNKNOWN_WORDS,
 )
 
 
@@ -496,19 +505,16 @@ def _luma_sim(task: TaskTruth, word: str) -> dict[str, Any]:
     }
 
 
-LUMA = Product(
+LUMA = _flag_product(
     name="luma",
     model_prefixes=("luma",),
     path=f"{API_PREFIX}/modify/record-info",
     source=f"{DOCS}/luma-api/get-luma-modify-details",
-    state_field="successFlag",
     # 4 is CALLBACK_FAILED: the generation succeeded, only the callback to the platform failed.
     states={**FLAG_STATES, 4: VendorState.COMPLETED},
-    error_fields=("errorCode", "errorMessage"),
     result=_path("response", "resultUrls"),
     sim_data=_luma_sim,
     status_words={**FLAG_WORDS, Outcome.COMPLETED: ("1", "4")},
-    unknown_status_words=FLAG_UNKNOWN_WORDS,
 )
 
 # The product table: the first product one of whose prefixes starts the model; else the default (Market).
@@ -536,12 +542,9 @@ def status_route(job: JobRef) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 
 def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> Parsed:
-    verdict = classify_http(job, raw, secrets)
-    if verdict is not None:
-        return verdict
-    body = json_object(raw.body)
-    if body is None:
-        return garbage(job, raw, secrets)
+    body = json_document(job, raw, secrets)
+    if isinstance(body, Parsed):
+        return body
     code = body.get("code")
     if isinstance(code, str) and code.strip().isdigit():
         code = int(code)
@@ -552,8 +555,7 @@ def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> 
     data = body.get("data")
     if not isinstance(data, dict):
         return garbage(job, raw, secrets)
-    answered_id = data.get("taskId")
-    if answered_id is not None and answered_id != job.vendor_task_id:
+    if names_another_task(job, data.get("taskId")):
         return garbage(job, raw, secrets, "task_id_mismatch")
     return product_for(job.model).parse_data(job, raw, data, secrets)
 
@@ -681,6 +683,7 @@ VENDOR = Vendor(
     status_route=status_route,
     parse_status=parse_status,
     endpoint=lambda job: f"{product_for(job.model).name} ({product_for(job.model).path})",
+    token_prefixes=("kie_",),
     simulator=SIMULATOR,
     population=POPULATION,
 )

@@ -19,27 +19,22 @@ from reconcile.models import JobRef, VendorState
 from reconcile.simulator.truth import Outcome, TaskTruth
 from reconcile.simulator.wire import (
     Answer,
-    SimRoute,
     SimulatedVendor,
-    decode_segment,
-    gateway_error,
     iso,
     json_answer,
+    server_errors,
+    task_path_route,
     times,
 )
 from reconcile.vendors.base import (
     Parsed,
     PopulationHints,
     RawAnswer,
+    TaskDocument,
     Vendor,
-    answer,
-    classify_http,
     error_text,
-    garbage,
-    json_object,
     path_segment,
-    redact,
-    shown,
+    uuid_task_id,
 )
 
 NAME = "luma"
@@ -69,29 +64,16 @@ def result_url(body: dict[str, Any]) -> str | None:
     return None
 
 
+GENERATION = TaskDocument(
+    status_field="state",
+    states=STATES,
+    result_url=result_url,
+    failure=lambda body, state: (error_text(body.get("failure_reason")) or state, "vendor_failed"),
+)
+
+
 def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> Parsed:
-    verdict = classify_http(job, raw, secrets)
-    if verdict is not None:
-        return verdict
-    body = json_object(raw.body)
-    if body is None:
-        return garbage(job, raw, secrets)
-    state_value = body.get("state")
-    if not isinstance(state_value, str) or not state_value:
-        return garbage(job, raw, secrets, "missing_status" if state_value is None else "garbage_body")
-    answered_id = body.get("id")
-    if answered_id is not None and answered_id != job.vendor_task_id:
-        return garbage(job, raw, secrets, "task_id_mismatch")
-    state = STATES.get(state_value)
-    if state is None:
-        return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(state_value)}"))
-    if state is VendorState.COMPLETED:
-        url = result_url(body)
-        return Parsed(answer(job, state, raw, secrets, result_url=url, reason=None if url else "no_result_url"))
-    if state is VendorState.FAILED:
-        text = error_text(body.get("failure_reason")) or state_value
-        return Parsed(answer(job, state, raw, secrets, error=redact(text, secrets), reason="vendor_failed"))
-    return Parsed(answer(job, state, raw, secrets))
+    return GENERATION.parse(job, raw, secrets)
 
 
 # ----------------------------------------------------------------------------------------- simulator
@@ -123,34 +105,18 @@ def sim_generation(task: TaskTruth, origin: str, word: str) -> Answer:
     return json_answer(200, body)
 
 
-def sim_route(parts: list[bytes], query: bytes) -> SimRoute | None:
-    """/dream-machine/v1/generations/{id}"""
-    if len(parts) == 4 and parts[:3] == [b"dream-machine", b"v1", b"generations"] and parts[3]:
-        return SimRoute(decode_segment(parts[3]))
-    return None
-
-
-def _sim_server_error(status: int) -> Answer:
-    return json_answer(500, {"detail": "Internal Server Error"}) if status == 500 else gateway_error(status)
-
-
 # The error bodies are not documented (the SDK reads only the HTTP status): any JSON does.
 SIMULATOR = SimulatedVendor(
     default_secret="sim-luma-key",
     status_words=STATUS_WORDS,
     unknown_status_words=("paused", "moderating", "upscaling"),
-    route=sim_route,
+    route=task_path_route(b"dream-machine", b"v1", b"generations"),
     status_answer=sim_generation,
     not_found=lambda: json_answer(404, {"detail": "Generation not found"}),
     unauthorized=lambda: json_answer(401, {"detail": "Invalid API key"}),
     throttled=lambda: json_answer(429, {"detail": "Too many requests"}),
-    server_error=_sim_server_error,
+    server_error=server_errors({"detail": "Internal Server Error"}),
 )
-
-
-def _uuid(token: Any) -> str:
-    h = token(16)
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:32]}"
 
 
 POPULATION = PopulationHints(
@@ -159,7 +125,7 @@ POPULATION = PopulationHints(
         ("The prompt was flagged by content moderation", "failed"),
         ("Generation failed due to an internal error", "failed"),
     ),
-    task_id=_uuid,
+    task_id=uuid_task_id,
     hostile_task_id=lambda tok: f"{tok}/../generations?state=completed#x%2F \u00fc\u202e",
     result_url=lambda tok, ext: f"https://storage.cdn-luma.com/dream_machine/{tok}/result.{ext}",
     fill_weight=0.10,

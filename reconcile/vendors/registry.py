@@ -12,7 +12,8 @@ from its own package through the entry point group `reconcile.vendors` (README, 
 The entry point's name must equal the vendor's `name` (the platform's `vendor` column value).
 
 Everything vendor-specific elsewhere derives from here: the settings' fields, `check-config`, the
-fetch engine, the Dagster steps (`step_name`), the simulator, the population and the k8s run config.
+fetch engine, the Dagster steps (`step_name`), the simulator, the population, the k8s run config and
+the token prefixes redaction hides (`token_prefixes`).
 An unknown vendor name raises `UnknownVendor` (a KeyError): nothing ever falls into another vendor.
 """
 
@@ -113,6 +114,11 @@ def is_known(name: object) -> bool:
 def step_name(vendor: str) -> str:
     """The Dagster asset (and step) name of a vendor's status stage: the one place it is built."""
     return STEP_PREFIX + get(vendor).name
+
+
+def token_prefixes() -> tuple[str, ...]:
+    """How the vendors' API tokens begin (each vendor's `token_prefixes`), for `base.redact()`."""
+    return tuple(sorted({prefix for vendor in _vendors().values() for prefix in vendor.token_prefixes}))
 
 
 def simulated() -> tuple[Vendor, ...]:

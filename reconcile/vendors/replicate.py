@@ -16,29 +16,23 @@ from reconcile.simulator.truth import Outcome, TaskTruth
 from reconcile.simulator.wire import (
     JSON,
     Answer,
-    SimRoute,
     SimulatedVendor,
-    decode_segment,
     dumps,
-    gateway_error,
     iso,
     json_answer,
+    server_errors,
+    task_path_route,
     times,
 )
 from reconcile.vendors.base import (
     Parsed,
     PopulationHints,
     RawAnswer,
+    TaskDocument,
     Vendor,
-    answer,
-    classify_http,
     error_text,
     first_url,
-    garbage,
-    json_object,
     path_segment,
-    redact,
-    shown,
 )
 
 NAME = "replicate"
@@ -56,35 +50,30 @@ def status_route(job: JobRef) -> tuple[str, tuple[tuple[str, str], ...]]:
     return f"/v1/predictions/{path_segment(job.vendor_task_id, 'task_id')}", ()
 
 
+def _failure(body: dict[str, Any], status: str) -> tuple[str, str]:
+    text = error_text(body.get("error")) or status
+    if status != "failed" and body.get("error") not in (None, ""):
+        text = f"{status}: {text}"
+    return text, f"vendor_{status}"
+
+
+def _no_result_reason(body: dict[str, Any]) -> str:
+    # Replicate deletes an API prediction's output an hour after it finishes: completed at the vendor,
+    # nothing the user can fetch (a `completed_without_result` finding for a person).
+    return "output_removed" if body.get("data_removed") is True else "no_result_url"
+
+
+PREDICTION = TaskDocument(
+    status_field="status",
+    states=STATES,
+    result_url=lambda body: first_url(body.get("output")),
+    failure=_failure,
+    no_result_reason=_no_result_reason,
+)
+
+
 def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> Parsed:
-    verdict = classify_http(job, raw, secrets)
-    if verdict is not None:
-        return verdict
-    body = json_object(raw.body)
-    if body is None:
-        return garbage(job, raw, secrets)
-    status = body.get("status")
-    if not isinstance(status, str) or not status:
-        return garbage(job, raw, secrets, "missing_status" if status is None else "garbage_body")
-    answered_id = body.get("id")
-    if answered_id is not None and answered_id != job.vendor_task_id:
-        return garbage(job, raw, secrets, "task_id_mismatch")
-    state = STATES.get(status)
-    if state is None:
-        return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(status)}"))
-    if state is VendorState.COMPLETED:
-        url = first_url(body.get("output"))
-        if url is None and body.get("data_removed") is True:
-            # Replicate deletes an API prediction's output an hour after it finishes: completed at the
-            # vendor, nothing the user can fetch (a `completed_without_result` finding for a person).
-            return Parsed(answer(job, state, raw, secrets, reason="output_removed"))
-        return Parsed(answer(job, state, raw, secrets, result_url=url, reason=None if url else "no_result_url"))
-    if state is VendorState.FAILED:
-        text = error_text(body.get("error")) or status
-        if status != "failed" and body.get("error") not in (None, ""):
-            text = f"{status}: {text}"
-        return Parsed(answer(job, state, raw, secrets, error=redact(text, secrets), reason=f"vendor_{status}"))
-    return Parsed(answer(job, state, raw, secrets))
+    return PREDICTION.parse(job, raw, secrets)
 
 
 # ----------------------------------------------------------------------------------------- simulator
@@ -137,27 +126,16 @@ def sim_prediction(task: TaskTruth, origin: str, word: str) -> Answer:
     return 200, dumps(body), JSON
 
 
-def sim_route(parts: list[bytes], query: bytes) -> SimRoute | None:
-    """/v1/predictions/{id}"""
-    if len(parts) == 3 and parts[0] == b"v1" and parts[1] == b"predictions" and parts[2]:
-        return SimRoute(decode_segment(parts[2]))
-    return None
-
-
-def _sim_server_error(status: int) -> Answer:
-    return json_answer(500, {"detail": "Internal Server Error"}) if status == 500 else gateway_error(status)
-
-
 SIMULATOR = SimulatedVendor(
     default_secret="sim-replicate-token",
     status_words=STATUS_WORDS,
     unknown_status_words=("archived", "throttled", "restarting"),
-    route=sim_route,
+    route=task_path_route(b"v1", b"predictions"),
     status_answer=sim_prediction,
     not_found=lambda: json_answer(404, {"detail": "Not found."}),
     unauthorized=lambda: json_answer(401, UNAUTHENTICATED),
     throttled=lambda: json_answer(429, {"detail": THROTTLED}),
-    server_error=_sim_server_error,
+    server_error=server_errors({"detail": "Internal Server Error"}),
 )
 
 _B32ISH = str.maketrans("0123456789abcdef", "qg2m3r4z5d6h7b8f")
@@ -191,6 +169,7 @@ VENDOR = Vendor(
     # Replicate allows 3,000 reads a minute per account, shared with the platform's own polling
     # (replicate.com/docs/topics/predictions/rate-limits): reconcile takes 600 of them at most.
     default_rate_per_second=10.0,
+    token_prefixes=("r8_",),
     simulator=SIMULATOR,
     population=POPULATION,
 )

@@ -22,28 +22,23 @@ from reconcile.models import JobRef, VendorState
 from reconcile.simulator.truth import Outcome, TaskTruth
 from reconcile.simulator.wire import (
     Answer,
-    SimRoute,
     SimulatedVendor,
-    decode_segment,
-    gateway_error,
     iso,
     json_answer,
+    server_errors,
+    task_path_route,
     times,
 )
 from reconcile.vendors.base import (
     Parsed,
     PopulationHints,
     RawAnswer,
+    TaskDocument,
     Vendor,
-    answer,
-    classify_http,
     error_text,
     first_url,
-    garbage,
-    json_object,
     path_segment,
-    redact,
-    shown,
+    uuid_task_id,
 )
 
 NAME = "runway"
@@ -62,29 +57,19 @@ def status_route(job: JobRef) -> tuple[str, tuple[tuple[str, str], ...]]:
     return f"/v1/tasks/{path_segment(job.vendor_task_id, 'task_id')}", ()
 
 
+TASK = TaskDocument(
+    status_field="status",
+    states=STATES,
+    result_url=lambda body: first_url(body.get("output")),
+    failure=lambda body, status: (
+        error_text(body.get("failureCode"), body.get("failure")) or status,
+        f"vendor_{status.lower()}",
+    ),
+)
+
+
 def parse_status(job: JobRef, raw: RawAnswer, secrets: tuple[str, ...] = ()) -> Parsed:
-    verdict = classify_http(job, raw, secrets)
-    if verdict is not None:
-        return verdict
-    body = json_object(raw.body)
-    if body is None:
-        return garbage(job, raw, secrets)
-    status = body.get("status")
-    if not isinstance(status, str) or not status:
-        return garbage(job, raw, secrets, "missing_status" if status is None else "garbage_body")
-    answered_id = body.get("id")
-    if answered_id is not None and answered_id != job.vendor_task_id:
-        return garbage(job, raw, secrets, "task_id_mismatch")
-    state = STATES.get(status)
-    if state is None:
-        return Parsed(answer(job, VendorState.UNKNOWN, raw, secrets, reason=f"unmapped_status:{shown(status)}"))
-    if state is VendorState.COMPLETED:
-        url = first_url(body.get("output"))
-        return Parsed(answer(job, state, raw, secrets, result_url=url, reason=None if url else "no_result_url"))
-    if state is VendorState.FAILED:
-        text = error_text(body.get("failureCode"), body.get("failure")) or status
-        return Parsed(answer(job, state, raw, secrets, error=redact(text, secrets), reason=f"vendor_{status.lower()}"))
-    return Parsed(answer(job, state, raw, secrets))
+    return TASK.parse(job, raw, secrets)
 
 
 # ----------------------------------------------------------------------------------------- simulator
@@ -111,34 +96,18 @@ def sim_task(task: TaskTruth, origin: str, word: str) -> Answer:
     return json_answer(200, body)
 
 
-def sim_route(parts: list[bytes], query: bytes) -> SimRoute | None:
-    """/v1/tasks/{id}"""
-    if len(parts) == 3 and parts[0] == b"v1" and parts[1] == b"tasks" and parts[2]:
-        return SimRoute(decode_segment(parts[2]))
-    return None
-
-
-def _sim_server_error(status: int) -> Answer:
-    return json_answer(500, {"error": "Internal server error"}) if status == 500 else gateway_error(status)
-
-
 # The error bodies are not documented (the SDK reads only the HTTP status): any JSON does.
 SIMULATOR = SimulatedVendor(
     default_secret="sim-runway-secret",
     status_words=STATUS_WORDS,
     unknown_status_words=("ARCHIVED", "PAUSED", "EXPIRED"),
-    route=sim_route,
+    route=task_path_route(b"v1", b"tasks"),
     status_answer=sim_task,
     not_found=lambda: json_answer(404, {"error": "Task not found"}),
     unauthorized=lambda: json_answer(401, {"error": "Unauthorized"}),
     throttled=lambda: json_answer(429, {"error": "Too many requests"}),
-    server_error=_sim_server_error,
+    server_error=server_errors({"error": "Internal server error"}),
 )
-
-
-def _uuid(token: Any) -> str:
-    h = token(16)
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:32]}"
 
 
 POPULATION = PopulationHints(
@@ -147,7 +116,7 @@ POPULATION = PopulationHints(
         ("The prompt text was rejected by content moderation", "SAFETY.INPUT.TEXT"),
         ("The output was rejected by our internal systems", "INTERNAL.BAD_OUTPUT.CODE01"),
     ),
-    task_id=_uuid,
+    task_id=uuid_task_id,
     hostile_task_id=lambda tok: f"{tok}/../tasks?x=1#frag%2F \u00fc\u202e",
     result_url=lambda tok, ext: f"https://dnznrvs05pmza.cloudfront.net/{tok}.{ext}",
     fill_weight=0.10,

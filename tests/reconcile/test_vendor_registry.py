@@ -3,6 +3,8 @@ fails loudly everywhere instead of falling into another vendor's branch."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from reconcile.models import JobRef
@@ -108,3 +110,31 @@ def test_the_asset_of_each_vendor_step_is_named_in_one_place() -> None:
         assert asset.key.path == [registry.step_name(vendor)]
     upstream = {key.path[-1] for key in job_status_sync.asset_deps[job_status_sync.key]}
     assert upstream >= {registry.step_name(v) for v in registry.names()}
+
+
+def test_token_prefixes_are_each_vendors_own_and_redacted_in_any_text(monkeypatch) -> None:
+    from reconcile.vendors import base
+
+    assert registry.token_prefixes() == ("fal_", "kie_", "r8_")
+    assert registry.get("replicate").token_prefixes == ("r8_",)
+    assert base.redact("fal_0123456789 r8_0123456789 kie_0123456789") == "fal_*** r8_*** kie_***"
+    # A vendor added from outside reconcile brings its own prefix, with nothing else edited.
+    acme = Vendor(
+        name="acme",
+        url_var="ACME_URL",
+        default_url="https://acme.invalid",
+        secret_var="ACME_TOKEN",
+        auth_scheme="Token",
+        status_route=lambda job: ("/", ()),
+        parse_status=registry.get("fal").parse_status,
+        token_prefixes=("acme_live_",),
+    )
+    monkeypatch.setattr(registry, "_vendors", lambda: {"acme": acme})
+    base._token_prefixes.cache_clear()
+    try:
+        assert base.redact("echo acme_live_0123456789") == "echo acme_live_***"
+    finally:
+        monkeypatch.undo()
+        base._token_prefixes.cache_clear()
+    with pytest.raises(ValueError, match="token prefix"):
+        dataclasses.replace(acme, token_prefixes=("-x",))

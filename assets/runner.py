@@ -226,7 +226,11 @@ def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: 
     if processes is None:
         pass  # the job's own executor (reconcile/definitions.py)
     elif processes > 1:
-        run_config["execution"] = {"config": {"multiprocess": {"max_concurrent": processes}}}
+        from reconcile.definitions import SIDE_BY_SIDE_EXECUTION
+
+        # Forked from the preloaded server as the default is, not spawned: a step starts without seconds of imports.
+        multiprocess = SIDE_BY_SIDE_EXECUTION["config"]["multiprocess"]
+        run_config["execution"] = {"config": {"multiprocess": {**multiprocess, "max_concurrent": processes}}}
     else:
         run_config["execution"] = {"config": {"in_process": {}}}
     if verbose:

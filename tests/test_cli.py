@@ -24,10 +24,18 @@ from tests.platform import assert_statuses_and_refunds_are_the_truth
 pytestmark = pytest.mark.slow
 
 
+# The vendors' default rates (Replicate 10/s) would spend seconds of every pass waiting on the simulator.
+SIMULATOR_RATE = {"RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND": "5000"}
+# Every step in the `reconcile run` process: for the passes whose test is not about the default executor (a
+# process per step, tested as typed where it matters), a third of the time on a loaded 2-core CI.
+IN_ONE_PROCESS = ("--processes", "1")
+
+
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = clean_environ()
     reports = str(tmp_path / "reports")
-    return {**env, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "RECONCILE_REPORTS_DIR": reports, **extra}
+    return {**env, **SIMULATOR_RATE, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "RECONCILE_REPORTS_DIR": reports,
+            **extra}  # fmt: skip
 
 
 def _reconcile(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
@@ -48,7 +56,7 @@ def test_run_reconciles_a_platform_made_by_the_contract_ddl(db, tmp_path: Path) 
     with SimulatorThread(population.truth) as sim:
         env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, **sim.env())
         # A wrong KIE key: the pass completes, KIE's jobs are left untouched, and the exit code says so.
-        degraded = _reconcile({**env, "KIE_API_KEY": "wrong-key"}, "run")
+        degraded = _reconcile({**env, "KIE_API_KEY": "wrong-key"}, "run", *IN_ONE_PROCESS)
         degraded_out, degraded_err = degraded.communicate(timeout=300)
         proc = _reconcile(env, "run")
         out, err = proc.communicate(timeout=300)
@@ -88,7 +96,7 @@ def test_two_runs_at_the_same_moment_never_double_process(db, tmp_path: Path) ->
         for vendor in ("fal", "replicate", "kie"):
             sim.set_knobs(vendor, latency_ms=30)
         env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, RECONCILE_VENDOR_CONCURRENCY="2", **sim.env())
-        procs = [_reconcile(env, "run") for _ in range(2)]
+        procs = [_reconcile(env, "run", *IN_ONE_PROCESS) for _ in range(2)]
         results = [(*p.communicate(timeout=300), p.returncode) for p in procs]
         results = [(code, out, err) for out, err, code in results]
     codes = sorted(code for code, _, _ in results)
@@ -114,7 +122,9 @@ def test_kill_9_mid_pass_then_the_next_pass_takes_over_at_once(db, tmp_path: Pat
     (tmp_path / "dagster_home").mkdir()
     with SimulatorThread(population.truth) as sim:
         env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, **sim.env())  # RECONCILE_LEASE_SECONDS: default
-        victim = _reconcile(env, "run")
+        # The first stage's kill as typed (the default executor: its step processes outlive it), the later
+        # ones in one process.
+        victim = _reconcile(env, "run", *(() if kill_at == "[vendor_statuses_" else IN_ONE_PROCESS))
         seen = []
         for line in victim.stderr:  # progress lines arrive as each stage speaks
             seen.append(line)
@@ -124,7 +134,7 @@ def test_kill_9_mid_pass_then_the_next_pass_takes_over_at_once(db, tmp_path: Pat
         killed_at = utcnow()
         victim.wait(timeout=60)
         assert victim.returncode == -9, f"never reached {kill_at!r}: {''.join(seen)[-2000:]}"
-        survivor = _reconcile(env, "run")
+        survivor = _reconcile(env, "run", *IN_ONE_PROCESS)
         _out, err = survivor.communicate(timeout=300)
     assert survivor.returncode == 0, err
     r = recon_runs.c
@@ -146,14 +156,14 @@ def test_a_pass_paused_past_its_lease_stops_before_moving_money(db, tmp_path: Pa
         for vendor in ("fal", "replicate", "kie"):
             sim.set_knobs(vendor, latency_ms=30)
         env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, RECONCILE_LEASE_SECONDS="3", **sim.env())
-        paused = _reconcile(env, "run")
+        paused = _reconcile(env, "run", *IN_ONE_PROCESS)  # SIGSTOP pauses the whole pass
         for line in paused.stderr:
             if "[vendor_statuses_" in line:
                 paused.send_signal(signal.SIGSTOP)
                 break
         try:
             time.sleep(4)  # past the expiry; its process is alive (stopped), so only the expiry frees it
-            survivor = _reconcile(env, "run")
+            survivor = _reconcile(env, "run", *IN_ONE_PROCESS)
             _out, err = survivor.communicate(timeout=300)
             assert survivor.returncode == 0, err
         finally:

@@ -165,7 +165,8 @@ def test_no_secret_in_any_configuration_error(command: str, shape: str, tmp_path
     """Black box, as a user types it: the command fails naming the variable, and never shows the secret."""
     variable, value = MALFORMED_VALUES[shape]
     env = clean_environ()
-    env.update({"DAGSTER_HOME": str(tmp_path / "dagster"), variable: value})
+    # An unreachable database is waited for (60 s by default) before the error: 2 s still print the waiting lines.
+    env.update({"DAGSTER_HOME": str(tmp_path / "dagster"), "RECONCILE_DATABASE_WAIT_SECONDS": "2", variable: value})
     reconcile = Path(sys.executable).with_name("reconcile")
     done = subprocess.run([reconcile, command], env=env, cwd="/", capture_output=True, text=True, timeout=120)
     assert done.returncode != 0

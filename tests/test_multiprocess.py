@@ -18,7 +18,7 @@ from reconcile.simulator.server import SimulatorThread
 from reconcile.vendors import registry
 from tests.conftest import require_postgres
 from tests.platform import assert_statuses_and_refunds_are_the_truth
-from tests.test_cli import _env, _reconcile
+from tests.test_cli import IN_ONE_PROCESS, _env, _reconcile
 
 pytestmark = pytest.mark.slow
 VENDOR_STEPS = [registry.step_name(vendor) for vendor in VENDORS]
@@ -91,7 +91,7 @@ def test_multiprocess_pass_beside_another_pass_stays_exactly_once(db, tmp_path: 
         }
         assert len({e.dagster_event.pid for e in starts}) > 1, "steps did not run in separate processes"
         # A second pass right after finds nothing left to do (and must not double anything).
-        again = _reconcile(env, "run")
+        again = _reconcile(env, "run", *IN_ONE_PROCESS)
         _out, err = again.communicate(timeout=300)
         assert again.returncode == 0, err[-3000:]
 

@@ -53,6 +53,7 @@ from reconcile.simulator.server import SimulatorThread
 from sensors.run_failures import reconcile_pass_failed
 from tests.environ import clean_environ
 from tests.platform import assert_ledger_invariants
+from tests.test_cli import IN_ONE_PROCESS
 from tests.test_fault_matrix import FAST
 
 pytestmark = pytest.mark.slow
@@ -309,8 +310,9 @@ class LatePort:
 
 
 def _reconcile_run(env: dict[str, str]) -> subprocess.Popen[str]:
+    # In one process: the wait for the database is the pre-flight's, whatever the executor.
     return subprocess.Popen(
-        [sys.executable, "-m", "reconcile.cli", "run"], env=env, cwd="/", stdout=subprocess.PIPE,
+        [sys.executable, "-m", "reconcile.cli", "run", *IN_ONE_PROCESS], env=env, cwd="/", stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 

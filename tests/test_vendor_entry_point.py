@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from reconcile.db.schema import ai_generations, credit_transactions
+from tests.environ import clean_environ
 from tests.platform import Platform
 
 pytestmark = pytest.mark.slow
@@ -126,10 +127,10 @@ def test_an_in_house_vendor_from_an_entry_point_is_reconciled_in_a_real_pass(tmp
     for render in RENDERS:
         platform.job(f"job-{render}", vendor="acme", model="acme/render-v2", vendor_task_id=render, credits=12)
 
-    ours = ("RECONCILE_", "DAGSTER_HOME", "PYTHONPATH")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    env = clean_environ()
     env.update(
-        PYTHONPATH=str(site),
+        # The package's site first; a PYTHONPATH already set (a checkout under test) stays after it.
+        PYTHONPATH=os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p),
         RECONCILE_DATABASE_URL=db_url,
         DAGSTER_HOME=str(tmp_path / "dagster_home"),
         RECONCILE_REPORTS_DIR=str(tmp_path / "reports"),

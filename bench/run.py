@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -253,6 +254,18 @@ def section_pass(report: Report, dbs: Databases, sizes: dict) -> None:
         detail=f"{side['seconds']:.1f}s vs {bound:.1f}s = {slowest}'s {side['requests_by_vendor'][slowest]:,} requests "
         f"at {limit:g} req/s; requests by vendor {side['requests_by_vendor']}",
     )
+    cpu_bound = (side["pass_cpu_seconds"] + side["simulator_cpu_seconds"]) / (os.cpu_count() or 1)
+    report.add(
+        "pass_vs_machine_bound",
+        side["seconds"] / max(bound, cpu_bound),
+        digits=2,
+        detail=f"against the larger of the vendor bound ({bound:.1f}s) and this machine's CPU bound ({cpu_bound:.1f}s "
+        f"= the pass's {side['pass_cpu_seconds']:.0f} CPU s + the simulator's {side['simulator_cpu_seconds']:.0f} "
+        f"on {os.cpu_count()} cores): with vendors far away only the first counts",
+    )
+    vendor_steps = [registry.step_name(v) for v in VENDORS]
+    outside = side["seconds"] - max(side["steps"][s] for s in vendor_steps)
+    report.add("pass_seconds_outside_vendor_stage", outside, digits=1, detail="the pass minus its slowest vendor step")
     report.add("pass_stuck_jobs", side["stuck"])
     report.add("pass_vendor_requests", side["vendor_requests"])
     drain_figure(report, side)

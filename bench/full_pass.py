@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -89,13 +88,8 @@ def run_pass(
         elif os.environ.get("BENCH_MEMRAY_DIR"):  # memray (installed by hand) records its allocations
             out = Path(os.environ["BENCH_MEMRAY_DIR"]) / f"pass-{label}.memray"
             command = [sys.executable, "-m", "memray", "run", "--aggregate", "--force", "-o", str(out), *command[1:]]
-        sim_cpu_before, children_before = process_cpu_seconds(sim.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
         with workers as env:
             child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
-        # The pass's CPU: the child and every process it reaped (the fork server reaps the step processes).
-        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        pass_cpu = sum(getattr(children_after, f) - getattr(children_before, f) for f in ("ru_utime", "ru_stime"))
-        simulator_cpu = process_cpu_seconds(sim.pid) - sim_cpu_before
         vendor_requests = {v: s["requests"] for v, s in sim.stats(with_tasks=False).items()}
         requests = sum(vendor_requests.values())
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
@@ -110,8 +104,6 @@ def run_pass(
         vendor_requests=requests,
         requests_by_vendor=vendor_requests,
         executor=executor,
-        pass_cpu_seconds=pass_cpu,
-        simulator_cpu_seconds=simulator_cpu,
     )
     if not result["success"]:
         raise RuntimeError(f"the pass failed: {result['failures']}\n{child.stderr[-4000:]}")
@@ -122,9 +114,3 @@ def run_pass(
         f"{requests} vendor requests; executor {executor}"
     )
     return result
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a live process has used so far (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

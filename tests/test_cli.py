@@ -156,7 +156,9 @@ def test_a_pass_paused_past_its_lease_stops_before_moving_money(db, tmp_path: Pa
         for vendor in ("fal", "replicate", "kie"):
             sim.set_knobs(vendor, latency_ms=30)
         env = _env(tmp_path, RECONCILE_DATABASE_URL=db.url, RECONCILE_LEASE_SECONDS="3", **sim.env())
-        paused = _reconcile(env, "run", *IN_ONE_PROCESS)  # SIGSTOP pauses the whole pass
+        # The default executor: SIGSTOP pauses the pass's orchestrator, which starts no further step. In one
+        # process it could stop inside an SQLite write, and the database stays locked for everyone until SIGCONT.
+        paused = _reconcile(env, "run")
         for line in paused.stderr:
             if "[vendor_statuses_" in line:
                 paused.send_signal(signal.SIGSTOP)

@@ -22,7 +22,14 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from reconcile.db.engine import can_copy, copy_rows
-from reconcile.db.schema import recon_pass_answers, recon_pass_jobs, recon_runs, recon_status_changes
+from reconcile.db.schema import (
+    recon_pass_answers,
+    recon_pass_findings,
+    recon_pass_jobs,
+    recon_pass_refund_plan,
+    recon_runs,
+    recon_status_changes,
+)
 from reconcile.models import VendorAnswer
 from reconcile.stuck import (
     DISPATCHED,
@@ -259,7 +266,8 @@ def purge_old_passes(engine: Engine, now: datetime) -> int:
     """Delete the working sets of passes started more than RETENTION ago; the number of jobs rows."""
     old = select(recon_runs.c.run_id).where(recon_runs.c.started_at < now - RETENTION)
     with engine.begin() as conn:
-        conn.execute(delete(recon_pass_answers).where(recon_pass_answers.c.run_id.in_(old)))
+        for table in (recon_pass_answers, recon_pass_refund_plan, recon_pass_findings):
+            conn.execute(delete(table).where(table.c.run_id.in_(old)))
         return conn.execute(delete(recon_pass_jobs).where(recon_pass_jobs.c.run_id.in_(old))).rowcount
 
 

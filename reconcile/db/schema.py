@@ -300,6 +300,40 @@ recon_pass_answers = Table(
     Column("attempts", Integer, nullable=False),
 )
 
+# The pass's refund plan and leakage findings (revision 0006), working-set tables like the two above:
+# the steps after the sync write and read them a chunk at a time, so no step holds a whole incident's
+# refunds or findings in memory. Kept and purged with the rest of the pass's working set.
+recon_pass_refund_plan = Table(
+    "recon_pass_refund_plan",
+    recon_metadata,
+    Column("run_id", Text, primary_key=True),
+    Column("job_id", Text, primary_key=True),  # one planned refund per job
+    Column("user_id", Text, nullable=False),
+    Column("vendor", Text),
+    Column("model", Text),
+    Column("type", Text),
+    Column("credits", BigInteger, nullable=False),
+    Column("charged", BigInteger, nullable=False),
+    Column("refunded", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("hold_rule", Text, nullable=False, server_default=""),
+    Column("hold_detail", Text, nullable=False, server_default=""),
+)
+
+recon_pass_findings = Table(
+    "recon_pass_findings",
+    recon_metadata,
+    Column("id", BigIntId(), Identity(always=False), primary_key=True, autoincrement=True),
+    Column("run_id", Text, nullable=False),
+    Column("category", Text, nullable=False),
+    Column("job_id", Text),
+    Column("user_id", Text),
+    Column("credits", BigInteger, nullable=False),
+    Column("detail", Text, nullable=False),
+    Index("recon_ix_pass_findings_run", "run_id", "id"),
+    sqlite_autoincrement=True,
+)
+
 
 # Refund holds and their decisions (revision 0005). A planned refund over a threshold is held here,
 # never written, until a person approves (then it goes through the same exactly-once path) or rejects

@@ -8,19 +8,13 @@ import pandas as pd
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
-    AssetChecksDefinition,
-    AssetIn,
-    AssetsDefinition,
-    MetadataValue,
     asset_check,
 )
 from sqlalchemy import BigInteger, cast, func, select
 
-from assets.failures import FAILURE_TAG
+from assets.blocking_checks import blocking, check_result
 from assets.reconciliation import (
-    VENDOR_STATUS_ASSETS,
     credit_leakage,
-    job_status_sync,
     refund_plan,
     refunds,
     stuck_jobs,
@@ -28,54 +22,14 @@ from assets.reconciliation import (
 from assets.resources import ReconcileResource
 from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, credit_transactions, recon_refunds
 from reconcile.leakage import CATEGORIES
-from reconcile.models import VendorState
-from reconcile.quality import Expect, ExpectationOutcome, QualityResult, combine, validate
+from reconcile.quality import Expect, QualityResult, combine, validate
 from reconcile.refunds import NEVER_DISPATCHED, VENDOR_FAILED
 from reconcile.settings import VENDORS
 from reconcile.staging import (
     StuckSet,
-    answers_not_asked_for,
     iter_pass_jobs,
-    iter_status_changes,
-    jobs_changed_twice,
 )
 from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING
-
-
-def _result(quality: QualityResult) -> AssetCheckResult:
-    return AssetCheckResult(
-        passed=quality.success,
-        description=quality.describe(),
-        metadata={
-            "rows": quality.rows,
-            "unexpected_count": quality.unexpected_count,
-            "expectations": MetadataValue.json(
-                [
-                    {
-                        "expectation": o.expectation,
-                        "column": o.column,
-                        "success": o.success,
-                        "unexpected_count": o.unexpected_count,
-                        "sample": [str(v)[:200] for v in o.sample],
-                    }
-                    for o in quality.outcomes
-                ]
-            ),
-        },
-    )
-
-
-def _blocking(context: AssetCheckExecutionContext, name: str, result: AssetCheckResult, stops: str) -> AssetCheckResult:
-    """A blocking check's result; when it failed, its one-line cause and fix become the run's failure tag
-    (shown at the top of the run page and by `reconcile run`)."""
-    if not result.passed:
-        why = (result.description or "").splitlines()[0][:300] if result.description else "see its metadata"
-        line = (
-            f"the blocking check {name} failed ({why}): {stops}. Fix: read the check's unexpected rows in the "
-            "run, correct the data or the code, then run the pass again"
-        )
-        context.instance.add_run_tags(context.run.run_id, {FAILURE_TAG: line})
-    return result
 
 
 @asset_check(
@@ -113,84 +67,7 @@ def stuck_jobs_are_well_formed(reconcile: ReconcileResource, stuck_jobs: StuckSe
             passed=False, description=f"{stuck_jobs.count()} stuck jobs taken, {staged.rows} staged"
         )
     valid = combine("stuck_jobs_processable", processable)
-    return _result(QualityResult("stuck_jobs", staged.rows, staged.outcomes + valid.outcomes))
-
-
-def answer_check(vendor: str, vendor_asset: AssetsDefinition) -> AssetChecksDefinition:
-    @asset_check(
-        asset=vendor_asset,
-        name="one_canonical_answer_per_job",
-        additional_ins={"stuck_jobs": AssetIn("stuck_jobs")},
-        blocking=True,
-        description=f"Exactly one answer per dispatched stuck {vendor} job, every state canonical (blocks the sync).",
-    )
-    def _check(
-        context: AssetCheckExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
-    ) -> AssetCheckResult:
-        engine = reconcile.engine()
-        chunks = iter_pass_jobs(
-            engine, stuck_jobs.pass_id, stuck_jobs.chunk_size, category=DISPATCHED, vendor=vendor, with_answers=True
-        )
-        states = [s.value for s in VendorState]
-        coverage, canonical = [], []
-        for jobs in chunks:
-            # One answer per job is the staging table's primary key; here: none missing, all canonical.
-            answered = pd.DataFrame({"job_id": jobs["job_id"], "answered": jobs["answer_state"].notna()})
-            coverage.append(
-                validate(
-                    "vendor_answer_coverage",
-                    answered,
-                    [Expect("ExpectColumnValuesToBeInSet", column="answered", value_set=[True])],
-                )
-            )
-            canonical.append(
-                validate(
-                    "vendor_answers",
-                    pd.DataFrame({"state": jobs["answer_state"].dropna()}),
-                    [Expect("ExpectColumnValuesToBeInSet", column="state", value_set=states)],
-                )
-            )
-        unasked = answers_not_asked_for(engine, stuck_jobs.pass_id, vendor)
-        asked_only = ExpectationOutcome("answers_only_for_asked_jobs", "job_id", not unasked, len(unasked), unasked[:5])
-        asked = combine("vendor_answer_coverage", coverage)
-        outcomes = asked.outcomes + combine("vendor_answers", canonical).outcomes + [asked_only]
-        result = _result(QualityResult("vendor_statuses", asked.rows, outcomes))
-        return _blocking(context, f"one_canonical_answer_per_job ({vendor})", result, "no job was synced or refunded")
-
-    return _check
-
-
-@asset_check(
-    asset=job_status_sync,
-    additional_ins={"stuck_jobs": AssetIn("stuck_jobs")},
-    blocking=True,
-    description="Sync changed only non-terminal stuck jobs of this pass, only to completed or failed, each once "
-    "(blocks refunds).",
-)
-def sync_changed_only_stuck_jobs(
-    context: AssetCheckExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet
-) -> AssetCheckResult:
-    engine = reconcile.engine()
-    changes = iter_status_changes(engine, context.run.run_id, stuck_jobs.pass_id, stuck_jobs.chunk_size)
-    quality = combine(
-        "status_changes",
-        [
-            validate(
-                "status_changes",
-                applied,
-                [
-                    Expect("ExpectColumnValuesToBeInSet", column="from_status", value_set=list(NON_TERMINAL_STATUSES)),
-                    Expect("ExpectColumnValuesToBeInSet", column="to_status", value_set=["completed", "failed"]),
-                    Expect("ExpectColumnValuesToBeInSet", column="was_stuck", value_set=[True]),
-                ],
-            )
-            for applied in changes
-        ],
-    )
-    twice = jobs_changed_twice(engine, context.run.run_id)  # across chunks, not only within one
-    once = ExpectationOutcome("one_change_per_job", "job_id", not twice, len(twice), twice[:5])
-    result = _result(QualityResult("status_changes", quality.rows, [*quality.outcomes, once]))
-    return _blocking(context, "sync_changed_only_stuck_jobs", result, "no refund was written")
+    return check_result(QualityResult("stuck_jobs", staged.rows, staged.outcomes + valid.outcomes))
 
 
 @asset_check(
@@ -234,7 +111,7 @@ def refund_plan_is_safe(
             Expect("ExpectColumnValuesToBeInSet", column="reason", value_set=[VENDOR_FAILED, NEVER_DISPATCHED]),
         ],
     )
-    return _blocking(context, "refund_plan_is_safe", _result(quality), "no refund was written")
+    return blocking(context, "refund_plan_is_safe", check_result(quality), "no refund was written")
 
 
 @asset_check(asset=refunds, description="Each refund written: one ledger row 'refund:<job>' of the same amount.")
@@ -265,7 +142,7 @@ def refunds_match_the_ledger(
             passed=False,
             description=f"{len(refunds)} refunds reported written, {len(rows)} recorded in recon_refunds",
         )
-    return _result(quality)
+    return check_result(quality)
 
 
 @asset_check(asset=credit_leakage, description="Findings have a known category and credits >= 0.")
@@ -279,13 +156,11 @@ def findings_are_valid(credit_leakage: pd.DataFrame) -> AssetCheckResult:
             Expect("ExpectColumnValuesToNotBeNull", column="detail"),
         ],
     )
-    return _result(quality)
+    return check_result(quality)
 
 
 ALL_CHECKS = [
     stuck_jobs_are_well_formed,
-    *(answer_check(vendor, asset) for vendor, asset in VENDOR_STATUS_ASSETS.items()),
-    sync_changed_only_stuck_jobs,
     refund_plan_is_safe,
     refunds_match_the_ledger,
     findings_are_valid,

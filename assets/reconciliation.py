@@ -17,6 +17,7 @@ import pandas as pd
 from dagster import (
     AssetExecutionContext,
     AssetIn,
+    AssetKey,
     AssetsDefinition,
     Config,
     DagsterInstance,
@@ -26,6 +27,7 @@ from dagster import (
 )
 from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
 
+from assets.blocking_checks import sync_check, sync_spec, vendor_answers_check, vendor_answers_spec
 from assets.failures import DATABASE_TAG, PASS_TAG, known_failures
 from assets.resources import ReconcileResource
 from assets.retries import TRANSIENT_DB_RETRY, retry_only_transient
@@ -51,7 +53,7 @@ from reconcile.staging import (
     stage_stuck_jobs,
 )
 from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING
-from reconcile.sync import sync_staged_pass
+from reconcile.sync import SyncTotals, sync_staged_pass
 from reconcile.vendor_stage import VendorStage, ask_vendor
 from reconcile.vendors import registry
 
@@ -184,9 +186,13 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
     """The vendor stage of one vendor: its own step (own process or pod under a distributed executor),
     so one vendor's outage or slowness never delays another."""
 
+    name = registry.step_name(vendor)
+
     @asset(
-        name=registry.step_name(vendor),
+        name=name,
         group_name=GROUP,
+        check_specs=[vendor_answers_spec(vendor, AssetKey(name))],
+        dagster_type=VendorTruth,  # with check outputs, Dagster cannot infer it from `MaterializeResult`
         kinds={"python", "sql"},
         ins={"stuck_jobs": AssetIn("stuck_jobs")},
         op_tags=vendor_step_tags(vendor),
@@ -219,6 +225,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
             context.log.error(f"vendor {vendor}: {stage.health}: {stage.detail}")
         return MaterializeResult(
             value=VendorTruth({vendor: str(stage.health)}, {vendor: stage.detail}, {vendor: stage.stats}),
+            check_results=[vendor_answers_check(context, reconcile, stuck_jobs, vendor)],
             metadata={
                 "answers": stage.answers,
                 "unknown": stage.states.get("unknown", 0),
@@ -248,6 +255,8 @@ VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in regi
     group_name=GROUP,
     kinds={"sql"},
     ins={registry.step_name(vendor): AssetIn(step.key) for vendor, step in VENDOR_STATUS_ASSETS.items()},
+    check_specs=[sync_spec(AssetKey("job_status_sync"))],
+    dagster_type=SyncTotals,  # with check outputs, Dagster cannot infer it from `MaterializeResult`
     retry_policy=TRANSIENT_DB_RETRY,
 )
 @known_failures
@@ -284,6 +293,7 @@ def job_status_sync(
         context.log.info(f"{totals.lost_race} job(s) changed since read (e.g. a webhook): left to it")
     return MaterializeResult(
         value=totals,
+        check_results=[sync_check(context, reconcile, stuck_jobs)],
         metadata={
             "completed": totals.completed,
             "failed": totals.failed,

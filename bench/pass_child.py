@@ -60,9 +60,6 @@ def process_tree_rss_mib(root: int) -> dict[int, float]:
                 grew = True
     return {pid: rss[pid] for pid in tree if pid in rss}
 
-    def peak_within(self, start: float, end: float) -> float:
-        return max((mib for at, mib in self.samples if start <= at <= end), default=0.0)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser()

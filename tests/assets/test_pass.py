@@ -19,6 +19,8 @@ from reconcile.stuck import DISPATCHED
 from tests.platform import assert_ledger_invariants
 
 PASS_ASSETS = [*STAGES, *ALL_CHECKS]
+# The blocking checks run inside their asset's step (check_specs), the others as steps of their own.
+EXPECTED_CHECKS = len(ALL_CHECKS) + sum(len(list(stage.check_specs)) for stage in STAGES)
 FAST_VENDORS = {
     "RECONCILE_VENDOR_RATE_LIMIT_PER_SECOND": "5000",
     "RECONCILE_VENDOR_CONCURRENCY": "32",
@@ -87,7 +89,7 @@ def test_pass_ends_in_the_vendors_truth_with_exactly_the_owed_refunds(world) -> 
         result = run_pass(instance)
         assert result.success, [e.message for e in result.all_events if e.is_failure]
         checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
-        assert len(checks) == len(ALL_CHECKS) and all(c.passed for c in checks), [c.description for c in checks]
+        assert len(checks) == EXPECTED_CHECKS and all(c.passed for c in checks), [c.description for c in checks]
 
         assert_reached_the_truth(db, population, result.run_id)
 
@@ -171,6 +173,36 @@ def test_a_bad_refund_plan_blocks_every_refund(world, monkeypatch: pytest.Monkey
     assert_ledger_invariants(db.engine)
 
 
+def test_a_vendor_answer_lost_before_the_check_blocks_the_sync(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocking answer check runs inside the vendor's step: a lost answer stops the pass before any job
+    is changed, and the check's failure is recorded on the vendor's asset."""
+    import reconcile.vendor_stage as vendor_stage
+
+    real_write = vendor_stage.write_answers
+
+    def lose_one(engine, pass_id, answers):
+        if answers and answers[0].vendor == "fal":
+            answers = answers[1:]
+        return real_write(engine, pass_id, answers)
+
+    monkeypatch.setattr(vendor_stage, "write_answers", lose_one)
+    db, _population, _sim = world
+    before, _refunded, _ledger = _state(db)
+    with DagsterInstance.ephemeral() as instance:
+        result = run_pass(instance)
+    assert not result.success
+    failed = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert any(
+        e.event_specific_data.check_name == "one_canonical_answer_per_job"
+        and e.event_specific_data.asset_key.to_user_string() == "vendor_statuses_fal"
+        and not e.event_specific_data.passed
+        for e in failed
+    )
+    assert "job_status_sync" not in {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    after, refunded, _ledger = _state(db)
+    assert after == before and refunded == {}
+
+
 def _metadata(result) -> dict:
     return {
         e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
@@ -186,7 +218,7 @@ def test_a_pass_in_tiny_chunks_reaches_the_same_truth(world, monkeypatch: pytest
         result = run_pass(instance)
         assert result.success, [e.message for e in result.all_events if e.is_failure]
         checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
-        assert len(checks) == len(ALL_CHECKS) and all(c.passed for c in checks), [c.description for c in checks]
+        assert len(checks) == EXPECTED_CHECKS and all(c.passed for c in checks), [c.description for c in checks]
         stuck = result.asset_value("stuck_jobs")
     assert_reached_the_truth(db, population, result.run_id)
     meta = _metadata(result)

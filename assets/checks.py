@@ -15,6 +15,7 @@ from dagster import (
     asset_check,
 )
 from sqlalchemy import BigInteger, cast, func, select
+from sqlalchemy.engine import Engine
 
 from assets.failures import FAILURE_TAG
 from assets.reconciliation import (
@@ -26,11 +27,19 @@ from assets.reconciliation import (
     stuck_jobs,
 )
 from assets.resources import ReconcileResource
-from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, credit_transactions, recon_refunds
+from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, credit_transactions
 from reconcile.leakage import CATEGORIES
 from reconcile.models import VendorState
 from reconcile.quality import Expect, ExpectationOutcome, QualityResult, combine, validate
-from reconcile.refunds import NEVER_DISPATCHED, VENDOR_FAILED
+from reconcile.refunds import (
+    NEVER_DISPATCHED,
+    VENDOR_FAILED,
+    RefundPlan,
+    RefundTotals,
+    iter_refund_plan,
+    iter_written_refunds,
+    refunds_planned_twice,
+)
 from reconcile.settings import VENDORS
 from reconcile.staging import (
     StuckSet,
@@ -200,11 +209,35 @@ def sync_changed_only_stuck_jobs(
     "(blocks every refund).",
 )
 def refund_plan_is_safe(
-    context: AssetCheckExecutionContext, reconcile: ReconcileResource, refund_plan: pd.DataFrame
+    context: AssetCheckExecutionContext, reconcile: ReconcileResource, refund_plan: RefundPlan
 ) -> AssetCheckResult:
-    plan = refund_plan.copy()
+    engine = reconcile.engine()
+    expectations = [
+        Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+        Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
+        Expect("ExpectColumnValuesToBeInSet", column="over_owed", value_set=[False]),
+        Expect("ExpectColumnValuesToBeInSet", column="job_status", value_set=["failed"]),
+        Expect("ExpectColumnValuesToBeInSet", column="reason", value_set=[VENDOR_FAILED, NEVER_DISPATCHED]),
+    ]
+    chunks = iter_refund_plan(engine, refund_plan.run_id, refund_plan.chunk_size)
+    results = [validate("refund_plan", _with_ledger(engine, chunk), expectations) for chunk in chunks]
+    quality = combine("refund_plan", results or [validate("refund_plan", pd.DataFrame(), expectations)])
+    if quality.rows != refund_plan.planned:
+        result = AssetCheckResult(
+            passed=False, description=f"{refund_plan.planned} refunds planned, {quality.rows} staged"
+        )
+        return _blocking(context, "refund_plan_is_safe", result, "no refund was written")
+    # Uniqueness within each chunk above; across chunks: the staged rows against their distinct jobs.
+    twice = refunds_planned_twice(engine, refund_plan.run_id)
+    once = ExpectationOutcome("one_refund_per_job", "job_id", not twice, len(twice), twice[:5])
+    result = _result(QualityResult("refund_plan", quality.rows, [*quality.outcomes, once]))
+    return _blocking(context, "refund_plan_is_safe", result, "no refund was written")
+
+
+def _with_ledger(engine: Engine, plan: pd.DataFrame) -> pd.DataFrame:
+    """A chunk of the plan with each job's status and what the ledger shows it owes, re-read
+    independently of the planner: a planning bug must not vouch for itself."""
     g, t = ai_generations.c, credit_transactions.c
-    # Re-read the ledger independently of the planner: a planning bug must not vouch for itself.
     charged = func.coalesce(
         func.sum(-cast(t.amount, BigInteger)).filter(t.kind == "charge", t.amount < 0, t.user_id == g.user_id), 0
     )
@@ -215,55 +248,39 @@ def refund_plan_is_safe(
         .group_by(g.id, g.status)
     )
     ledger: dict[str, tuple[str, int]] = {}
-    with reconcile.engine().connect() as conn:
+    with engine.connect() as conn:
         ids = plan["job_id"].tolist()
         for start in range(0, len(ids), 1000):
             chunk = ledger_query.where(g.id.in_(ids[start : start + 1000]))
             ledger.update({row.id: (row.status, int(row.owed)) for row in conn.execute(chunk)})
-    plan["job_status"] = plan["job_id"].map(lambda job: ledger.get(job, (None, 0))[0])
-    plan["owed"] = plan["job_id"].map(lambda job: ledger.get(job, (None, 0))[1])
-    plan["over_owed"] = plan["credits"] > plan["owed"]
-    quality = validate(
-        "refund_plan",
-        plan,
-        [
-            Expect("ExpectColumnValuesToBeUnique", column="job_id"),
-            Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
-            Expect("ExpectColumnValuesToBeInSet", column="over_owed", value_set=[False]),
-            Expect("ExpectColumnValuesToBeInSet", column="job_status", value_set=["failed"]),
-            Expect("ExpectColumnValuesToBeInSet", column="reason", value_set=[VENDOR_FAILED, NEVER_DISPATCHED]),
-        ],
+    plan = plan.assign(
+        job_status=plan["job_id"].map(lambda job: ledger.get(job, (None, 0))[0]),
+        owed=plan["job_id"].map(lambda job: ledger.get(job, (None, 0))[1]),
     )
-    return _blocking(context, "refund_plan_is_safe", _result(quality), "no refund was written")
+    return plan.assign(over_owed=plan["credits"] > plan["owed"])
 
 
 @asset_check(asset=refunds, description="Each refund written: one ledger row 'refund:<job>' of the same amount.")
 def refunds_match_the_ledger(
-    context: AssetCheckExecutionContext, reconcile: ReconcileResource, refunds: pd.DataFrame
+    context: AssetCheckExecutionContext, reconcile: ReconcileResource, refunds: RefundTotals
 ) -> AssetCheckResult:
-    r, t = recon_refunds.c, credit_transactions.c
-    query = (
-        select(r.job_id, r.credits, t.amount, t.idempotency_key)
-        .select_from(recon_refunds.outerjoin(credit_transactions, t.idempotency_key == "refund:" + r.job_id))
-        .where(r.run_id == context.run.run_id)
-    )
-    with reconcile.engine().connect() as conn:
-        rows = pd.DataFrame(conn.execute(query).all(), columns=["job_id", "credits", "amount", "key"])
-    rows["amount_matches"] = rows["credits"] == rows["amount"]
-    quality = validate(
-        "refunds",
-        rows,
-        [
-            Expect("ExpectColumnValuesToBeUnique", column="job_id"),
-            Expect("ExpectColumnValuesToNotBeNull", column="key"),
-            Expect("ExpectColumnValuesToBeInSet", column="amount_matches", value_set=[True]),
-            Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
-        ],
-    )
-    if len(rows) != len(refunds):
+    expectations = [
+        Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+        Expect("ExpectColumnValuesToNotBeNull", column="key"),
+        Expect("ExpectColumnValuesToBeInSet", column="amount_matches", value_set=[True]),
+        Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
+    ]
+    chunks = iter_written_refunds(reconcile.engine(), context.run.run_id, reconcile.settings().chunk_size)
+    results = [
+        validate("refunds", rows.assign(amount_matches=rows["credits"] == rows["amount"]), expectations)
+        for rows in chunks
+    ]
+    # recon_refunds is keyed by job: one refund per job holds across chunks too.
+    quality = combine("refunds", results or [validate("refunds", pd.DataFrame(), expectations)])
+    if quality.rows != refunds.written:
         return AssetCheckResult(
             passed=False,
-            description=f"{len(refunds)} refunds reported written, {len(rows)} recorded in recon_refunds",
+            description=f"{refunds.written} refunds reported written, {quality.rows} recorded in recon_refunds",
         )
     return _result(quality)
 

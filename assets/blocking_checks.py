@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetKey, MetadataValue
+from sqlalchemy import BigInteger, cast, func, select
+from sqlalchemy.engine import Engine
 
 from assets.failures import FAILURE_TAG
 from assets.resources import ReconcileResource
-from reconcile.db.schema import NON_TERMINAL_STATUSES
+from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, credit_transactions
 from reconcile.models import VendorState
 from reconcile.quality import Expect, ExpectationOutcome, QualityResult, combine, validate
+from reconcile.refunds import NEVER_DISPATCHED, VENDOR_FAILED, RefundPlan, iter_refund_plan, refunds_planned_twice
 from reconcile.staging import (
     StuckSet,
     answers_not_asked_for,
@@ -30,6 +33,7 @@ from reconcile.stuck import DISPATCHED
 
 ONE_ANSWER_PER_JOB = "one_canonical_answer_per_job"
 SYNC_CHANGED_ONLY_STUCK_JOBS = "sync_changed_only_stuck_jobs"
+REFUND_PLAN_IS_SAFE = "refund_plan_is_safe"
 
 
 def check_result(quality: QualityResult, check_name: str | None = None) -> AssetCheckResult:
@@ -151,3 +155,69 @@ def sync_check(context: AssetExecutionContext, reconcile: ReconcileResource, stu
         QualityResult("status_changes", quality.rows, [*quality.outcomes, once]), SYNC_CHANGED_ONLY_STUCK_JOBS
     )
     return blocking(context, SYNC_CHANGED_ONLY_STUCK_JOBS, result, "no refund was written")
+
+
+def refund_plan_spec(asset_key: AssetKey) -> AssetCheckSpec:
+    return AssetCheckSpec(
+        REFUND_PLAN_IS_SAFE,
+        asset=asset_key,
+        blocking=True,
+        description="Refund plan: credits > 0 and <= what the ledger charged, one per job, only failed jobs "
+        "(blocks every refund).",
+    )
+
+
+def refund_plan_check(
+    context: AssetExecutionContext, reconcile: ReconcileResource, refund_plan: RefundPlan
+) -> AssetCheckResult:
+    """The staged plan, chunk by chunk, against the ledger re-read independently of the planner:
+    credits > 0 and <= what is owed, only failed jobs, known reasons, one refund per job."""
+    engine = reconcile.engine()
+    expectations = [
+        Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+        Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
+        Expect("ExpectColumnValuesToBeInSet", column="over_owed", value_set=[False]),
+        Expect("ExpectColumnValuesToBeInSet", column="job_status", value_set=["failed"]),
+        Expect("ExpectColumnValuesToBeInSet", column="reason", value_set=[VENDOR_FAILED, NEVER_DISPATCHED]),
+    ]
+    chunks = iter_refund_plan(engine, refund_plan.run_id, refund_plan.chunk_size)
+    results = [validate("refund_plan", _with_ledger(engine, chunk), expectations) for chunk in chunks]
+    quality = combine("refund_plan", results or [validate("refund_plan", pd.DataFrame(), expectations)])
+    if quality.rows != refund_plan.planned:
+        result = AssetCheckResult(
+            check_name=REFUND_PLAN_IS_SAFE,
+            passed=False,
+            description=f"{refund_plan.planned} refunds planned, {quality.rows} staged",
+        )
+        return blocking(context, REFUND_PLAN_IS_SAFE, result, "no refund was written")
+    # Uniqueness within each chunk above; across chunks: the staged rows against their distinct jobs.
+    twice = refunds_planned_twice(engine, refund_plan.run_id)
+    once = ExpectationOutcome("one_refund_per_job", "job_id", not twice, len(twice), twice[:5])
+    result = check_result(QualityResult("refund_plan", quality.rows, [*quality.outcomes, once]), REFUND_PLAN_IS_SAFE)
+    return blocking(context, REFUND_PLAN_IS_SAFE, result, "no refund was written")
+
+
+def _with_ledger(engine: Engine, plan: pd.DataFrame) -> pd.DataFrame:
+    """A chunk of the plan with each job's status and what the ledger shows it owes, re-read
+    independently of the planner: a planning bug must not vouch for itself."""
+    g, t = ai_generations.c, credit_transactions.c
+    charged = func.coalesce(
+        func.sum(-cast(t.amount, BigInteger)).filter(t.kind == "charge", t.amount < 0, t.user_id == g.user_id), 0
+    )
+    refunded = func.coalesce(func.sum(t.amount).filter(t.kind == "refund", t.amount > 0), 0)
+    ledger_query = (
+        select(g.id, g.status, (charged - refunded).label("owed"))
+        .select_from(ai_generations.outerjoin(credit_transactions, t.job_id == g.id))
+        .group_by(g.id, g.status)
+    )
+    ledger: dict[str, tuple[str, int]] = {}
+    with engine.connect() as conn:
+        ids = plan["job_id"].tolist()
+        for start in range(0, len(ids), 1000):
+            chunk = ledger_query.where(g.id.in_(ids[start : start + 1000]))
+            ledger.update({row.id: (row.status, int(row.owed)) for row in conn.execute(chunk)})
+    plan = plan.assign(
+        job_status=plan["job_id"].map(lambda job: ledger.get(job, (None, 0))[0]),
+        owed=plan["job_id"].map(lambda job: ledger.get(job, (None, 0))[1]),
+    )
+    return plan.assign(over_owed=plan["credits"] > plan["owed"])

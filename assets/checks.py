@@ -10,20 +10,21 @@ from dagster import (
     AssetCheckResult,
     asset_check,
 )
-from sqlalchemy import BigInteger, cast, func, select
 
-from assets.blocking_checks import blocking, check_result
+from assets.blocking_checks import check_result
 from assets.reconciliation import (
     credit_leakage,
-    refund_plan,
     refunds,
     stuck_jobs,
 )
 from assets.resources import ReconcileResource
-from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, credit_transactions, recon_refunds
+from reconcile.db.schema import NON_TERMINAL_STATUSES
 from reconcile.leakage import CATEGORIES
 from reconcile.quality import Expect, QualityResult, combine, validate
-from reconcile.refunds import NEVER_DISPATCHED, VENDOR_FAILED
+from reconcile.refunds import (
+    RefundTotals,
+    iter_written_refunds,
+)
 from reconcile.settings import VENDORS
 from reconcile.staging import (
     StuckSet,
@@ -70,77 +71,27 @@ def stuck_jobs_are_well_formed(reconcile: ReconcileResource, stuck_jobs: StuckSe
     return check_result(QualityResult("stuck_jobs", staged.rows, staged.outcomes + valid.outcomes))
 
 
-@asset_check(
-    asset=refund_plan,
-    blocking=True,
-    description="Refund plan: credits > 0 and <= what the ledger charged, one per job, only failed jobs "
-    "(blocks every refund).",
-)
-def refund_plan_is_safe(
-    context: AssetCheckExecutionContext, reconcile: ReconcileResource, refund_plan: pd.DataFrame
-) -> AssetCheckResult:
-    plan = refund_plan.copy()
-    g, t = ai_generations.c, credit_transactions.c
-    # Re-read the ledger independently of the planner: a planning bug must not vouch for itself.
-    charged = func.coalesce(
-        func.sum(-cast(t.amount, BigInteger)).filter(t.kind == "charge", t.amount < 0, t.user_id == g.user_id), 0
-    )
-    refunded = func.coalesce(func.sum(t.amount).filter(t.kind == "refund", t.amount > 0), 0)
-    ledger_query = (
-        select(g.id, g.status, (charged - refunded).label("owed"))
-        .select_from(ai_generations.outerjoin(credit_transactions, t.job_id == g.id))
-        .group_by(g.id, g.status)
-    )
-    ledger: dict[str, tuple[str, int]] = {}
-    with reconcile.engine().connect() as conn:
-        ids = plan["job_id"].tolist()
-        for start in range(0, len(ids), 1000):
-            chunk = ledger_query.where(g.id.in_(ids[start : start + 1000]))
-            ledger.update({row.id: (row.status, int(row.owed)) for row in conn.execute(chunk)})
-    plan["job_status"] = plan["job_id"].map(lambda job: ledger.get(job, (None, 0))[0])
-    plan["owed"] = plan["job_id"].map(lambda job: ledger.get(job, (None, 0))[1])
-    plan["over_owed"] = plan["credits"] > plan["owed"]
-    quality = validate(
-        "refund_plan",
-        plan,
-        [
-            Expect("ExpectColumnValuesToBeUnique", column="job_id"),
-            Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
-            Expect("ExpectColumnValuesToBeInSet", column="over_owed", value_set=[False]),
-            Expect("ExpectColumnValuesToBeInSet", column="job_status", value_set=["failed"]),
-            Expect("ExpectColumnValuesToBeInSet", column="reason", value_set=[VENDOR_FAILED, NEVER_DISPATCHED]),
-        ],
-    )
-    return blocking(context, "refund_plan_is_safe", check_result(quality), "no refund was written")
-
-
 @asset_check(asset=refunds, description="Each refund written: one ledger row 'refund:<job>' of the same amount.")
 def refunds_match_the_ledger(
-    context: AssetCheckExecutionContext, reconcile: ReconcileResource, refunds: pd.DataFrame
+    context: AssetCheckExecutionContext, reconcile: ReconcileResource, refunds: RefundTotals
 ) -> AssetCheckResult:
-    r, t = recon_refunds.c, credit_transactions.c
-    query = (
-        select(r.job_id, r.credits, t.amount, t.idempotency_key)
-        .select_from(recon_refunds.outerjoin(credit_transactions, t.idempotency_key == "refund:" + r.job_id))
-        .where(r.run_id == context.run.run_id)
-    )
-    with reconcile.engine().connect() as conn:
-        rows = pd.DataFrame(conn.execute(query).all(), columns=["job_id", "credits", "amount", "key"])
-    rows["amount_matches"] = rows["credits"] == rows["amount"]
-    quality = validate(
-        "refunds",
-        rows,
-        [
-            Expect("ExpectColumnValuesToBeUnique", column="job_id"),
-            Expect("ExpectColumnValuesToNotBeNull", column="key"),
-            Expect("ExpectColumnValuesToBeInSet", column="amount_matches", value_set=[True]),
-            Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
-        ],
-    )
-    if len(rows) != len(refunds):
+    expectations = [
+        Expect("ExpectColumnValuesToBeUnique", column="job_id"),
+        Expect("ExpectColumnValuesToNotBeNull", column="key"),
+        Expect("ExpectColumnValuesToBeInSet", column="amount_matches", value_set=[True]),
+        Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
+    ]
+    chunks = iter_written_refunds(reconcile.engine(), context.run.run_id, reconcile.settings().chunk_size)
+    results = [
+        validate("refunds", rows.assign(amount_matches=rows["credits"] == rows["amount"]), expectations)
+        for rows in chunks
+    ]
+    # recon_refunds is keyed by job: one refund per job holds across chunks too.
+    quality = combine("refunds", results or [validate("refunds", pd.DataFrame(), expectations)])
+    if quality.rows != refunds.written:
         return AssetCheckResult(
             passed=False,
-            description=f"{len(refunds)} refunds reported written, {len(rows)} recorded in recon_refunds",
+            description=f"{refunds.written} refunds reported written, {quality.rows} recorded in recon_refunds",
         )
     return check_result(quality)
 
@@ -161,7 +112,6 @@ def findings_are_valid(credit_leakage: pd.DataFrame) -> AssetCheckResult:
 
 ALL_CHECKS = [
     stuck_jobs_are_well_formed,
-    refund_plan_is_safe,
     refunds_match_the_ledger,
     findings_are_valid,
 ]

@@ -27,15 +27,22 @@ from dagster import (
 )
 from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
 
-from assets.blocking_checks import sync_check, sync_spec, vendor_answers_check, vendor_answers_spec
+from assets.blocking_checks import (
+    refund_plan_check,
+    refund_plan_spec,
+    sync_check,
+    sync_spec,
+    vendor_answers_check,
+    vendor_answers_spec,
+)
 from assets.failures import DATABASE_TAG, PASS_TAG, known_failures
 from assets.resources import ReconcileResource
 from assets.retries import TRANSIENT_DB_RETRY, retry_only_transient
 from reconcile import markdown
 from reconcile.db.schema import utcnow
-from reconcile.holds import HoldPolicy, hold_refunds, mark_holds
+from reconcile.holds import HoldPolicy, apply_refund_plan, plan_pass_refunds
 from reconcile.leakage import CATEGORIES, detect_leakage, previous_findings, write_findings
-from reconcile.refunds import apply_refunds, plan_refunds
+from reconcile.refunds import TOP_ROWS, RefundPlan, RefundTotals
 from reconcile.runs import (
     choose_scope,
     last_successful_run,
@@ -306,45 +313,54 @@ def job_status_sync(
     )
 
 
-@asset(group_name=GROUP, kinds={"sql", "pandas"}, deps=[job_status_sync], retry_policy=TRANSIENT_DB_RETRY)
+@asset(
+    group_name=GROUP,
+    kinds={"sql", "pandas"},
+    deps=[job_status_sync],
+    check_specs=[refund_plan_spec(AssetKey("refund_plan"))],
+    dagster_type=RefundPlan,  # with check outputs, Dagster cannot infer it from `MaterializeResult`
+    retry_policy=TRANSIENT_DB_RETRY,
+)
 @known_failures
 @retry_only_transient
 def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) -> MaterializeResult:
     """Every failed, charged, unrefunded job in the lookback window, with the net credits the ledger
-    shows were charged. Checked (blocking) before anything is applied."""
+    shows were charged, staged in recon_pass_refund_plan for the later steps to read back in chunks of
+    RECONCILE_CHUNK_SIZE. Checked (blocking) before anything is applied."""
     settings = reconcile.settings()
     reconcile.keep_lease(context.run.run_id)
-    now = utcnow()
-    with reconcile.engine().connect() as conn:
+    plan = plan_pass_refunds(
+        reconcile.engine(),
+        context.run.run_id,
+        utcnow(),
+        lookback_hours=settings.refund_lookback_hours,
         # Bounded like the stuck set: after an incident the longest-failed go first, the next pass the rest.
-        plan = plan_refunds(conn, now, settings.refund_lookback_hours, limit=settings.max_jobs_per_pass)
+        limit=settings.max_jobs_per_pass,
         # Refunds over the thresholds are held for a person, never written by the pass.
-        plan = mark_holds(conn, plan, HoldPolicy.from_settings(settings), now)
-    held = plan[plan["hold_rule"] != ""]
-    if not held.empty:
+        policy=HoldPolicy.from_settings(settings),
+        chunk_size=settings.chunk_size,
+    )
+    if plan.held:
         context.log.warning(
-            f"{len(held)} refund(s) of {int(held['credits'].sum())} credits held for a person's approval "
+            f"{plan.held} refund(s) of {plan.held_credits} credits held for a person's approval "
             "(`reconcile refunds list`, then `reconcile refunds approve|reject`)"
         )
-    if len(plan) == settings.max_jobs_per_pass:
+    if plan.planned == settings.max_jobs_per_pass:
         context.log.warning(
-            f"{len(plan)} refunds planned, the most one pass takes (RECONCILE_MAX_JOBS_PER_PASS): "
+            f"{plan.planned} refunds planned, the most one pass takes (RECONCILE_MAX_JOBS_PER_PASS): "
             "the next passes refund the rest"
         )
     return MaterializeResult(
         value=plan,
+        check_results=[refund_plan_check(context, reconcile, plan)],
         metadata={
-            "refunds": len(plan),
-            "credits": int(plan["credits"].sum()),
-            "held": len(held),
-            "held_credits": int(held["credits"].sum()),
-            "by_reason_and_vendor": _counts_md(plan, ["reason", "vendor"], "credits"),
-            "held_by_rule_and_vendor": _counts_md(held, ["hold_rule", "vendor"], "credits"),
-            "largest": MetadataValue.md(
-                markdown.table(
-                    plan.sort_values("credits", ascending=False)[["job_id", "user_id", "vendor", "credits", "reason"]]
-                )
-            ),
+            "refunds": plan.planned,
+            "credits": plan.credits,
+            "held": plan.held,
+            "held_credits": plan.held_credits,
+            "by_reason_and_vendor": MetadataValue.md(markdown.table(plan.by_reason, 20)),
+            "held_by_rule_and_vendor": MetadataValue.md(markdown.table(plan.held_by_rule, 20)),
+            "largest": MetadataValue.md(markdown.table(plan.largest, TOP_ROWS)),
         },
     )
 
@@ -352,55 +368,47 @@ def refund_plan(context: AssetExecutionContext, reconcile: ReconcileResource) ->
 @asset(group_name=GROUP, kinds={"sql"}, retry_policy=TRANSIENT_DB_RETRY)
 @known_failures
 @retry_only_transient
-def refunds(
-    context: AssetExecutionContext, reconcile: ReconcileResource, refund_plan: pd.DataFrame
-) -> MaterializeResult:
-    """The checked plan applied: ledger row, balance and recon_refunds row in one transaction, each
-    refund exactly once whatever retries, crashes or concurrent passes happen."""
-    engine = reconcile.engine()
+def refunds(context: AssetExecutionContext, reconcile: ReconcileResource, refund_plan: RefundPlan) -> MaterializeResult:
+    """The checked plan applied a chunk at a time: ledger row, balance and recon_refunds row in one
+    transaction, each refund exactly once whatever retries, crashes or concurrent passes happen."""
     lease = reconcile.keep_lease(context.run.run_id)
-    now = utcnow()
-    held = refund_plan[refund_plan["hold_rule"] != ""]
-    to_write = refund_plan[refund_plan["hold_rule"] == ""]
-    newly_held = hold_refunds(engine, held, context.run.run_id, now)
-    context.log.info(f"applying {len(to_write)} refund(s); {len(held)} held for approval")
-    if newly_held:
-        _notify_held(context, reconcile, held)
+    context.log.info(
+        f"applying {refund_plan.planned - refund_plan.held} refund(s); {refund_plan.held} held for approval"
+    )
     # Each batch's transaction first checks that the lease is still ours (a pass paused past its
     # expiry and taken over writes nothing); a batch retried after a cut connection is idempotent.
-    result = apply_refunds(engine, to_write, context.run.run_id, now, fence=lease.fence)
-    written = result.written
-    if not result.skipped.empty:
-        context.log.info(f"{len(result.skipped)} planned refund(s) already existed or the job left 'failed'")
+    totals = apply_refund_plan(
+        reconcile.engine(),
+        refund_plan,
+        utcnow(),
+        fence=lease.fence,
+        announce=lambda _newly_held: _notify_held(context, reconcile, refund_plan),
+    )
+    if totals.skipped:
+        context.log.info(f"{totals.skipped} planned refund(s) already existed or the job left 'failed'")
     return MaterializeResult(
-        value=written,
+        value=totals,
         metadata={
-            "refunds_written": len(written),
-            "credits_refunded": int(written["credits"].sum()),
-            "skipped": len(result.skipped),
-            "held": len(held),
-            "held_credits": int(held["credits"].sum()),
-            "newly_held": newly_held,
-            "held_refunds": MetadataValue.md(
-                markdown.table(
-                    held.sort_values("credits", ascending=False)[["job_id", "vendor", "credits", "hold_detail"]]
-                )
-            ),
-            "by_reason_and_vendor": _counts_md(written, ["reason", "vendor"], "credits"),
+            "refunds_written": totals.written,
+            "credits_refunded": totals.credits,
+            "skipped": totals.skipped,
+            "held": totals.held,
+            "held_credits": totals.held_credits,
+            "newly_held": totals.newly_held,
+            "held_refunds": MetadataValue.md(markdown.table(totals.held_largest, TOP_ROWS)),
+            "by_reason_and_vendor": MetadataValue.md(markdown.table(totals.by_reason, 20)),
         },
     )
 
 
-def _notify_held(context: AssetExecutionContext, reconcile: ReconcileResource, held: pd.DataFrame) -> None:
+def _notify_held(context: AssetExecutionContext, reconcile: ReconcileResource, plan: RefundPlan) -> None:
     """Tell finance on the alert webhook that refunds wait for a decision. A webhook that refuses it is
     logged as an error (the hold itself is recorded, and the refunds check shows it in the UI): the
     pass goes on to its leakage findings."""
     from reconcile.alerts import WebhookError, post_webhook
     from reconcile.reports.digest import held_notice
 
-    text = held_notice(
-        len(held), int(held["credits"].sum()), sorted(held["vendor"].dropna().unique()), context.run.run_id
-    )
+    text = held_notice(plan.held, plan.held_credits, plan.held_vendors, context.run.run_id)
     context.log.warning(text)
     url = reconcile.settings().alert_webhook_url
     if url is None:
@@ -415,7 +423,7 @@ def _notify_held(context: AssetExecutionContext, reconcile: ReconcileResource, h
 @known_failures
 @retry_only_transient
 def credit_leakage(
-    context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet, refunds: pd.DataFrame
+    context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet, refunds: RefundTotals
 ) -> MaterializeResult:
     """Credits charged but never delivered nor refunded, double charges and refunds, ledger rows
     without a job...: one row per finding in recon_leakage_findings, for finance. Ends the pass."""
@@ -433,8 +441,8 @@ def credit_leakage(
         findings = detect_leakage(conn, scope, now, settings.stuck_after_minutes, invalid, prior)
     summary = {
         "stuck": stuck_jobs.count(),
-        "refunds_written": len(refunds),
-        "credits_refunded": int(refunds["credits"].sum()) if not refunds.empty else 0,
+        "refunds_written": refunds.written,
+        "credits_refunded": refunds.credits,
         "findings": len(findings),
         "credits_at_stake": int(findings["credits"].sum()),
     }

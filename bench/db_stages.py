@@ -31,9 +31,11 @@ from sqlalchemy.engine import Engine
 
 from bench.common import VENDOR_NAMES, Databases, Timer, analyze, note
 from reconcile.db.engine import upgrade_schema
+from reconcile.db.schema import INT4_MAX
+from reconcile.holds import HoldPolicy, apply_refund_plan, plan_pass_refunds
 from reconcile.leakage import Scope, detect_leakage, previous_findings, write_findings
 from reconcile.models import VendorAnswer, VendorState
-from reconcile.refunds import apply_refunds, plan_refunds, refund_plan_problems
+from reconcile.refunds import iter_refund_plan, refund_plan_problems
 from reconcile.runs import (
     acquire_lease,
     choose_scope,
@@ -57,6 +59,8 @@ FULL_AUDIT_EVERY_HOURS = 24
 ANSWER_COLUMNS = list(VendorAnswer.__dataclass_fields__)
 STAGES = ("stuck", "answers", "sync", "refunds", "leakage")
 CHUNK_SIZE = 10_000  # RECONCILE_CHUNK_SIZE's default
+MAX_JOBS = 10_000_000
+NO_HOLDS = HoldPolicy(above_credits=INT4_MAX, mass_failure_guard=False)  # every planned refund is written
 
 # Settled history: one job a minute (the same traffic at both sizes), going back from 31 days ago.
 HISTORY_SQL = """
@@ -199,7 +203,7 @@ def run_db_stages(engine: Engine, now: datetime, answers: pd.DataFrame) -> Stage
         now,
         stuck_after_minutes=STUCK_AFTER_MINUTES,
         undispatched_fail_after_minutes=UNDISPATCHED_FAIL_AFTER_MINUTES,
-        max_jobs=10_000_000,
+        max_jobs=MAX_JOBS,
         chunk_size=CHUNK_SIZE,
     )
     out.seconds["stuck"] = time.perf_counter() - started
@@ -226,13 +230,14 @@ def run_db_stages(engine: Engine, now: datetime, answers: pd.DataFrame) -> Stage
     out.counts["status_changes"] = synced.completed + synced.failed
 
     started = time.perf_counter()
-    with engine.connect() as conn:
-        refund_plan = plan_refunds(conn, now, LOOKBACK_HOURS)
-    assert not refund_plan_problems(refund_plan)
+    refund_plan = plan_pass_refunds(
+        engine, run_id, now, lookback_hours=LOOKBACK_HOURS, limit=MAX_JOBS, policy=NO_HOLDS, chunk_size=CHUNK_SIZE
+    )
+    assert not any(refund_plan_problems(chunk) for chunk in iter_refund_plan(engine, run_id, CHUNK_SIZE))
     acquire_lease(engine, run_id, now, 900)
-    refunded = apply_refunds(engine, refund_plan, run_id, now)
+    refunded = apply_refund_plan(engine, refund_plan, now)
     out.seconds["refunds"] = time.perf_counter() - started
-    out.counts["refunds"] = len(refunded.written)
+    out.counts["refunds"] = refunded.written
 
     started = time.perf_counter()
     with engine.connect() as conn:

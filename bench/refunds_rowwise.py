@@ -1,7 +1,7 @@
 """Applying refunds: reconcile's batched way against a row-by-row ORM loop with the same guarantees.
 
 The baseline is what a careful hand-written loop looks like: a SQLAlchemy ORM session, one
-transaction per refund, and in it the same guarantees as `reconcile.refunds.apply_refunds`:
+transaction per refund, and in it the same guarantees as `reconcile.holds.apply_refund_plan`:
 - the job is re-checked to be still `failed`, its row locked until commit (SELECT ... FOR UPDATE);
 - the ledger row carries the unique key `refund:<job_id>`: a second refund of the same job fails on
   the unique constraint and its whole transaction rolls back (exactly once, whatever retries happen);
@@ -21,15 +21,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session
 
 from bench.common import Databases, Timer, analyze, note
+from bench.db_stages import NO_HOLDS
 from reconcile.db.schema import (
     ai_generations,
     credit_balances,
     credit_transactions,
     recon_refunds,
 )
-from reconcile.refunds import apply_refunds, plan_refunds, refund_key
+from reconcile.holds import apply_refund_plan, plan_pass_refunds
+from reconcile.refunds import apply_refunds, iter_refund_plan, refund_key
 
 LOOKBACK_HOURS = 24 * 7
+CHUNK_SIZE = 10_000  # RECONCILE_CHUNK_SIZE's default
 
 
 class Base(DeclarativeBase):
@@ -139,17 +142,19 @@ def measure_refunds(dbs: Databases, jobs: int, rowwise_jobs: int) -> dict[str, f
     out: dict[str, float] = {}
     for way in ("batch", "rowwise"):
         with dbs.platform(f"refunds_{way}", template=template) as (_url, engine):
-            with engine.connect() as conn:
-                plan = plan_refunds(conn, now, LOOKBACK_HOURS)
-            assert len(plan) == jobs, len(plan)
+            staged = plan_pass_refunds(engine, "bench-run", now, lookback_hours=LOOKBACK_HOURS, limit=jobs,
+                                       policy=NO_HOLDS, chunk_size=CHUNK_SIZE)  # fmt: skip
+            # The bench's own copy of the plan, for the row-wise loop and the checks.
+            plan = pd.concat(list(iter_refund_plan(engine, "bench-run", CHUNK_SIZE)), ignore_index=True)
+            assert len(plan) == staged.planned == jobs, len(plan)
             if way == "rowwise":
                 plan = plan.iloc[:rowwise_jobs]
             with Timer() as timer:
                 if way == "batch":
-                    written = apply_refunds(engine, plan, "bench-run", now).written["job_id"].tolist()
+                    written = apply_refund_plan(engine, staged, now).written
                 else:
-                    written = apply_refunds_rowwise(engine, plan, "bench-run", now)
-            assert len(written) == len(plan)
+                    written = len(apply_refunds_rowwise(engine, plan, "bench-run", now))
+            assert written == len(plan)
             _check(engine, plan)
             # The guarantee itself: applying the same plan again writes nothing.
             again = plan.iloc[:200]

@@ -18,20 +18,46 @@ as a pass (`refunds._apply_batch`: `refund:<job>` ON CONFLICT DO NOTHING, the jo
 in the same transaction that marks the hold approved: deciding twice, deciding while a pass runs, or
 approving a job that completed meanwhile never writes a wrong or a second refund. A rejected hold
 keeps its job out of every later plan: it stays a failed_unrefunded finding for a person.
+
+The pass's two refund steps are composed here, on the plan staged in recon_pass_refund_plan:
+`plan_pass_refunds` (stage, mark holds) and `apply_refund_plan` (hold, then write the rest); neither
+holds more than a chunk of refunds in memory, however many a pass plans.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import ColumnElement, func, insert, literal, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from reconcile.db.schema import ai_generations, credit_transactions, recon_refund_holds, recon_refunds, recon_runs
-from reconcile.refunds import APPROVED, HELD, REJECTED, _apply_batch, plan_refunds, refund_key
+from reconcile import markdown
+from reconcile.db.schema import (
+    ai_generations,
+    credit_transactions,
+    recon_pass_refund_plan,
+    recon_refund_holds,
+    recon_refunds,
+    recon_runs,
+)
+from reconcile.refunds import (
+    APPROVED,
+    HELD,
+    REJECTED,
+    RefundPlan,
+    RefundTotals,
+    _apply_batch,
+    apply_refunds,
+    iter_refund_plan,
+    plan_refunds,
+    refund_key,
+    stage_refund_plan,
+    summarize_refund_plan,
+)
+from reconcile.staging import analyze
 
 SINGLE_REFUND, VENDOR_PASS_LIMIT, VENDOR_JUMP = "single_refund", "vendor_pass_limit", "vendor_jump"
 HOLD_RULES = (SINGLE_REFUND, VENDOR_PASS_LIMIT, VENDOR_JUMP)
@@ -77,30 +103,59 @@ def usual_refunds_per_pass(conn: Connection, now: datetime) -> tuple[int, dict[s
     return int(passes), {vendor: int(n) / passes for vendor, n in counts}
 
 
-def mark_holds(conn: Connection, plan: pd.DataFrame, policy: HoldPolicy, now: datetime) -> pd.DataFrame:
-    """The plan with `hold_rule` and `hold_detail` columns: empty for a refund the pass may write,
-    else the rule that holds it and why, in words."""
-    plan = plan.copy()
-    plan["hold_rule"] = ""
-    plan["hold_detail"] = ""
-    if plan.empty:
-        return plan
+def plan_pass_refunds(
+    engine: Engine,
+    run_id: str,
+    now: datetime,
+    *,
+    lookback_hours: int,
+    limit: int,
+    policy: HoldPolicy,
+    chunk_size: int,
+) -> RefundPlan:
+    """The refund_plan step: stage the refunds owed (`refunds.stage_refund_plan`) and mark those over
+    the thresholds held, in one transaction, without reading the plan into memory."""
+    with engine.begin() as conn:
+        stage_refund_plan(conn, run_id, now, lookback_hours, limit)
+        mark_holds(conn, run_id, policy, now)
+    analyze(engine, recon_pass_refund_plan)
+    with engine.connect() as conn:
+        return summarize_refund_plan(conn, run_id, chunk_size)
+
+
+def mark_holds(conn: Connection, run_id: str, policy: HoldPolicy, now: datetime) -> None:
+    """Set `hold_rule` and `hold_detail` on the staged plan rows a person must approve (the rule that
+    holds each and why, in words); the others keep them empty. A few set-based UPDATEs."""
+    p = recon_pass_refund_plan.c
+    mine = p.run_id == run_id
     if policy.mass_failure_guard:
-        passes, usual = usual_refunds_per_pass(conn, now)
-        for vendor, count in plan.groupby("vendor", dropna=False).size().items():
+        counts = conn.execute(select(p.vendor, func.count()).where(mine).group_by(p.vendor)).all()
+        passes, usual = usual_refunds_per_pass(conn, now) if counts else (0, {})
+        for vendor, count in counts:
             rule, detail = _vendor_rule(str(vendor), int(count), passes, usual.get(str(vendor), 0.0), policy)
             if rule:
-                rows = plan["vendor"] == vendor if not pd.isna(vendor) else plan["vendor"].isna()
-                plan.loc[rows, "hold_rule"] = rule
-                plan.loc[rows, "hold_detail"] = detail
-    big = (plan["credits"] > policy.above_credits) & (plan["hold_rule"] == "")
-    plan.loc[big, "hold_rule"] = SINGLE_REFUND
-    plan.loc[big, "hold_detail"] = plan.loc[big, "credits"].map(
-        lambda c: (
-            f"one refund of {int(c):,} credits, over RECONCILE_REFUND_HOLD_ABOVE_CREDITS ({policy.above_credits:,})"
-        )
+                of_vendor = p.vendor.is_(None) if vendor is None else p.vendor == vendor
+                conn.execute(
+                    update(recon_pass_refund_plan).where(mine, of_vendor).values(hold_rule=rule, hold_detail=detail)
+                )
+    # "one refund of {credits:,} credits, over RECONCILE_REFUND_HOLD_ABOVE_CREDITS ({above:,})"
+    detail = (
+        literal("one refund of ")
+        + _thousands(conn, p.credits)
+        + literal(f" credits, over RECONCILE_REFUND_HOLD_ABOVE_CREDITS ({policy.above_credits:,})")
     )
-    return plan
+    conn.execute(
+        update(recon_pass_refund_plan)
+        .where(mine, p.hold_rule == "", p.credits > policy.above_credits)
+        .values(hold_rule=SINGLE_REFUND, hold_detail=detail)
+    )
+
+
+def _thousands(conn: Connection, number: ColumnElement) -> ColumnElement:
+    """`f"{number:,}"` in SQL, for an integer of at most 15 digits."""
+    if conn.dialect.name == "postgresql":
+        return func.to_char(number, "FM999,999,999,999,990")
+    return func.printf("%,d", number)  # SQLite >= 3.38
 
 
 def _vendor_rule(vendor: str, count: int, passes: int, usual: float, policy: HoldPolicy) -> tuple[str, str]:
@@ -116,6 +171,42 @@ def _vendor_rule(vendor: str, count: int, passes: int, usual: float, policy: Hol
             f"({policy.vendor_jump_factor:g}) times that: a possible mass failure; a person decides"
         )
     return "", ""
+
+
+def apply_refund_plan(
+    engine: Engine,
+    plan: RefundPlan,
+    now: datetime,
+    *,
+    fence: Callable[[Connection], None] | None = None,
+    announce: Callable[[int], None] | None = None,
+    batch_size: int = 1000,
+) -> RefundTotals:
+    """The refunds step, a chunk of the staged plan at a time: record its held refunds (then `announce`
+    how many are newly held, before any money moves), then write the others exactly once
+    (`refunds.apply_refunds`: batches of one transaction, `fence` first in each)."""
+    held_chunks = iter_refund_plan(engine, plan.run_id, plan.chunk_size, held=True)
+    newly_held = sum(hold_refunds(engine, chunk, plan.run_id, now) for chunk in held_chunks)
+    if newly_held and announce is not None:
+        announce(newly_held)
+    written = credits = skipped = 0
+    by_reason = []
+    for chunk in iter_refund_plan(engine, plan.run_id, plan.chunk_size, held=False):
+        result = apply_refunds(engine, chunk, plan.run_id, now, batch_size, fence)
+        written += len(result.written)
+        credits += int(result.written["credits"].sum())
+        skipped += len(result.skipped)
+        by_reason.append(markdown.counts(result.written, ["reason", "vendor"], "credits"))
+    return RefundTotals(
+        written=written,
+        credits=credits,
+        skipped=skipped,
+        held=plan.held,
+        held_credits=plan.held_credits,
+        newly_held=newly_held,
+        by_reason=markdown.sum_counts(by_reason, ["reason", "vendor"], "credits"),
+        held_largest=plan.held_largest,
+    )
 
 
 def hold_refunds(engine: Engine, held: pd.DataFrame, run_id: str, now: datetime) -> int:
@@ -247,7 +338,7 @@ def _decide_one(
 
 def _refund_approved(conn: Connection, job_id: str, approved: int, decision_id: str, now: datetime) -> tuple[int, str]:
     """Write the approved refund through the pass's exactly-once path, in the caller's transaction."""
-    plan = plan_refunds(conn, now, lookback_hours=None, job_ids=[job_id])
+    plan = plan_refunds(conn, [job_id])
     if plan.empty:
         return 0, f"not refunded: {_why_not_owed(conn, job_id)}"
     owed = int(plan.iloc[0]["credits"])

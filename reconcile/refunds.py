@@ -8,12 +8,12 @@ running at the same moment can therefore never write a second refund for the sam
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import BigInteger, case, cast, func, insert, literal, or_, select
+from sqlalchemy import BigInteger, ColumnElement, Select, case, cast, delete, func, insert, literal, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -22,13 +22,18 @@ from reconcile.db.schema import (
     ai_generations,
     credit_balances,
     credit_transactions,
+    recon_pass_refund_plan,
     recon_refund_holds,
     recon_refunds,
     recon_status_changes,
 )
+from reconcile.staging import _pages
 from reconcile.sync import NEVER_DISPATCHED
 
 PLAN_COLUMNS = ["job_id", "user_id", "vendor", "model", "type", "credits", "charged", "refunded", "reason"]
+STAGED_COLUMNS = [*PLAN_COLUMNS, "hold_rule", "hold_detail"]
+AMOUNTS = {"credits": "int64", "charged": "int64", "refunded": "int64"}
+TOP_ROWS = 20  # the largest refunds shown to people
 VENDOR_FAILED = "vendor_failed"
 HELD, APPROVED, REJECTED = "held", "approved", "rejected"
 
@@ -37,26 +42,20 @@ def refund_key(job_id: str) -> str:
     return f"refund:{job_id}"
 
 
-def plan_refunds(
-    conn: Connection,
-    now: datetime,
-    lookback_hours: int | None,
-    limit: int | None = None,
-    job_ids: list[str] | None = None,
-) -> pd.DataFrame:
-    """Every failed job in the lookback window that the ledger shows charged and not yet refunded;
-    the `limit` longest-failed of them when there are more (the next pass plans the rest).
+def refund_plan_query(since: datetime | None, job_ids: list[str] | None = None) -> Select:
+    """Every failed job (updated since `since`, if given) that the ledger shows charged and not yet
+    refunded, longest-failed first: the planned refund of each, in PLAN_COLUMNS.
 
     The amount is the net the ledger shows was charged (charges of the job's own user, minus any
     refunds already made); whoever failed the job. Jobs the platform refunded itself are skipped, and
     so are jobs whose refund waits for a person (held) or that a person rejected.
-    `job_ids` (an approval) plans only those jobs, whatever the lookback (`None`: no lookback).
+    `job_ids` (an approval) plans only those jobs, held or not.
     """
     g = ai_generations.c
     h = recon_refund_holds.c
     window = [g.status == "failed"]
-    if lookback_hours is not None:
-        window.append(g.updated_at >= now - timedelta(hours=lookback_hours))
+    if since is not None:
+        window.append(g.updated_at >= since)
     if job_ids is not None:
         window.append(g.id.in_(job_ids))
     else:
@@ -87,7 +86,7 @@ def plan_refunds(
         .where(recon_status_changes.c.job_id.in_(failed_ids))
     )
     refunded_credits = func.coalesce(refunded.c.refunded, 0)
-    query = (
+    return (
         select(
             g.id.label("job_id"),
             g.user_id,
@@ -112,11 +111,118 @@ def plan_refunds(
         )
         .order_by(g.updated_at, g.id)
     )
-    if limit is not None:
-        query = query.limit(limit)
+
+
+def plan_refunds(conn: Connection, job_ids: list[str]) -> pd.DataFrame:
+    """The refunds the ledger owes now for `job_ids` (an approval), whatever the lookback."""
+    rows = conn.execute(refund_plan_query(None, job_ids))
     # Plain tuples: pandas builds a frame from SQLAlchemy Row objects ~10x slower (profiled).
-    frame = pd.DataFrame([tuple(r) for r in conn.execute(query)], columns=PLAN_COLUMNS)
-    return frame.astype({"credits": "int64", "charged": "int64", "refunded": "int64"})
+    return pd.DataFrame([tuple(r) for r in rows], columns=PLAN_COLUMNS).astype(AMOUNTS)
+
+
+def stage_refund_plan(conn: Connection, run_id: str, now: datetime, lookback_hours: int, limit: int) -> None:
+    """Write the pass's plan into recon_pass_refund_plan in one INSERT ... SELECT (no row passes through
+    Python): the `limit` longest-failed refunds owed in the lookback window (the next pass plans the
+    rest). A retried step replaces its run's plan."""
+    p = recon_pass_refund_plan
+    conn.execute(delete(p).where(p.c.run_id == run_id))
+    planned = refund_plan_query(now - timedelta(hours=lookback_hours)).limit(limit).subquery("planned")
+    conn.execute(
+        insert(p).from_select(["run_id", *PLAN_COLUMNS], select(literal(run_id), *planned.c)),
+    )
+
+
+def iter_refund_plan(engine: Engine, run_id: str, chunk_size: int, held: bool | None = None) -> Iterator[pd.DataFrame]:
+    """The staged plan of `run_id` (only its held or only its unheld rows, if `held` says so),
+    `chunk_size` rows at a time by job_id key range, in PLAN_COLUMNS + hold_rule, hold_detail."""
+    p = recon_pass_refund_plan.c
+    query = select(*(p[name] for name in STAGED_COLUMNS)).where(p.run_id == run_id)
+    if held is not None:
+        query = query.where(p.hold_rule != "" if held else p.hold_rule == "")
+    pages = _pages(engine, query.order_by(p.job_id).limit(chunk_size), p.job_id, chunk_size, STAGED_COLUMNS)
+    return (page.astype(AMOUNTS) for page in pages)
+
+
+def refunds_planned_twice(engine: Engine, run_id: str) -> list[str]:
+    """Jobs with more than one staged refund in a run's plan (none: the table's key forbids it; checked
+    anyway, across chunks, before money moves)."""
+    p = recon_pass_refund_plan.c
+    query = select(p.job_id).where(p.run_id == run_id).group_by(p.job_id).having(func.count() > 1)
+    with engine.connect() as conn:
+        return list(conn.execute(query.order_by(p.job_id)).scalars())
+
+
+def iter_written_refunds(engine: Engine, run_id: str, chunk_size: int) -> Iterator[pd.DataFrame]:
+    """The refunds a run recorded in recon_refunds, each with its ledger row's `amount` and `key`
+    (missing where there is none), `chunk_size` at a time by job_id key range."""
+    r, t = recon_refunds.c, credit_transactions.c
+    query = (
+        select(r.job_id, r.credits, t.amount, t.idempotency_key)
+        .select_from(recon_refunds.outerjoin(credit_transactions, t.idempotency_key == "refund:" + r.job_id))
+        .where(r.run_id == run_id)
+        .order_by(r.job_id)
+        .limit(chunk_size)
+    )
+    return _pages(engine, query, r.job_id, chunk_size, ["job_id", "credits", "amount", "key"])
+
+
+@dataclass(frozen=True)
+class RefundPlan:
+    """A pass's staged refund plan: where it is and what is in it (never the refunds themselves)."""
+
+    run_id: str
+    chunk_size: int  # how many of its rows a later step holds at a time
+    planned: int
+    credits: int
+    held: int
+    held_credits: int
+    held_vendors: list[str]
+    by_reason: pd.DataFrame  # reason, vendor, rows, credits: largest first
+    held_by_rule: pd.DataFrame  # hold_rule, vendor, rows, credits: largest first
+    largest: pd.DataFrame  # the TOP_ROWS largest refunds
+    held_largest: pd.DataFrame  # the TOP_ROWS largest held refunds
+
+
+def summarize_refund_plan(conn: Connection, run_id: str, chunk_size: int) -> RefundPlan:
+    """What a staged plan holds, in a few aggregate queries."""
+    p = recon_pass_refund_plan.c
+    mine = p.run_id == run_id
+    is_held = p.hold_rule != ""
+    held_credits = func.sum(case((is_held, p.credits), else_=0))
+    totals = conn.execute(
+        select(func.count(), func.sum(p.credits), func.sum(case((is_held, 1), else_=0)), held_credits).where(mine)
+    ).one()
+    vendors = conn.execute(
+        select(p.vendor).distinct().where(mine, is_held, p.vendor.is_not(None)).order_by(p.vendor)
+    ).scalars()
+    return RefundPlan(
+        run_id=run_id,
+        chunk_size=chunk_size,
+        planned=int(totals[0]),
+        credits=int(totals[1] or 0),
+        held=int(totals[2] or 0),
+        held_credits=int(totals[3] or 0),
+        held_vendors=list(vendors),
+        by_reason=_counts(conn, [p.reason, p.vendor], mine),
+        held_by_rule=_counts(conn, [p.hold_rule, p.vendor], mine, is_held),
+        largest=_largest(conn, [p.job_id, p.user_id, p.vendor, p.credits, p.reason], mine),
+        held_largest=_largest(conn, [p.job_id, p.vendor, p.credits, p.hold_detail], mine, is_held),
+    )
+
+
+def _counts(conn: Connection, by: list[ColumnElement], *where: ColumnElement) -> pd.DataFrame:
+    """Rows and credits per group of the staged plan, largest first (as `markdown.counts` makes them)."""
+    credits = recon_pass_refund_plan.c.credits
+    rows = func.count().label("rows")
+    query = select(*by, rows, func.sum(credits).label("credits")).where(*where).group_by(*by)
+    result = conn.execute(query.order_by(rows.desc(), *by)).all()
+    return pd.DataFrame([tuple(r) for r in result], columns=[*(c.name for c in by), "rows", "credits"])
+
+
+def _largest(conn: Connection, columns: list[ColumnElement], *where: ColumnElement) -> pd.DataFrame:
+    p = recon_pass_refund_plan.c
+    query = select(*columns).where(*where).order_by(p.credits.desc(), p.job_id).limit(TOP_ROWS)
+    return pd.DataFrame([tuple(r) for r in conn.execute(query)], columns=[c.name for c in columns])
 
 
 @dataclass(frozen=True)
@@ -148,6 +254,20 @@ def _dialect_insert(conn: Connection, table):
 class RefundResult:
     written: pd.DataFrame  # the plan rows whose refund this call wrote
     skipped: pd.DataFrame  # plan rows already refunded (by the platform, a retry or another pass)
+
+
+@dataclass(frozen=True)
+class RefundTotals:
+    """What the refunds step did with a staged plan, in totals (never the refunds themselves)."""
+
+    written: int
+    credits: int  # refunded by the refunds written
+    skipped: int  # already refunded (by the platform, a retry or another pass) or the job left 'failed'
+    held: int
+    held_credits: int
+    newly_held: int  # held by this step (the others were already waiting for a person)
+    by_reason: pd.DataFrame  # the refunds written: reason, vendor, rows, credits, largest first
+    held_largest: pd.DataFrame  # the TOP_ROWS largest held refunds
 
 
 def apply_refunds(

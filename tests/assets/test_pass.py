@@ -153,15 +153,17 @@ def test_webhook_landing_while_the_vendor_answers_wins(db, monkeypatch: pytest.M
 
 def test_a_bad_refund_plan_blocks_every_refund(world, monkeypatch: pytest.MonkeyPatch) -> None:
     """A planning bug (here: amounts doubled) must be caught by the blocking check before money moves."""
-    import assets.reconciliation as stage
-    from reconcile.refunds import plan_refunds
+    import reconcile.refunds as planner
+    from reconcile.refunds import refund_plan_query
 
-    def doubled(conn, now, lookback_hours, limit=None):
-        plan = plan_refunds(conn, now, lookback_hours, limit)
+    def doubled(since, job_ids=None):
+        query = refund_plan_query(since, job_ids)
         # The bug also inflates its own "charged" column: the check must not trust the planner.
-        return plan.assign(credits=plan["credits"] * 2, charged=plan["charged"] * 2)
+        return query.with_only_columns(
+            *((c * 2).label(c.name) if c.name in ("credits", "charged") else c for c in query.selected_columns)
+        )
 
-    monkeypatch.setattr(stage, "plan_refunds", doubled)
+    monkeypatch.setattr(planner, "refund_plan_query", doubled)
     db, _population, _sim = world
     with DagsterInstance.ephemeral() as instance:
         result = run_pass(instance)

@@ -16,9 +16,8 @@ from sqlalchemy import func, insert, select, update
 
 from reconcile.books import Period, build_book
 from reconcile.db.schema import ai_generations, credit_balances, credit_transactions, recon_refunds
-from reconcile.holds import HoldPolicy, HoldSelection, decide_holds, hold_refunds, mark_holds
+from reconcile.holds import HoldPolicy, HoldSelection, apply_refund_plan, decide_holds, plan_pass_refunds
 from reconcile.leakage import detect_leakage, previous_findings, write_findings
-from reconcile.refunds import apply_refunds, plan_refunds
 from reconcile.reports.books_out import write_book
 from reconcile.runs import choose_scope, last_successful_run, ledger_watermark, record_run_end, record_run_start
 
@@ -66,10 +65,9 @@ class Clocked:
             scope = choose_scope(conn, now, 24, False)
             watermark = ledger_watermark(conn)
         record_run_start(self.engine, run_id, now, scope, watermark, "0" * 16)
-        with self.engine.connect() as conn:
-            plan = mark_holds(conn, plan_refunds(conn, now, 168), POLICY, now)
-        hold_refunds(self.engine, plan[plan["hold_rule"] != ""], run_id, now)
-        apply_refunds(self.engine, plan[plan["hold_rule"] == ""], run_id, now)
+        plan = plan_pass_refunds(self.engine, run_id, now, lookback_hours=168, limit=100_000, policy=POLICY,
+                                 chunk_size=1000)  # fmt: skip
+        apply_refund_plan(self.engine, plan, now)
         with self.engine.connect() as conn:
             previous = last_successful_run(conn)
             prior = previous_findings(conn, previous.run_id) if previous else None

@@ -17,25 +17,25 @@ from reconcile.holds import (
     HoldPolicy,
     HoldSelection,
     decide_holds,
-    hold_refunds,
-    mark_holds,
     open_holds,
 )
-from reconcile.refunds import APPROVED, HELD, REJECTED, apply_refunds, plan_refunds
+from reconcile.refunds import APPROVED, HELD, REJECTED
 from tests.platform import Platform, assert_ledger_invariants
+from tests.reconcile.test_refunds import apply_plan, stage_plan, staged_rows
 
-LOOKBACK_HOURS = 24
 POLICY = HoldPolicy(above_credits=100, vendor_pass_refunds=5, vendor_jump_factor=3, vendor_jump_min=3)
 
 
 def run_pass(db, run_id: str, policy: HoldPolicy = POLICY) -> pd.DataFrame:
-    """What the refund_plan and refunds assets do: plan, mark holds, hold those, write the rest."""
-    now = utcnow()
-    with db.engine.connect() as conn:
-        plan = mark_holds(conn, plan_refunds(conn, now, LOOKBACK_HOURS), policy, now)
-    hold_refunds(db.engine, plan[plan["hold_rule"] != ""], run_id, now)
-    apply_refunds(db.engine, plan[plan["hold_rule"] == ""], run_id, now)
-    return plan
+    """What the refund_plan and refunds assets do: plan, mark holds, hold those, write the rest; the plan."""
+    plan = stage_plan(db.engine, run_id, policy=policy, chunk_size=3)
+    apply_plan(db.engine, plan)
+    return staged_rows(db.engine, plan)
+
+
+def marked(db, run_id: str, policy: HoldPolicy, now) -> pd.DataFrame:
+    """The plan with its holds marked (nothing recorded nor written)."""
+    return staged_rows(db.engine, stage_plan(db.engine, run_id, now, policy=policy))
 
 
 def holds(db) -> list[tuple]:
@@ -61,23 +61,26 @@ def decide(db, decision: str, **selection) -> list:
 def test_rules_hold_big_refunds_and_mass_failures_and_say_why(db) -> None:
     p = Platform(db.engine)
     p.job("big", status="failed", credits=250, vendor="kie", model="kling/v2-1-pro")
+    p.job("bigger", status="failed", credits=12_345, vendor="kie", model="kling/v2-1-pro")
     p.job("small", status="failed", credits=9, vendor="kie", model="kling/v2-1-pro")
     for i in range(6):  # more fal refunds in one pass than the limit (5)
         p.job(f"fal-{i}", status="failed", credits=2)
     plan = run_pass(db, "pass-1").set_index("job_id")
     assert plan.loc["big", "hold_rule"] == SINGLE_REFUND
-    assert "RECONCILE_REFUND_HOLD_ABOVE_CREDITS" in plan.loc["big", "hold_detail"]
+    assert plan.loc["big", "hold_detail"] == "one refund of 250 credits, over RECONCILE_REFUND_HOLD_ABOVE_CREDITS (100)"
+    assert plan.loc["bigger", "hold_detail"].startswith("one refund of 12,345 credits, over")
     assert plan.loc["small", "hold_rule"] == ""
     assert set(plan.loc[[f"fal-{i}" for i in range(6)], "hold_rule"]) == {VENDOR_PASS_LIMIT}
     assert "6 refunds in one pass" in plan.loc["fal-0", "hold_detail"]
     # Holds never reach the ledger: only the small refund was written.
     assert ledger_refunds(db) == {"small": [9]}
-    assert sorted(j for j, status, _ in holds(db) if status == HELD) == sorted(["big", *(f"fal-{i}" for i in range(6))])
+    held = sorted(["big", "bigger", *(f"fal-{i}" for i in range(6))])
+    assert sorted(j for j, status, _ in holds(db) if status == HELD) == held
     assert_ledger_invariants(db.engine)
     # The next pass neither writes nor holds them again.
     again = run_pass(db, "pass-2")
     assert again.empty
-    assert ledger_refunds(db) == {"small": [9]} and len(holds(db)) == 7
+    assert ledger_refunds(db) == {"small": [9]} and len(holds(db)) == 8
 
 
 def test_a_vendor_jumping_far_above_its_usual_level_is_held_only_with_history(db) -> None:
@@ -85,8 +88,7 @@ def test_a_vendor_jumping_far_above_its_usual_level_is_held_only_with_history(db
     for i in range(4):
         p.job(f"r-{i}", status="failed", credits=3, vendor="replicate", model="owner/model")
     now = utcnow()
-    with db.engine.connect() as conn:
-        first = mark_holds(conn, plan_refunds(conn, now, LOOKBACK_HOURS), POLICY, now)
+    first = marked(db, "pass-1", POLICY, now)
     assert set(first["hold_rule"]) == {""}  # no earlier pass to compare with: only the absolute limit applies
     with db.engine.begin() as conn:  # 4 earlier passes in the week, one replicate refund among them
         for n in range(4):
@@ -95,9 +97,8 @@ def test_a_vendor_jumping_far_above_its_usual_level_is_held_only_with_history(db
                                                    config_hash="x"))  # fmt: skip
         conn.execute(insert(recon_refunds).values(job_id="r-0", user_id="u1", credits=3, reason="vendor_failed",
                                                   run_id="old-1", created_at=now - timedelta(days=2)))  # fmt: skip
-    with db.engine.connect() as conn:
-        second = mark_holds(conn, plan_refunds(conn, now, LOOKBACK_HOURS), POLICY, now)
-        quiet = mark_holds(conn, plan_refunds(conn, now, LOOKBACK_HOURS), HoldPolicy(mass_failure_guard=False), now)
+    second = marked(db, "pass-2", POLICY, now)
+    quiet = marked(db, "pass-3", HoldPolicy(mass_failure_guard=False), now)
     assert set(second["hold_rule"]) == {VENDOR_JUMP}  # 4 > 3 x 0.25 per pass, and >= 3
     assert "usual level is 0.2 per pass" in second.iloc[0]["hold_detail"]
     assert set(quiet["hold_rule"]) == {""}  # the guard switched off

@@ -7,7 +7,7 @@ mis-signed, mis-attributed and orphan ledger rows. The vendor answers are genera
 canonical state, unhealthy vendors, and texts with anything JSON can carry (NUL and lone surrogates
 included). The stages run as the pass runs them:
 
-    fetch_stuck_jobs -> classify_stuck_jobs -> plan/apply_status_changes -> plan/apply_refunds
+    fetch_stuck_jobs -> classify_stuck_jobs -> plan/apply_status_changes -> plan_pass_refunds/apply_refund_plan
     -> detect_leakage/write_findings (a full scan, then an incremental one carrying it forward)
 
 and after each example: nothing raised; balance = ledger sum per user; reconcile wrote only
@@ -51,7 +51,7 @@ from reconcile.db.schema import (
 )
 from reconcile.leakage import CATEGORIES, Scope, detect_leakage, write_findings
 from reconcile.models import VendorAnswer, VendorHealth, VendorState
-from reconcile.refunds import apply_refunds, plan_refunds, refund_plan_problems
+from reconcile.refunds import refund_plan_problems
 from reconcile.settings import VENDORS
 from reconcile.simulator.population import HOSTILE_ERROR, HOSTILE_USER_FRAGMENT
 from reconcile.staging import PASS_JOB_COLUMNS, iter_pass_jobs, stage_stuck_jobs
@@ -66,6 +66,7 @@ from reconcile.stuck import (
 )
 from reconcile.sync import ERROR_MESSAGE_LIMIT, apply_status_changes, plan_status_changes
 from tests.platform import Platform, assert_ledger_invariants
+from tests.reconcile.test_refunds import apply_plan, stage_plan, staged_rows
 
 STUCK_AFTER, UNDISPATCHED_AFTER, LOOKBACK_HOURS = 30, 120, 168
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
@@ -390,12 +391,14 @@ def test_hostile_platforms_through_every_stage_keep_the_money_right(db, data: st
     sync = apply_status_changes(db.engine, plan.changes, "run-prop", now)
     assert sync.lost_race.empty  # nothing else wrote meanwhile
 
-    # Stages 4-5: the plan is safe by its own rules, and applying it twice writes it once.
-    with db.engine.connect() as conn:
-        refund_plan = plan_refunds(conn, now, LOOKBACK_HOURS)
-    assert refund_plan_problems(refund_plan) == []
-    apply_refunds(db.engine, refund_plan, "run-prop", now)
-    apply_refunds(db.engine, refund_plan, "run-prop-retry", now)
+    # Stages 4-5: the plan, staged and read back in chunks of the drawn size, is safe by its own rules;
+    # applying it, a second pass's plan of the same refunds, and a retry of the first writes each once.
+    refund_plan = stage_plan(db.engine, "run-prop", now, chunk_size=chunk_size, lookback_hours=LOOKBACK_HOURS)
+    racing_plan = stage_plan(db.engine, "run-prop-2", now, chunk_size=chunk_size, lookback_hours=LOOKBACK_HOURS)
+    assert refund_plan_problems(staged_rows(db.engine, refund_plan)) == []
+    apply_plan(db.engine, refund_plan, now, batch_size=chunk_size)
+    apply_plan(db.engine, racing_plan, now)
+    apply_plan(db.engine, refund_plan, now)
 
     # Stage 6: a full scan, then an incremental one that carries it forward.
     with db.engine.connect() as conn:
@@ -568,9 +571,7 @@ def test_int4_edges_are_findings_not_crashes(db, case: str) -> None:
         classified = classify_stuck_jobs(fetch_stuck_jobs(conn, now, STUCK_AFTER), now, UNDISPATCHED_AFTER)
     plan = plan_status_changes(classified, answers_for(lambda s: None, [], False), {}, UNDISPATCHED_AFTER)
     apply_status_changes(db.engine, plan.changes, "run-edge", now)
-    with db.engine.connect() as conn:
-        refund_plan = plan_refunds(conn, now, LOOKBACK_HOURS)
-    apply_refunds(db.engine, refund_plan, "run-edge", now)
+    apply_plan(db.engine, stage_plan(db.engine, "run-edge", now, lookback_hours=LOOKBACK_HOURS), now)
     with db.engine.connect() as conn:
         findings = detect_leakage(conn, Scope(full=True), now, STUCK_AFTER, classified.of(INVALID))
     with db.engine.begin() as conn:

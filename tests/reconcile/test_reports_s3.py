@@ -11,9 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from reconcile.db.schema import utcnow
-from reconcile.refunds import apply_refunds, plan_refunds
 from tests.platform import NOW, Platform
+from tests.reconcile.test_refunds import apply_plan, stage_plan
 from tests.reconcile.test_reports import record_run
 
 BUCKET = "finance-reports"
@@ -53,9 +52,7 @@ def test_reports_and_books_go_to_an_s3_bucket(db, s3: str, monkeypatch: pytest.M
     p.job("job-plain", status="failed", credits=11, error_message="content policy violation")
     p.job("job-other", status="failed", credits=4, vendor="kie", model="kling/v2-1-pro")
     record_run(db.engine, "run-s3", NOW)
-    with db.engine.connect() as conn:
-        plan = plan_refunds(conn, utcnow(), 24)
-    assert len(apply_refunds(db.engine, plan, "run-s3", utcnow()).written) == 2
+    assert apply_plan(db.engine, stage_plan(db.engine, "run-s3")).written == 2
     monkeypatch.setenv("RECONCILE_DATABASE_URL", db.url)
     monkeypatch.setenv("RECONCILE_REPORTS_DIR", s3)
     run = _reconcile("report", "--run-id", "run-s3")

@@ -16,7 +16,6 @@ from sqlalchemy import func, select
 
 from reconcile.db.engine import make_engine, upgrade_schema
 from reconcile.db.schema import credit_transactions, recon_refunds, utcnow
-from reconcile.refunds import apply_refunds, plan_refunds
 from reconcile.runs import (
     LeaseHeartbeat,
     LeaseHeld,
@@ -28,6 +27,7 @@ from reconcile.runs import (
     renew_lease,
 )
 from tests.platform import Platform
+from tests.reconcile.test_refunds import apply_plan, stage_plan, staged_rows
 
 
 def test_a_held_lease_excludes_every_other_pass(db) -> None:
@@ -149,11 +149,10 @@ def test_a_pass_that_lost_its_lease_moves_no_money(db) -> None:
     token = acquire_lease(db.engine, "paused", now, 60)
     acquire_lease(db.engine, "taker", now + timedelta(seconds=61), 60)  # expired, taken over
     heartbeat = LeaseHeartbeat(db.engine, "paused", token, 60)
-    with db.engine.connect() as conn:
-        plan = plan_refunds(conn, now, 24)
-    assert plan["job_id"].tolist() == ["j1"]  # owed: only the fence stands between it and a refund
+    plan = stage_plan(db.engine, "paused", now)
+    assert staged_rows(db.engine, plan)["job_id"].tolist() == ["j1"]  # owed: only the fence stands in the way
     with pytest.raises(LeaseLost, match=r"lost its lease: pass taker took it over"):
-        apply_refunds(db.engine, plan, "paused", now, fence=heartbeat.fence)
+        apply_plan(db.engine, plan, now, fence=heartbeat.fence)
     with pytest.raises(LeaseLost):
         renew_lease(db.engine, "paused", utcnow(), 60, token=token)
     with db.engine.connect() as conn:

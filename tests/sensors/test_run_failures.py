@@ -25,7 +25,7 @@ def test_failed_pass_is_recorded_and_its_lease_released(db, monkeypatch: pytest.
     def broken_planner(*_args, **_kwargs):  # a crash in the middle of the pass
         raise RuntimeError("planner crashed")
 
-    monkeypatch.setattr(stage, "plan_refunds", broken_planner)
+    monkeypatch.setattr(stage, "plan_pass_refunds", broken_planner)
     population = generate_population(LAYOUT_SIZE, seed=31, now=utcnow())
     write_population(db.engine, population)
     with SimulatorThread(population.truth) as sim, DagsterInstance.ephemeral() as instance:

@@ -19,7 +19,7 @@ from assets.reconciliation import (
 )
 from assets.resources import ReconcileResource
 from reconcile.db.schema import NON_TERMINAL_STATUSES
-from reconcile.leakage import CATEGORIES
+from reconcile.leakage import CATEGORIES, FINDING_COLUMNS, FindingsSummary, iter_staged_findings
 from reconcile.quality import Expect, QualityResult, combine, validate
 from reconcile.refunds import (
     RefundTotals,
@@ -97,17 +97,17 @@ def refunds_match_the_ledger(
 
 
 @asset_check(asset=credit_leakage, description="Findings have a known category and credits >= 0.")
-def findings_are_valid(credit_leakage: pd.DataFrame) -> AssetCheckResult:
-    quality = validate(
-        "leakage_findings",
-        credit_leakage,
-        [
-            Expect("ExpectColumnValuesToBeInSet", column="category", value_set=list(CATEGORIES)),
-            Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=0),
-            Expect("ExpectColumnValuesToNotBeNull", column="detail"),
-        ],
-    )
-    return check_result(quality)
+def findings_are_valid(reconcile: ReconcileResource, credit_leakage: FindingsSummary) -> AssetCheckResult:
+    chunks = iter_staged_findings(reconcile.engine(), credit_leakage.run_id, reconcile.settings().chunk_size)
+    expectations = [
+        Expect("ExpectColumnValuesToBeInSet", column="category", value_set=list(CATEGORIES)),
+        Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=0),
+        Expect("ExpectColumnValuesToNotBeNull", column="detail"),
+    ]
+    results = [validate("leakage_findings", findings, expectations) for findings in chunks]
+    if not results:  # no finding: every expectation holds, as validate says of an empty frame
+        results = [validate("leakage_findings", pd.DataFrame(columns=FINDING_COLUMNS), expectations)]
+    return check_result(combine("leakage_findings", results))
 
 
 ALL_CHECKS = [

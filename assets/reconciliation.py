@@ -41,7 +41,7 @@ from assets.retries import TRANSIENT_DB_RETRY, retry_only_transient
 from reconcile import markdown
 from reconcile.db.schema import utcnow
 from reconcile.holds import HoldPolicy, apply_refund_plan, plan_pass_refunds
-from reconcile.leakage import CATEGORIES, detect_leakage, previous_findings, write_findings
+from reconcile.leakage import CATEGORIES, detect_leakage, summarize_findings, write_findings
 from reconcile.refunds import TOP_ROWS, RefundPlan, RefundTotals
 from reconcile.runs import (
     choose_scope,
@@ -53,7 +53,6 @@ from reconcile.runs import (
 )
 from reconcile.settings import database_label
 from reconcile.staging import (
-    PASS_JOB_COLUMNS,
     StuckSet,
     iter_pass_jobs,
     purge_old_passes,
@@ -65,10 +64,6 @@ from reconcile.vendor_stage import VendorStage, ask_vendor
 from reconcile.vendors import registry
 
 GROUP = "reconciliation"
-
-
-def _counts_md(frame: pd.DataFrame, by: list[str], value: str | None = None, limit: int = 20) -> MetadataValue:
-    return MetadataValue.md(markdown.table(markdown.counts(frame, by, value), limit))
 
 
 class PassConfig(Config):
@@ -419,48 +414,58 @@ def _notify_held(context: AssetExecutionContext, reconcile: ReconcileResource, p
         context.log.error(f"held refunds not announced on RECONCILE_ALERT_WEBHOOK_URL: {exc}")
 
 
-@asset(group_name=GROUP, kinds={"sql", "pandas"}, retry_policy=TRANSIENT_DB_RETRY)
+@asset(group_name=GROUP, kinds={"sql"}, retry_policy=TRANSIENT_DB_RETRY)
 @known_failures
 @retry_only_transient
 def credit_leakage(
     context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet, refunds: RefundTotals
 ) -> MaterializeResult:
     """Credits charged but never delivered nor refunded, double charges and refunds, ledger rows
-    without a job...: one row per finding in recon_leakage_findings, for finance. Ends the pass."""
+    without a job...: one row per finding in recon_leakage_findings, for finance. The findings are
+    staged a chunk at a time in recon_pass_findings, summarised and stored in SQL. Ends the pass."""
     settings = reconcile.settings()
     engine = reconcile.engine()
-    lease = reconcile.keep_lease(context.run.run_id)
+    run_id = context.run.run_id
+    lease = reconcile.keep_lease(run_id)
     now = utcnow()
-    # Invalid rows are data errors, normally few (at most RECONCILE_MAX_JOBS_PER_PASS): read whole.
-    invalid_chunks = iter_pass_jobs(engine, stuck_jobs.pass_id, stuck_jobs.chunk_size, category=INVALID)
-    invalid = pd.concat(list(invalid_chunks) or [pd.DataFrame(columns=PASS_JOB_COLUMNS)], ignore_index=True)
     with engine.connect() as conn:
-        scope = run_scope(conn, context.run.run_id)
+        scope = run_scope(conn, run_id)
         previous = last_successful_run(conn)
-        prior = previous_findings(conn, previous.run_id) if previous else None
-        findings = detect_leakage(conn, scope, now, settings.stuck_after_minutes, invalid, prior)
+    invalid = iter_pass_jobs(engine, stuck_jobs.pass_id, stuck_jobs.chunk_size, category=INVALID)
+    previous_run_id = previous.run_id if previous else None
+    detect_leakage(
+        engine,
+        run_id,
+        scope,
+        now,
+        settings.stuck_after_minutes,
+        invalid,
+        previous_run_id,
+        chunk_size=settings.chunk_size,
+    )
+    with engine.connect() as conn:
+        found = summarize_findings(conn, run_id)
     summary = {
         "stuck": stuck_jobs.count(),
         "refunds_written": refunds.written,
         "credits_refunded": refunds.credits,
-        "findings": len(findings),
-        "credits_at_stake": int(findings["credits"].sum()),
+        "findings": found.findings,
+        "credits_at_stake": found.credits,
     }
     with engine.begin() as conn:
         lease.fence(conn)
-        write_findings(conn, findings, context.run.run_id, now)
-        record_run_end(conn, context.run.run_id, now, "succeeded", summary)
-    reconcile.end_lease(context.run.run_id)
-    by_category = markdown.counts(findings, ["category"], "credits")
+        write_findings(conn, run_id, now)
+        record_run_end(conn, run_id, now, "succeeded", summary)
+    reconcile.end_lease(run_id)
     return MaterializeResult(
-        value=findings,
+        value=found,
         metadata={
-            "findings": len(findings),
-            "credits_at_stake": summary["credits_at_stake"],
+            "findings": found.findings,
+            "credits_at_stake": found.credits,
             "scan_mode": scope.mode,
-            **{f"credits_{c}": int(findings.loc[findings["category"] == c, "credits"].sum()) for c in CATEGORIES},
-            "by_category": MetadataValue.md(markdown.table(by_category, len(CATEGORIES))),
-            "top_findings": MetadataValue.md(markdown.table(findings.sort_values("credits", ascending=False))),
+            **{f"credits_{c}": found.credits_of(c) for c in CATEGORIES},
+            "by_category": MetadataValue.md(markdown.table(found.by_category, len(CATEGORIES))),
+            "top_findings": MetadataValue.md(markdown.table(found.top, rows=found.findings)),
         },
     )
 

@@ -33,7 +33,15 @@ from bench.common import VENDOR_NAMES, Databases, Timer, analyze, note
 from reconcile.db.engine import upgrade_schema
 from reconcile.db.schema import INT4_MAX
 from reconcile.holds import HoldPolicy, apply_refund_plan, plan_pass_refunds
-from reconcile.leakage import Scope, detect_leakage, previous_findings, write_findings
+from reconcile.leakage import (
+    Scope,
+    clear_staged_findings,
+    detect_leakage,
+    stage_findings,
+    staged_findings,
+    summarize_findings,
+    write_findings,
+)
 from reconcile.models import VendorAnswer, VendorState
 from reconcile.refunds import iter_refund_plan, refund_plan_problems
 from reconcile.runs import (
@@ -155,24 +163,29 @@ def synthetic_answers(pop: Population) -> pd.DataFrame:
     return frame
 
 
+PREVIOUS_PASS = "bench-previous-pass"
+
+
 def full_audit(engine: Engine, now: datetime) -> tuple[pd.DataFrame, float]:
     """The full leakage scan (the first pass, `--full-audit`, the daily audit) and its seconds."""
-    with Timer() as timer, engine.connect() as conn:
-        findings = detect_leakage(conn, Scope(full=True), now, STUCK_AFTER_MINUTES, pd.DataFrame())
-    return findings, timer.wall
+    with Timer() as timer:
+        detect_leakage(engine, PREVIOUS_PASS, Scope(full=True), now, STUCK_AFTER_MINUTES, [], chunk_size=CHUNK_SIZE)
+    with engine.connect() as conn:
+        return staged_findings(conn, PREVIOUS_PASS), timer.wall
 
 
 def record_previous_pass(engine: Engine, now: datetime, findings: pd.DataFrame) -> None:
     """A previous successful full pass 15 minutes ago, with its findings (carried forward by the
     incremental pass)."""
-    run_id = "bench-previous-pass"
     started = now - timedelta(minutes=15)
     with engine.connect() as conn:
         watermark = ledger_watermark(conn)
-    record_run_start(engine, run_id, started, Scope(full=True), watermark, "bench")
+    record_run_start(engine, PREVIOUS_PASS, started, Scope(full=True), watermark, "bench")
     with engine.begin() as conn:
-        write_findings(conn, findings, run_id, started)
-        record_run_end(conn, run_id, started, "succeeded", {"findings": len(findings)})
+        clear_staged_findings(conn, PREVIOUS_PASS)
+        stage_findings(conn, PREVIOUS_PASS, findings)
+        write_findings(conn, PREVIOUS_PASS, started)
+        record_run_end(conn, PREVIOUS_PASS, started, "succeeded", {"findings": len(findings)})
 
 
 @dataclass
@@ -243,15 +256,19 @@ def run_db_stages(engine: Engine, now: datetime, answers: pd.DataFrame) -> Stage
     with engine.connect() as conn:
         leak_scope = run_scope(conn, run_id)
         previous = last_successful_run(conn)
-        prior = previous_findings(conn, previous.run_id) if previous else None
-        invalid = pd.concat(list(iter_pass_jobs(engine, run_id, CHUNK_SIZE, category=INVALID)) or [pd.DataFrame()])
-        findings = detect_leakage(conn, leak_scope, now, STUCK_AFTER_MINUTES, invalid, prior)
+    invalid = iter_pass_jobs(engine, run_id, CHUNK_SIZE, category=INVALID)
+    previous_run_id = previous.run_id if previous else None
+    detect_leakage(
+        engine, run_id, leak_scope, now, STUCK_AFTER_MINUTES, invalid, previous_run_id, chunk_size=CHUNK_SIZE
+    )
+    with engine.connect() as conn:
+        found = summarize_findings(conn, run_id)
     with engine.begin() as conn:
-        write_findings(conn, findings, run_id, now)
-        record_run_end(conn, run_id, now, "succeeded", {"findings": len(findings)})
+        write_findings(conn, run_id, now)
+        record_run_end(conn, run_id, now, "succeeded", {"findings": found.findings})
     release_lease(engine, run_id)
     out.seconds["leakage"] = time.perf_counter() - started
-    out.counts["findings"] = len(findings)
+    out.counts["findings"] = found.findings
     return out
 
 

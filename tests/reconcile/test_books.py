@@ -10,14 +10,13 @@ import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from sqlalchemy import func, insert, select, update
 
 from reconcile.books import Period, build_book
 from reconcile.db.schema import ai_generations, credit_balances, credit_transactions, recon_refunds
 from reconcile.holds import HoldPolicy, HoldSelection, apply_refund_plan, decide_holds, plan_pass_refunds
-from reconcile.leakage import detect_leakage, previous_findings, write_findings
+from reconcile.leakage import detect_leakage, write_findings
 from reconcile.reports.books_out import write_book
 from reconcile.runs import choose_scope, last_successful_run, ledger_watermark, record_run_end, record_run_start
 
@@ -70,10 +69,9 @@ class Clocked:
         apply_refund_plan(self.engine, plan, now)
         with self.engine.connect() as conn:
             previous = last_successful_run(conn)
-            prior = previous_findings(conn, previous.run_id) if previous else None
-            findings = detect_leakage(conn, scope, now, 30, pd.DataFrame(columns=["job_id"]), prior)
+        detect_leakage(self.engine, run_id, scope, now, 30, [], previous.run_id if previous else None, chunk_size=500)
         with self.engine.begin() as conn:
-            write_findings(conn, findings, run_id, now)
+            write_findings(conn, run_id, now)
             record_run_end(conn, run_id, now, "succeeded", {"stuck": 0})
         return run_id
 

@@ -5,20 +5,40 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pandas as pd
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
-from reconcile.db.schema import recon_status_changes, utcnow
-from reconcile.leakage import CATEGORIES, Scope, detect_leakage, previous_findings, write_findings
+from reconcile import markdown
+from reconcile.db.schema import recon_leakage_findings, recon_status_changes, utcnow
+from reconcile.leakage import (
+    CATEGORIES,
+    TOP_FINDINGS,
+    Scope,
+    detect_leakage,
+    staged_findings,
+    summarize_findings,
+    write_findings,
+)
 from reconcile.runs import ledger_watermark
 from tests.platform import Platform
 
 STUCK_AFTER = 30
+CHUNK = 2  # smaller than the zoo: every source is read and staged in several chunks
 
 
-def _detect(db, scope: Scope, invalid: pd.DataFrame | None = None, previous=None) -> pd.DataFrame:
+def _detect(
+    db, scope: Scope, invalid: list[pd.DataFrame] | None = None, previous: str | None = None, run_id: str = "run-x"
+) -> pd.DataFrame:
+    """The run's findings as `detect_leakage` staged them."""
+    detect_leakage(db.engine, run_id, scope, utcnow(), STUCK_AFTER, invalid or [], previous, chunk_size=CHUNK)
     with db.engine.connect() as conn:
-        return detect_leakage(conn, scope, utcnow(), STUCK_AFTER, invalid if invalid is not None else
-                              pd.DataFrame(), previous)  # fmt: skip
+        return staged_findings(conn, run_id)
+
+
+def _stored(conn, run_id: str) -> pd.DataFrame:
+    f = recon_leakage_findings.c
+    query = select(f.category, f.job_id, f.user_id, f.credits, f.detail).where(f.run_id == run_id)
+    return pd.DataFrame([tuple(r) for r in conn.execute(query)], columns=["category", "job_id", "user_id",
+                                                                          "credits", "detail"])  # fmt: skip
 
 
 def _by_category(findings: pd.DataFrame) -> dict[str, list[tuple[str, int]]]:
@@ -63,7 +83,7 @@ def test_every_ledger_category_is_found_with_its_credits(db) -> None:
     invalid = pd.DataFrame(
         [{"job_id": "bad-vendor", "user_id": "u1", "credits_charged": 12, "invalid_reason": "unknown vendor 'x'"}]
     )
-    found = _by_category(_detect(db, Scope(full=True), invalid))
+    found = _by_category(_detect(db, Scope(full=True), [invalid]))
     assert found == {
         "stuck_unresolved": [("stuck", 8)],
         "failed_unrefunded": [("failed-unrefunded", 6)],
@@ -92,18 +112,17 @@ def test_incremental_scan_recomputes_changes_and_carries_the_rest(db) -> None:
     p = Platform(db.engine)
     _ledger_zoo(p)
     started = utcnow()
-    with db.engine.begin() as conn:
+    with db.engine.connect() as conn:
         watermark = ledger_watermark(conn)
-        full = detect_leakage(conn, Scope(full=True), started, STUCK_AFTER, pd.DataFrame())
-        write_findings(conn, full, "run-1", started)
+    detect_leakage(db.engine, "run-1", Scope(full=True), started, STUCK_AFTER, [], chunk_size=CHUNK)
+    with db.engine.begin() as conn:
+        write_findings(conn, "run-1", started)
     # Between passes: the platform refunds the unrefunded failed job, and a new double charge lands.
     p.ledger("u1", "failed-unrefunded", "refund", 6, "refund:failed-unrefunded")
     p.job("new-dup", status="completed", credits=2, age_minutes=1)
     p.ledger("u1", "new-dup", "charge", -2, "charge:new-dup:again")
-    with db.engine.connect() as conn:
-        prior = previous_findings(conn, "run-1")
     scope = Scope(full=False, since=started + timedelta(minutes=1), ledger_watermark=watermark)
-    incremental = _detect(db, scope, previous=prior)
+    incremental = _detect(db, scope, previous="run-1")
     expected = _detect(db, Scope(full=True))
     key = ["category", "job_id", "credits"]
     assert incremental[key].sort_values(key).values.tolist() == expected[key].sort_values(key).values.tolist()
@@ -118,8 +137,8 @@ def test_hostile_strings_are_findings_not_crashes(db) -> None:
     found = _detect(db, Scope(full=True))
     assert found["job_id"].tolist() == [hostile]
     with db.engine.begin() as conn:
-        write_findings(conn, found, "run-h", utcnow())
-        assert previous_findings(conn, "run-h")["job_id"].tolist() == [hostile]
+        write_findings(conn, "run-x", utcnow())
+        assert _stored(conn, "run-x")["job_id"].tolist() == [hostile]
 
 
 def test_completed_without_result_is_only_a_media_job_reconcile_completed_without_a_url(db) -> None:
@@ -135,3 +154,58 @@ def test_completed_without_result_is_only_a_media_job_reconcile_completed_withou
         _set_by_reconcile(p, job_id, "completed")
     found = _by_category(_detect(db, Scope(full=True)))
     assert found["completed_without_result"] == [("removed-image", 5), ("removed-video", 6)]
+
+
+def test_ledger_rows_without_a_job_are_carried_forward_once(db) -> None:
+    """An orphan row without a job id is carried forward (no changed job names it); one in the overlap
+    window is both recomputed and carried, and kept once."""
+    p = Platform(db.engine)
+    started = utcnow()
+    p.ledger("u9", None, "charge", -11, "charge:nobody:old", started - timedelta(hours=2))
+    with db.engine.connect() as conn:
+        watermark = ledger_watermark(conn)
+    p.ledger("u9", None, "refund", 4, "refund:nobody:new", started)
+    full = _detect(db, Scope(full=True), run_id="run-1")
+    with db.engine.begin() as conn:
+        write_findings(conn, "run-1", started)
+    scope = Scope(full=False, since=started, ledger_watermark=watermark)
+    incremental = _detect(db, scope, previous="run-1", run_id="run-2")
+    assert len(full) == 2
+    assert incremental.sort_values("detail").values.tolist() == full.sort_values("detail").values.tolist()
+
+
+def test_a_retried_detection_replaces_the_runs_findings(db) -> None:
+    p = Platform(db.engine)
+    p.job("failed-unrefunded", status="failed", credits=6)
+    p.job("dup-charge", status="completed", credits=4)
+    p.ledger("u1", "dup-charge", "charge", -4, "charge:dup-charge:again")
+    assert len(_detect(db, Scope(full=True))) == 2
+    p.ledger("u1", "failed-unrefunded", "refund", 6, "refund:failed-unrefunded")  # refunded before the retry
+    assert _detect(db, Scope(full=True))["job_id"].tolist() == ["dup-charge"]
+
+
+def test_the_summary_is_the_staged_findings_added_up(db) -> None:
+    _ledger_zoo(Platform(db.engine))
+    found = _detect(db, Scope(full=True))
+    with db.engine.connect() as conn:
+        summary = summarize_findings(conn, "run-x")
+    assert (summary.run_id, summary.findings, summary.credits) == ("run-x", len(found), found["credits"].sum())
+    by_category = found.groupby("category")["credits"].agg(["size", "sum"])
+    assert {r.category: (r.rows, r.credits) for r in summary.by_category.itertuples()} == {
+        c: (n, s) for c, (n, s) in by_category.iterrows()
+    }
+    assert summary.by_category["rows"].is_monotonic_decreasing
+    assert summary.credits_of("missing_charge") == 9 and summary.credits_of("no_such_category") == 0
+    assert summary.top["credits"].tolist() == sorted(found["credits"], reverse=True)[:TOP_FINDINGS]
+    assert summary.top.columns.tolist() == found.columns.tolist()
+
+
+def test_the_top_findings_table_counts_the_findings_it_leaves_out(db) -> None:
+    """The summary holds the top findings only; their table still says how many findings it leaves out."""
+    _ledger_zoo(Platform(db.engine))
+    _detect(db, Scope(full=True))
+    with db.engine.connect() as conn:
+        summary = summarize_findings(conn, "run-x")
+    shown = markdown.table(summary.top.head(3), 2, rows=summary.findings)
+    assert shown.endswith(f"_{summary.findings - 2} more rows not shown_")
+    assert shown.count("\n| ") == 2  # the two largest, under the header

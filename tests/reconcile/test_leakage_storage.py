@@ -1,15 +1,15 @@
 """Leakage findings are stored once per distinct finding, and still read one row per finding per run.
 
 The writer is the pass's own (`write_findings`, called by the credit_leakage step in its final
-transaction); 96 passes (one day at the 15-minute tick) over 5,000 open findings are written through
-it directly rather than through 96 Dagster runs.
+transaction, over the findings the step staged); 96 passes (one day at the 15-minute tick) over 5,000
+open findings are staged and written through it directly rather than through 96 Dagster runs.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pandas as pd
 from alembic import command
@@ -18,7 +18,13 @@ from sqlalchemy import func, select, text
 
 from reconcile.db.engine import MIGRATIONS_DIR, upgrade_schema
 from reconcile.db.schema import recon_leakage_findings, recon_runs, utcnow
-from reconcile.leakage import FINDING_COLUMNS, stored_finding_rows, write_findings
+from reconcile.leakage import (
+    FINDING_COLUMNS,
+    clear_staged_findings,
+    stage_findings,
+    stored_finding_rows,
+    write_findings,
+)
 from reconcile.reports.data import finding_rows, run_history, run_info
 
 PASSES = 96
@@ -32,6 +38,13 @@ def _open_findings(n: int, seed: int) -> list[tuple]:
         (categories[i % len(categories)], f"job-{seed}-{i}", f"user-{i % 97}", rng.randint(0, 500), f"detail {i}")
         for i in range(n)
     ]
+
+
+def _write(conn, rows: list[tuple], run_id: str, at: datetime) -> None:
+    """What the credit_leakage step does with its findings: stage them (a retry restages), then store them."""
+    clear_staged_findings(conn, run_id)
+    stage_findings(conn, run_id, pd.DataFrame(rows, columns=FINDING_COLUMNS))
+    write_findings(conn, run_id, at)
 
 
 def _per_run(conn, run_id: str) -> Counter:
@@ -57,9 +70,7 @@ def test_96_passes_over_5000_open_findings_store_each_finding_once(db) -> None:
             current[i] = (category, job_id, user_id, credits + 1, detail)
         run_id = f"run-{n:03d}"
         with db.engine.begin() as conn:
-            write_findings(
-                conn, pd.DataFrame(current, columns=FINDING_COLUMNS), run_id, start + timedelta(minutes=15 * n)
-            )
+            _write(conn, current, run_id, start + timedelta(minutes=15 * n))
         written[run_id] = list(current)
         distinct |= set(current)
 
@@ -94,9 +105,9 @@ def test_96_passes_over_5000_open_findings_store_each_finding_once(db) -> None:
 def test_a_retried_write_replaces_the_runs_findings(db) -> None:
     one, two = _open_findings(3, seed=2), _open_findings(2, seed=3)
     with db.engine.begin() as conn:
-        write_findings(conn, pd.DataFrame(one, columns=FINDING_COLUMNS), "run-a", utcnow())
-        write_findings(conn, pd.DataFrame(one[:2], columns=FINDING_COLUMNS), "run-b", utcnow())
-        write_findings(conn, pd.DataFrame(one[:1] + two, columns=FINDING_COLUMNS), "run-b", utcnow())  # retried
+        _write(conn, one, "run-a", utcnow())
+        _write(conn, one[:2], "run-b", utcnow())
+        _write(conn, one[:1] + two, "run-b", utcnow())  # retried
     with db.engine.connect() as conn:
         assert _per_run(conn, "run-a") == Counter(one)
         assert _per_run(conn, "run-b") == Counter(one[:1] + two)
@@ -147,8 +158,36 @@ def test_the_migration_carries_per_run_rows_over_and_folds_repeats(db) -> None:
     }
     # and the writer carries on from the migrated state
     with db.engine.begin() as conn:
-        write_findings(conn, pd.DataFrame([a, c], columns=FINDING_COLUMNS), "r5", at + timedelta(hours=1))
+        _write(conn, [a, c], "r5", at + timedelta(hours=1))
     with db.engine.connect() as conn:
         assert _per_run(conn, "r5") == Counter([a, c])
         assert _per_run(conn, "r4") == Counter([a, c, c])
         assert stored_finding_rows(conn) == 6
+
+
+def test_findings_without_a_job_or_user_and_capped_credits_carry_on_unchanged(db) -> None:
+    """NULL job and user ids are equal when a finding is matched to the previous run's, and a finding
+    over the contract's integer is compared as stored (capped, its detail saying so)."""
+    orphan = ("orphan_transaction", None, None, 5, "charge transaction id=7 for a job that does not exist")
+    huge = ("failed_unrefunded", "job-huge", "u1", 3_000_000_000, "failed, charged 3000000000, refunded 0")
+    stored_huge = (*huge[:3], 2**31 - 1, f"{huge[4]} (credits at stake 3000000000, capped to {2**31 - 1})")
+    with db.engine.begin() as conn:
+        _write(conn, [orphan, huge], "run-1", utcnow())
+        _write(conn, [orphan, huge], "run-2", utcnow())
+    with db.engine.connect() as conn:
+        assert stored_finding_rows(conn) == 2
+        assert _per_run(conn, "run-1") == _per_run(conn, "run-2") == Counter([orphan, stored_huge])
+
+
+def test_a_finding_no_longer_reported_ends_at_the_previous_run(db) -> None:
+    a, b, c = _open_findings(3, seed=5)
+    changed = (*b[:3], b[3] + 1, b[4])
+    with db.engine.begin() as conn:
+        _write(conn, [a, b], "run-1", utcnow())
+        _write(conn, [a, changed, c], "run-2", utcnow())
+        _write(conn, [c], "run-3", utcnow())
+    with db.engine.connect() as conn:
+        assert _per_run(conn, "run-1") == Counter([a, b])
+        assert _per_run(conn, "run-2") == Counter([a, changed, c])
+        assert _per_run(conn, "run-3") == Counter([c])
+        assert stored_finding_rows(conn) == 4  # a, b, b changed, c

@@ -49,7 +49,7 @@ from reconcile.db.schema import (
     recon_status_changes,
     utcnow,
 )
-from reconcile.leakage import CATEGORIES, Scope, detect_leakage, write_findings
+from reconcile.leakage import CATEGORIES, Scope, detect_leakage, staged_findings, write_findings
 from reconcile.models import VendorAnswer, VendorHealth, VendorState
 from reconcile.refunds import refund_plan_problems
 from reconcile.settings import VENDORS
@@ -71,6 +71,7 @@ from tests.reconcile.test_refunds import apply_plan, stage_plan, staged_rows
 STUCK_AFTER, UNDISPATCHED_AFTER, LOOKBACK_HOURS = 30, 120, 168
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 HUGE = 10**9
+CHUNK = 3  # leakage detection reads and stages its sources in chunks this small
 # Ages in minutes, each far from a threshold: fresh, stuck (young), stuck (due to fail), failed in and
 # out of the refund lookback.
 AGES = (5, 45, 90, 200, 60 * 24 * 3, 60 * 24 * 10)
@@ -401,16 +402,18 @@ def test_hostile_platforms_through_every_stage_keep_the_money_right(db, data: st
     apply_plan(db.engine, refund_plan, now)
 
     # Stage 6: a full scan, then an incremental one that carries it forward.
-    with db.engine.connect() as conn:
-        full = detect_leakage(conn, Scope(full=True), now, STUCK_AFTER, classified.of(INVALID))
+    detect_leakage(
+        db.engine, "run-prop", Scope(full=True), now, STUCK_AFTER, [classified.of(INVALID)], chunk_size=CHUNK
+    )
     with db.engine.begin() as conn:
-        write_findings(conn, full, "run-prop", now)
+        full = staged_findings(conn, "run-prop")
+        write_findings(conn, "run-prop", now)
     later = now + timedelta(minutes=1)
-    with db.engine.connect() as conn:
-        scope = Scope(full=False, since=now, ledger_watermark=max((r[0] for r in ledger_before), default=0))
-        incremental = detect_leakage(conn, scope, later, STUCK_AFTER, classified.of(INVALID), full)
+    scope = Scope(full=False, since=now, ledger_watermark=max((r[0] for r in ledger_before), default=0))
+    invalid = [classified.of(INVALID)]
+    detect_leakage(db.engine, "run-prop-2", scope, later, STUCK_AFTER, invalid, "run-prop", chunk_size=CHUNK)
     with db.engine.begin() as conn:
-        write_findings(conn, incremental, "run-prop-2", later)
+        write_findings(conn, "run-prop-2", later)
 
     jobs_after, ledger_after, balances_after = snapshot(db.engine)
     # What the examples exercised (shown by --hypothesis-show-statistics).
@@ -572,10 +575,11 @@ def test_int4_edges_are_findings_not_crashes(db, case: str) -> None:
     plan = plan_status_changes(classified, answers_for(lambda s: None, [], False), {}, UNDISPATCHED_AFTER)
     apply_status_changes(db.engine, plan.changes, "run-edge", now)
     apply_plan(db.engine, stage_plan(db.engine, "run-edge", now, lookback_hours=LOOKBACK_HOURS), now)
-    with db.engine.connect() as conn:
-        findings = detect_leakage(conn, Scope(full=True), now, STUCK_AFTER, classified.of(INVALID))
+    detect_leakage(
+        db.engine, "run-edge", Scope(full=True), now, STUCK_AFTER, [classified.of(INVALID)], chunk_size=CHUNK
+    )
     with db.engine.begin() as conn:
-        write_findings(conn, findings, "run-edge", now)
+        write_findings(conn, "run-edge", now)
 
     assert_ledger_invariants(db.engine)
     _, ledger_after, balances = snapshot(db.engine)

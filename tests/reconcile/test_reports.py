@@ -16,7 +16,7 @@ from sqlalchemy import insert
 from sqlalchemy.engine import Engine
 
 from reconcile.db.schema import recon_refunds, recon_runs, recon_status_changes
-from reconcile.leakage import CATEGORIES, FINDING_COLUMNS, write_findings
+from reconcile.leakage import CATEGORIES, FINDING_COLUMNS, stage_findings, write_findings
 from reconcile.reports import REPORT_FILES, UnknownRun, generate_reports, write_reports
 from reconcile.reports.data import load_report_data
 from reconcile.reports.safe import FORMULA_START
@@ -65,7 +65,8 @@ def add_refund(engine: Engine, run_id: str, job_id: str, user_id: str, credits: 
 def add_findings(engine: Engine, run_id: str, rows: list[tuple[str, str | None, str | None, int, str]]) -> None:
     """The run's findings, written as a pass writes them (stored once, read per run through the view)."""
     with engine.begin() as conn:
-        write_findings(conn, pd.DataFrame(rows, columns=FINDING_COLUMNS), run_id, NOW)
+        stage_findings(conn, run_id, pd.DataFrame(rows, columns=FINDING_COLUMNS))
+        write_findings(conn, run_id, NOW)
 
 
 def add_change(engine: Engine, run_id: str, job_id: str, vendor: str, state: str, evidence: dict) -> None:

@@ -11,13 +11,30 @@ original run's working set.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import ColumnElement, Select, Table, Text, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    ColumnClause,
+    ColumnElement,
+    Select,
+    Table,
+    TableValuedAlias,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    column,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
@@ -117,9 +134,12 @@ def _counts(jobs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _records(frame: pd.DataFrame, **constant: Any) -> list[dict[str, Any]]:
-    """Rows to insert, missing values as None (pandas would send NaN and NaT)."""
-    clean = frame.astype(object).where(frame.notna(), None)
-    return [{**row, **constant} for row in clean.to_dict("records")]
+    """Rows to insert, missing values as None (pandas would send NaN and NaT). Built from column lists:
+    `to_dict("records")` boxes every value one by one (profiled: a third of the stuck-job stage)."""
+    names = [*frame.columns, *constant]
+    columns = [frame[name].astype(object).where(frame[name].notna(), None).tolist() for name in frame.columns]
+    columns += [[value] * len(frame) for value in constant.values()]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
 
 
 def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
@@ -215,10 +235,31 @@ def clear_answers(engine: Engine, pass_id: str, vendor: str) -> None:
         conn.execute(delete(recon_pass_answers).where(a.run_id == pass_id, a.vendor == vendor))
 
 
+def json_rows(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows as one JSON document for `json_recordset`: serialized in C, where psycopg dumps a list bound
+    to an ARRAY parameter value by value in Python (profiled: most of the sync's client time). Times
+    as ISO 8601 with their offset and microseconds (exact); NaN fails loudly instead of passing as text."""
+    return json.dumps(rows, default=_json_time, allow_nan=False, separators=(",", ":"))
+
+
+def _json_time(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable: {value!r}")
+
+
+def json_recordset(name: str, param: str, columns: Sequence[ColumnClause]) -> TableValuedAlias:
+    """PostgreSQL: the `json_rows` document bound to `param`, read as the rows of a table `name` with
+    `columns` (typed, `json_to_recordset`): a whole batch as one bound value and one cached statement."""
+    document = cast(bindparam(param, type_=Text), postgresql.JSON)
+    return func.json_to_recordset(document).table_valued(*columns).render_derived(name=name, with_types=True)
+
+
 def record_outcomes(engine: Engine, pass_id: str, outcomes: pd.DataFrame) -> None:
     """What the sync did with each job (`job_id`, `outcome`, `reason`), on its staged row.
 
-    On PostgreSQL one statement per chunk (the rows joined to arrays), not one round trip per job.
+    On PostgreSQL one statement per chunk (the rows joined to a `json_recordset`), not one round trip
+    per job.
     """
     if outcomes.empty:
         return
@@ -226,20 +267,18 @@ def record_outcomes(engine: Engine, pass_id: str, outcomes: pd.DataFrame) -> Non
     ids, kinds, reasons = (outcomes[name].tolist() for name in ("job_id", "outcome", "reason"))
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
-            text_array = postgresql.ARRAY(Text)
-            given = (
-                func.unnest(
-                    bindparam("b_ids", ids, type_=text_array),
-                    bindparam("b_kinds", kinds, type_=text_array),
-                    bindparam("b_reasons", reasons, type_=text_array),
-                )
-                .table_valued("job_id", "outcome", "reason")
-                .render_derived(name="given")
+            given = json_recordset(
+                "given", "b_given", [column("job_id", Text), column("outcome", Text), column("reason", Text)]
             )
+            rows = [
+                {"job_id": job_id, "outcome": kind, "reason": reason}
+                for job_id, kind, reason in zip(ids, kinds, reasons, strict=True)
+            ]
             conn.execute(
                 update(recon_pass_jobs)
                 .where(j.run_id == pass_id, j.job_id == given.c.job_id)
-                .values(outcome=given.c.outcome, outcome_reason=given.c.reason)
+                .values(outcome=given.c.outcome, outcome_reason=given.c.reason),
+                {"b_given": json_rows(rows)},
             )
             return
         statement = (

@@ -10,19 +10,19 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import DateTime, Text, bindparam, func, insert, type_coerce, update
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import DateTime, Integer, Text, bindparam, column, insert, select, type_coerce, update
 from sqlalchemy.engine import Connection, Engine
 
 from reconcile import markdown
 from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, recon_status_changes
 from reconcile.models import VendorHealth, VendorState
-from reconcile.staging import StuckSet, iter_pass_jobs, record_outcomes, split_answers
+from reconcile.staging import StuckSet, iter_pass_jobs, json_recordset, json_rows, record_outcomes, split_answers
 from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING, Classified
 
 ERROR_MESSAGE_LIMIT = 2000
@@ -182,30 +182,36 @@ def _cas_update(dialect: str):
     )
 
 
-def _cas_update_many():
-    """PostgreSQL: the same compare-and-set as `_cas_update`, for a whole chunk in one statement.
+def _cas_update_and_audit():
+    """PostgreSQL: the compare-and-set of `_cas_update` and the audit rows of the changes that took
+    effect, for a whole batch in one statement (one round trip, one cached statement).
 
-    The changes arrive as parallel arrays (one cached statement whatever the chunk size) and are
-    joined to the rows by id; each row is updated only if its status and stored updated_at are
-    still the ones read. Under READ COMMITTED a row changed by a concurrent webhook is re-checked
-    against these conditions after the webhook commits (as for the single-row statement), so the
-    webhook still wins. RETURNING names the rows that were changed.
+    The changes arrive as one JSON document (`staging.json_rows`) joined to the rows by id; each row is
+    updated only if its status and stored updated_at are still the ones read. Under READ COMMITTED a
+    row changed by a concurrent webhook is re-checked against these conditions after the webhook
+    commits (as for the single-row statement), so the webhook still wins. The UPDATE's RETURNING feeds
+    the audit INSERT in the same statement (so in the same transaction), in the batch's order; its
+    RETURNING names the jobs that were changed.
     """
     g = ai_generations.c
-    text_array = postgresql.ARRAY(Text)
-    change = (
-        func.unnest(
-            bindparam("b_job_ids", type_=text_array),
-            bindparam("b_from_statuses", type_=text_array),
-            bindparam("b_versions", type_=postgresql.ARRAY(DateTime(timezone=True))),
-            bindparam("b_to_statuses", type_=text_array),
-            bindparam("b_result_urls", type_=text_array),
-            bindparam("b_error_messages", type_=text_array),
-        )
-        .table_valued("job_id", "from_status", "version", "to_status", "result_url", "error_message")
-        .render_derived(name="change")
+    change = json_recordset(
+        "change",
+        "b_changes",
+        [
+            column("n", Integer),
+            column("job_id", Text),
+            column("from_status", Text),
+            column("version", DateTime(timezone=True)),
+            column("to_status", Text),
+            column("result_url", Text),
+            column("error_message", Text),
+            column("vendor", Text),
+            column("vendor_state", Text),
+            column("evidence", Text),
+        ],
     )
-    return (
+    now = bindparam("b_now", type_=g.updated_at.type)
+    applied = (
         update(ai_generations)
         .where(
             g.id == change.c.job_id,
@@ -217,9 +223,28 @@ def _cas_update_many():
             status=change.c.to_status,
             result_url=change.c.result_url,
             error_message=change.c.error_message,
-            updated_at=bindparam("b_now", type_=g.updated_at.type),
+            updated_at=now,
         )
-        .returning(g.id)
+        .returning(
+            change.c.n,
+            change.c.job_id,
+            change.c.from_status,
+            change.c.to_status,
+            change.c.vendor,
+            change.c.vendor_state,
+            change.c.evidence,
+        )
+        .cte("applied")
+    )
+    a = applied.c
+    run_id = bindparam("b_run_id", type_=Text)
+    audit = select(a.job_id, a.from_status, a.to_status, a.vendor, a.vendor_state, a.evidence, run_id, now)
+    audited = ["job_id", "from_status", "to_status", "vendor", "vendor_state", "evidence", "run_id", "changed_at"]
+    return (
+        insert(recon_status_changes)
+        .add_cte(applied)
+        .from_select(audited, audit.order_by(a.n))
+        .returning(recon_status_changes.c.job_id)
     )
 
 
@@ -229,16 +254,33 @@ def _or_none(value: Any) -> Any:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def _plain(chunk: pd.DataFrame) -> list[dict[str, Any]]:
+    """A chunk of changes as plain rows (column lists, not `to_dict("records")`: profiled, most of the
+    apply's own time); a result URL only for a completed job, missing values None."""
+    rows = []
+    for values in zip(*(chunk[name].tolist() for name in CHANGE_COLUMNS), strict=True):
+        row = dict(zip(CHANGE_COLUMNS, values, strict=True))
+        row["result_url"] = _or_none(row["result_url"]) if row["to_status"] == "completed" else None
+        row["error_message"] = _or_none(row["error_message"])
+        rows.append(row)
+    return rows
+
+
 def _params(change: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     return {
         "b_job_id": change["job_id"],
         "b_from_status": change["from_status"],
         "b_version": change["version"],
         "b_to_status": change["to_status"],
-        "b_result_url": _or_none(change["result_url"]) if change["to_status"] == "completed" else None,
-        "b_error_message": _or_none(change["error_message"]),
+        "b_result_url": change["result_url"],
+        "b_error_message": change["error_message"],
         "b_now": now,
     }
+
+
+def _audit_row(change: Mapping[str, Any], run_id: str, now: datetime) -> dict[str, Any]:
+    names = ("job_id", "from_status", "to_status", "vendor", "vendor_state", "evidence")
+    return {name: change[name] for name in names} | {"run_id": run_id, "changed_at": now}
 
 
 @dataclass(frozen=True)
@@ -257,53 +299,30 @@ def apply_status_changes(
 ) -> SyncResult:
     """Apply each change by compare-and-set; audit the ones that took effect, in the same transaction.
 
-    On PostgreSQL a chunk is one statement (`_cas_update_many`) instead of one round trip per job
-    (profiled: the round trips were most of the stage); SQLite, in-process, keeps one per job.
-    `fence` runs first in each chunk's transaction (the pass checks its lease there: `runs.fence_lease`).
+    On PostgreSQL a chunk is one statement, the audit included (`_cas_update_and_audit`), instead of
+    one round trip per job (profiled: the round trips were most of the stage); SQLite, in-process,
+    keeps one per job. `fence` runs first in each chunk's transaction (the pass checks its lease there:
+    `runs.fence_lease`).
     """
     applied_mask = pd.Series(False, index=changes.index)
     unique_jobs = not changes["job_id"].duplicated().any() if not changes.empty else True
     for start in range(0, len(changes), chunk_size):
         chunk = changes.iloc[start : start + chunk_size]
-        params = [_params(change, now) for change in chunk.to_dict("records")]
+        rows = _plain(chunk)
         with engine.begin() as conn:
             if fence:
                 fence(conn)
             if conn.dialect.name == "postgresql" and unique_jobs:
-                applied_ids = set(
-                    conn.execute(
-                        _cas_update_many(),
-                        {
-                            "b_job_ids": [p["b_job_id"] for p in params],
-                            "b_from_statuses": [p["b_from_status"] for p in params],
-                            "b_versions": [p["b_version"] for p in params],
-                            "b_to_statuses": [p["b_to_status"] for p in params],
-                            "b_result_urls": [p["b_result_url"] for p in params],
-                            "b_error_messages": [p["b_error_message"] for p in params],
-                            "b_now": now,
-                        },
-                    ).scalars()
-                )
-                applied = chunk["job_id"].isin(applied_ids).to_numpy()
+                document = json_rows([{"n": n, **row} for n, row in enumerate(rows)])
+                params = {"b_changes": document, "b_now": now, "b_run_id": run_id}
+                changed = set(conn.execute(_cas_update_and_audit(), params).scalars())
+                applied = chunk["job_id"].isin(changed).to_numpy()
             else:
                 statement = _cas_update(conn.dialect.name)
-                applied = [conn.execute(statement, p).rowcount == 1 for p in params]
-            audit = [
-                {
-                    "job_id": change["job_id"],
-                    "from_status": change["from_status"],
-                    "to_status": change["to_status"],
-                    "vendor": change["vendor"],
-                    "vendor_state": change["vendor_state"],
-                    "evidence": change["evidence"],
-                    "run_id": run_id,
-                    "changed_at": now,
-                }
-                for change, took in zip(chunk.to_dict("records"), applied, strict=True)
-                if took
-            ]
-            if audit:
-                conn.execute(insert(recon_status_changes), audit)
+                applied = [conn.execute(statement, _params(row, now)).rowcount == 1 for row in rows]
+                audit = [_audit_row(row, run_id, now) for row, took in zip(rows, applied, strict=True) if took]
+                if audit:
+                    conn.execute(insert(recon_status_changes), audit)
         applied_mask.loc[chunk.index] = applied
     return SyncResult(applied=changes[applied_mask], lost_race=changes[~applied_mask])
 
@@ -321,6 +340,38 @@ class SyncTotals:
     chunks: int
 
 
+@dataclass(frozen=True)
+class _ChunkDone:
+    """What one chunk's apply did, in numbers."""
+
+    changes: pd.DataFrame  # vendor, to_status, vendor_state, rows: the changes applied
+    reasons: pd.DataFrame  # vendor, reason, rows: the jobs left untouched
+    lost_race: int
+
+
+def _apply_chunk(
+    engine: Engine,
+    pass_id: str,
+    plan: SyncPlan,
+    run_id: str,
+    now: datetime,
+    fence: Callable[[Connection], None] | None,
+) -> _ChunkDone:
+    """Apply a chunk's plan and record each of its jobs' outcome on its staged row."""
+    result = apply_status_changes(engine, plan.changes, run_id, now, fence=fence)
+    outcomes = [
+        result.applied[["job_id"]].assign(outcome="applied", reason=result.applied["to_status"]),
+        result.lost_race[["job_id"]].assign(outcome="lost_race", reason="changed since read"),
+        plan.untouched[["job_id", "reason"]].assign(outcome="untouched"),
+    ]
+    record_outcomes(engine, pass_id, pd.concat(outcomes, ignore_index=True))
+    return _ChunkDone(
+        markdown.counts(result.applied, ["vendor", "to_status", "vendor_state"]),
+        markdown.counts(plan.untouched, ["vendor", "reason"]),
+        len(result.lost_race),
+    )
+
+
 def sync_staged_pass(
     engine: Engine,
     stuck: StuckSet,
@@ -334,32 +385,37 @@ def sync_staged_pass(
     """Plan and apply the sync of a staged pass a chunk at a time; keep each job's outcome on its row.
 
     `before_chunk` runs before each chunk is applied; `fence` inside each of its transactions.
+    On PostgreSQL the next chunk is read and planned (client CPU) while the server applies the
+    previous one in a writer thread (measured: about half the stage each). One chunk is applied at a
+    time, in order, and the next only once the previous has succeeded, so an error (a lost lease)
+    stops the sync as before; at most two chunks are held in memory.
     """
-    changes: list[pd.DataFrame] = []
-    reasons: list[pd.DataFrame] = []
-    lost_race = chunks = 0
-    for chunk in iter_pass_jobs(engine, stuck.pass_id, stuck.chunk_size, with_answers=True):
-        classified, answers = split_answers(chunk)
-        plan = plan_status_changes(classified, answers, health, undispatched_fail_after_minutes)
-        if before_chunk:
-            before_chunk(plan.changes)
-        result = apply_status_changes(engine, plan.changes, run_id, now, fence=fence)
-        outcomes = [
-            result.applied[["job_id"]].assign(outcome="applied", reason=result.applied["to_status"]),
-            result.lost_race[["job_id"]].assign(outcome="lost_race", reason="changed since read"),
-            plan.untouched[["job_id", "reason"]].assign(outcome="untouched"),
-        ]
-        record_outcomes(engine, stuck.pass_id, pd.concat(outcomes, ignore_index=True))
-        changes.append(markdown.counts(result.applied, ["vendor", "to_status", "vendor_state"]))
-        reasons.append(markdown.counts(plan.untouched, ["vendor", "reason"]))
-        lost_race += len(result.lost_race)
-        chunks += 1
-    changed = markdown.sum_counts(changes, ["vendor", "to_status", "vendor_state"])
-    untouched = markdown.sum_counts(reasons, ["vendor", "reason"])
+    done: list[_ChunkDone] = []
+    overlap = engine.dialect.name == "postgresql"  # SQLite is in-process: nothing to overlap
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-apply") as writer:
+        pending: Future[_ChunkDone] | None = None
+        try:
+            for chunk in iter_pass_jobs(engine, stuck.pass_id, stuck.chunk_size, with_answers=True):
+                classified, answers = split_answers(chunk)
+                plan = plan_status_changes(classified, answers, health, undispatched_fail_after_minutes)
+                if pending is not None:
+                    done.append(pending.result())
+                    pending = None
+                if before_chunk:
+                    before_chunk(plan.changes)
+                if overlap:
+                    pending = writer.submit(_apply_chunk, engine, stuck.pass_id, plan, run_id, now, fence)
+                else:
+                    done.append(_apply_chunk(engine, stuck.pass_id, plan, run_id, now, fence))
+        finally:
+            if pending is not None:  # raises the apply's own error (chained to the reader's, if any)
+                done.append(pending.result())
+    changed = markdown.sum_counts([d.changes for d in done], ["vendor", "to_status", "vendor_state"])
+    untouched = markdown.sum_counts([d.reasons for d in done], ["vendor", "reason"])
+    lost_race = sum(d.lost_race for d in done)
 
     def moved_to(status: str) -> int:
         return int(changed.loc[changed["to_status"] == status, "rows"].sum())
 
-    return SyncTotals(
-        moved_to("completed"), moved_to("failed"), lost_race, int(untouched["rows"].sum()), changed, untouched, chunks
-    )
+    left = int(untouched["rows"].sum())
+    return SyncTotals(moved_to("completed"), moved_to("failed"), lost_race, left, changed, untouched, len(done))

@@ -26,6 +26,7 @@ from reconcile.staging import (
     write_answers,
 )
 from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, classify_stuck_jobs, fetch_stuck_jobs
+from reconcile.sync import sync_staged_pass
 from tests.platform import Platform
 
 STUCK_AFTER = 30
@@ -174,3 +175,36 @@ def test_postgresql_plans_the_staged_tables_with_fresh_statistics(db) -> None:
     with db.engine.connect() as conn:
         rows = conn.exec_driver_sql("SELECT reltuples FROM pg_class WHERE relname = 'recon_pass_jobs'").scalar_one()
     assert rows == len(HOSTILE_IDS) + 2  # what ANALYZE counted; -1 means never analysed
+
+
+def test_a_sync_whose_fence_fails_stops_before_the_next_chunk(db) -> None:
+    """The sync applies one chunk at a time even while it reads ahead: when a chunk's transaction is
+    refused (a lost lease), that error stops the sync and no later chunk is applied."""
+    platform = _world(db)
+    stuck = _stage(db.engine, "pass-1", chunk_size=4)
+    dispatched = pd.concat(list(iter_pass_jobs(db.engine, "pass-1", 4, category=DISPATCHED)))
+    answers = [
+        VendorAnswer(job.job_id, job.vendor, VendorState.COMPLETED, result_url="https://cdn/x.png", evidence="{}")
+        for job in dispatched.itertuples()
+    ]
+    write_answers(db.engine, "pass-1", answers)
+    first = set(next(iter(iter_pass_jobs(db.engine, "pass-1", 4)))["job_id"])
+    fenced: list[int] = []
+
+    def fence(_conn) -> None:
+        fenced.append(1)
+        if len(fenced) == 2:
+            raise RuntimeError("lease lost")
+
+    with pytest.raises(RuntimeError, match="lease lost"):
+        sync_staged_pass(
+            db.engine, stuck, {"fal": "ok", "replicate": "ok", "kie": "ok"}, "run-1", utcnow(), 120, fence=fence
+        )
+    assert len(fenced) == 2
+    outcomes = pass_outcomes(db.engine, "pass-1")
+    assert set(outcomes.loc[outcomes["outcome"].notna(), "job_id"]) == first
+    with db.engine.connect() as conn:
+        audited = set(conn.execute(select(recon_status_changes.c.job_id)).scalars())
+    assert audited and audited <= first
+    later = set(outcomes["job_id"]) - first
+    assert {platform.status(job_id) for job_id in later} <= {"processing", "pending"}

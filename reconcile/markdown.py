@@ -14,8 +14,9 @@ def _cell(value: object) -> str:
     return text if len(text) <= CELL_LIMIT else text[: CELL_LIMIT - 1] + "…"
 
 
-def table(frame: pd.DataFrame, limit: int = 10) -> str:
-    """The first `limit` rows of `frame` as a markdown table (with a note when rows were left out)."""
+def table(frame: pd.DataFrame, limit: int = 10, total: int | None = None) -> str:
+    """The first `limit` rows of `frame` as a markdown table (with a note when rows were left out);
+    `total`: how many rows there are when `frame` holds only the first ones."""
     if frame.empty:
         return "_none_"
     head = frame.head(limit)
@@ -24,8 +25,9 @@ def table(frame: pd.DataFrame, limit: int = 10) -> str:
         "|" + "---|" * len(head.columns),
     ]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in head.itertuples(index=False)]
-    if len(frame) > limit:
-        lines.append(f"\n_{len(frame) - limit} more rows not shown_")
+    rows = len(frame) if total is None else total
+    if rows > limit:
+        lines.append(f"\n_{rows - limit} more rows not shown_")
     return "\n".join(lines)
 
 

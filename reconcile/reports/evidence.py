@@ -66,7 +66,8 @@ class JobFacts:
     hold: tuple[str, str, str | None, str | None] | None  # (status, detail, decided_by, note) of the latest hold
 
 
-def _chunks(ids: list[str]) -> Iterable[list[str]]:
+def in_chunks(ids: list[str]) -> Iterable[list[str]]:
+    """`ids` a thousand at a time: an IN list stays small whatever the rows."""
     for start in range(0, len(ids), _IN_CHUNK):
         yield ids[start : start + _IN_CHUNK]
 
@@ -76,7 +77,7 @@ def job_facts(conn: Connection, job_ids: Iterable[str | None]) -> dict[str, JobF
     ids = sorted({j for j in job_ids if j})
     g, a, r, s, h = ai_generations.c, recon_pass_answers.c, recon_runs.c, recon_status_changes.c, recon_refund_holds.c
     rows, answers, holds = {}, {}, {}
-    for chunk in _chunks(ids):
+    for chunk in in_chunks(ids):
         for row in conn.execute(select(g.id, g.status, g.updated_at, g.vendor_task_id).where(g.id.in_(chunk))):
             rows[row.id] = row
         # The audited change first, then the passes' answers (newer, when kept): the last one wins.

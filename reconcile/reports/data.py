@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import FromClause, Row, Select, Table, and_, case, exists, false, func, literal, or_, select
+from sqlalchemy import Exists, FromClause, Row, Select, Table, and_, case, exists, false, func, literal, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -25,7 +25,7 @@ from reconcile.db.schema import (
     recon_status_changes,
 )
 from reconcile.refunds import APPROVED
-from reconcile.reports.evidence import advice, in_chunks, job_facts, reason_in_words
+from reconcile.reports.evidence import advice, among, in_chunks, job_facts, reason_in_words
 
 DEFAULT_LOOKBACK_HOURS = 168
 HTML_ROW_LIMIT = 1_000  # a page lists at most this many rows (the CSV has every row; the totals count them all)
@@ -216,11 +216,13 @@ def _refund_rows(conn: Connection, rows: Sequence[Row]) -> list[RefundRow]:
         # The evidence: the audited change that failed the job (the latest, if it was ever failed twice).
         failed_by_reconcile = (
             select(s.job_id, s.vendor_state, s.evidence)
-            .where(s.to_status == "failed", s.job_id.in_(ids))
+            .where(s.to_status == "failed", among(conn, s.job_id, ids))
             .order_by(s.changed_at, s.id)
         )
         evidence |= {row.job_id: (row.vendor_state, row.evidence) for row in conn.execute(failed_by_reconcile)}
-        approved = select(h.job_id, h.decided_by, h.decision_note).where(h.status == APPROVED, h.job_id.in_(ids))
+        approved = select(h.job_id, h.decided_by, h.decision_note).where(
+            h.status == APPROVED, among(conn, h.job_id, ids)
+        )
         approvals |= {row.job_id: (row.decided_by, row.decision_note) for row in conn.execute(approved)}
     return [
         RefundRow(
@@ -297,12 +299,19 @@ def _also_in(seq: int | None) -> ColumnElement[bool]:
     credits (a change of credits starts a new stored interval but is the same finding to a person)."""
     if seq is None:
         return false()
-    f, same = recon_findings.c, recon_findings.alias("same")
-    return exists().where(
-        _of_run(seq, same),
-        same.c.category == f.category,
-        same.c.detail == f.detail,
-        same.c.job_id.is_not_distinct_from(f.job_id),
+    f = recon_findings.c
+
+    def same(job: ColumnElement[bool]) -> Exists:
+        other = recon_findings.alias("same")
+        return exists().where(
+            _of_run(seq, other), other.c.category == f.category, other.c.detail == f.detail, job(other)
+        )
+
+    # Equality (a lookup in the job_id index, or a hash join), not IS NOT DISTINCT FROM (which neither
+    # database can look up: a scan of every stored finding per finding); findings without a job apart.
+    return or_(
+        same(lambda other: other.c.job_id == f.job_id),
+        and_(f.job_id.is_(None), same(lambda other: other.c.job_id.is_(None))),
     )
 
 
@@ -456,9 +465,14 @@ def run_history(conn: Connection, run: RunInfo, limit: int = HISTORY_RUNS) -> li
 
 
 def load_report_data(
-    conn: Connection, run_id: str, lookback_hours: int = DEFAULT_LOOKBACK_HOURS, shown: int = HTML_ROW_LIMIT
+    conn: Connection,
+    run_id: str,
+    lookback_hours: int = DEFAULT_LOOKBACK_HOURS,
+    shown: int = HTML_ROW_LIMIT,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> ReportData:
-    """Everything the pages of `run_id` show, read in one connection: totals in SQL, `shown` rows."""
+    """Everything the pages of `run_id` show, read in one connection: totals in SQL, `shown` rows (read
+    `chunk_rows` at a time)."""
     run = run_info(conn, run_id) or RunInfo(run_id, None, None, "unknown", "", {})
     scope = finding_scope(conn, run)
     refunded = recon_refunds.c.run_id == run_id
@@ -468,7 +482,7 @@ def load_report_data(
     f, g, r = recon_findings.c, ai_generations.c, recon_refunds.c
 
     def first(part: Findings, limit: int, by_credits: bool = False) -> list[FindingRow]:
-        chunks = finding_chunks(conn, part, None, lookback_hours, limit=limit, by_credits=by_credits)
+        chunks = finding_chunks(conn, part, None, lookback_hours, chunk_rows, limit, by_credits)
         return [row for chunk in chunks for row in chunk]
 
     return ReportData(
@@ -477,7 +491,7 @@ def load_report_data(
         refunds=_tally(conn, recon_refunds, refunded),
         refunds_by_reason=_groups(conn, recon_refunds, refunded, r.reason),
         refunds_by_vendor=_groups(conn, recon_refunds, refunded, g.vendor),
-        top_refunds=[row for chunk in refund_chunks(conn, refunded, limit=shown) for row in chunk],
+        top_refunds=[row for chunk in refund_chunks(conn, refunded, chunk_rows, shown) for row in chunk],
         findings=findings,
         credits_at_stake=stored_credits_once(conn, current),
         findings_by_category=_groups(conn, recon_findings, current.where, f.category),

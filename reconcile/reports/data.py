@@ -1,5 +1,12 @@
 """What the reports show, read from the database: one run's refunds and findings, the previous
-successful run's findings (for the change), and the last runs' history (for the charts)."""
+successful run's findings (for the change), and the last runs' history (for the charts).
+
+However large the incident, nothing here holds every row: the CSVs' rows are streamed a chunk at a
+time in their final order (refund_chunks, finding_chunks: a server-side cursor on PostgreSQL, text
+ordered by code point as Python orders it), and the pages' totals, groups, changes and credits at stake
+are computed in SQL (load_report_data), with only the first rows read. A finding is new, persisting or
+resolved by comparing its (category, job_id, detail) with the findings of the previous successful run's
+position in recon_finding_runs, in SQL over the stored intervals."""
 
 from __future__ import annotations
 

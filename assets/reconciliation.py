@@ -465,7 +465,7 @@ def credit_leakage(
             "scan_mode": scope.mode,
             **{f"credits_{c}": found.credits_of(c) for c in CATEGORIES},
             "by_category": MetadataValue.md(markdown.table(found.by_category, len(CATEGORIES))),
-            "top_findings": MetadataValue.md(markdown.table(found.top, rows=found.findings)),
+            "top_findings": MetadataValue.md(markdown.table(found.top, total=found.findings)),
         },
     )
 

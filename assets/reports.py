@@ -8,7 +8,7 @@ from assets.resources import ReconcileResource
 from reconcile import markdown
 from reconcile.db.schema import utcnow
 from reconcile.reports import generate_reports
-from reconcile.reports.data import NEW, PERSISTING, RESOLVED
+from reconcile.reports.data import MOVED_ROWS, NEW, PERSISTING, RESOLVED
 from reconcile.reports.store import is_url
 
 
@@ -26,14 +26,13 @@ def reconciliation_reports(context: AssetExecutionContext, reconcile: ReconcileR
     data = reports.data
     changes = reports.changes()
     biggest = pd.DataFrame(
-        [(r.job_id, r.vendor, r.credits, r.reason) for r in data.refunds],
+        [(r.job_id, r.vendor, r.credits, r.reason) for r in data.top_refunds],
         columns=["job_id", "vendor", "credits", "reason"],
     )
     moved = pd.DataFrame(
-        [(f.change, f.category, f.job_id, f.credits, f.detail) for f in data.findings + data.resolved
-         if f.change in (NEW, RESOLVED)],
+        [(f.change, f.category, f.job_id, f.credits, f.detail) for f in data.top_moved],
         columns=["change", "category", "job_id", "credits", "detail"],
-    )  # fmt: skip
+    )
     return MaterializeResult(
         metadata={
             "folder": _link(reports.folder),
@@ -47,9 +46,9 @@ def reconciliation_reports(context: AssetExecutionContext, reconcile: ReconcileR
             "persisting_findings": changes[PERSISTING],
             "resolved_findings": changes[RESOLVED],
             "previous_run": data.previous_run_id or "(none)",
-            "biggest_refunds": MetadataValue.md(markdown.table(biggest)),
+            "biggest_refunds": MetadataValue.md(markdown.table(biggest, total=reports.refunds)),
             "new_and_resolved_findings": MetadataValue.md(
-                markdown.table(moved.sort_values("credits", ascending=False, kind="stable"), 20)
+                markdown.table(moved, MOVED_ROWS, total=changes[NEW] + changes[RESOLVED])
             ),
         },
     )

@@ -14,9 +14,9 @@ def _cell(value: object) -> str:
     return text if len(text) <= CELL_LIMIT else text[: CELL_LIMIT - 1] + "…"
 
 
-def table(frame: pd.DataFrame, limit: int = 10, rows: int | None = None) -> str:
-    """The first `limit` rows of `frame` as a markdown table (with a note when rows were left out).
-    `rows`: how many rows the whole table has, when `frame` is only its first rows."""
+def table(frame: pd.DataFrame, limit: int = 10, total: int | None = None) -> str:
+    """The first `limit` rows of `frame` as a markdown table (with a note when rows were left out);
+    `total`: how many rows there are when `frame` holds only the first ones."""
     if frame.empty:
         return "_none_"
     head = frame.head(limit)
@@ -25,9 +25,9 @@ def table(frame: pd.DataFrame, limit: int = 10, rows: int | None = None) -> str:
         "|" + "---|" * len(head.columns),
     ]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in head.itertuples(index=False)]
-    total = len(frame) if rows is None else rows
-    if total > limit:
-        lines.append(f"\n_{total - limit} more rows not shown_")
+    rows = len(frame) if total is None else total
+    if rows > limit:
+        lines.append(f"\n_{rows - limit} more rows not shown_")
     return "\n".join(lines)
 
 

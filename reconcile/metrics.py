@@ -25,10 +25,13 @@ refunds by `recon_ix_refunds_created_at` joined to the jobs by primary key.
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import groupby
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import and_, case, func, select, text
 from sqlalchemy.engine import Connection
@@ -51,6 +54,7 @@ METRIC_COLUMNS = [
 ]
 COLUMNS = KEY_COLUMNS + METRIC_COLUMNS
 COUNT_COLUMNS = ["completed", "failed", "stuck", "undispatched", "refunds", "credits_refunded"]
+STUCK_CHUNK_ROWS = 10_000  # stuck rows fetched at a time (the stream never holds more, plus one group's ages)
 UNKNOWN = "(unknown)"  # vendor/model/type of a refund whose job row no longer exists
 
 # The stuck rows, read through the partial index: the predicate is spelled exactly as the index's so
@@ -99,25 +103,53 @@ def _per_window_pairs(conn: Connection, query: Select) -> dict[tuple, dict[int, 
 
 
 def stuck_query(now: datetime, since: dict[int, datetime], stuck_after_minutes: int) -> Select:
-    """The stuck jobs last touched in the widest window (the partial index recon_ix_generations_stuck)."""
+    """The stuck jobs last touched in the widest window (the partial index recon_ix_generations_stuck),
+    by group and oldest first: each window's jobs of a group are then the tail of its rows."""
     g = ai_generations.c
     cutoff = now - timedelta(minutes=stuck_after_minutes)
-    return select(g.vendor, g.model, g.type, g.status, g.vendor_task_id, g.updated_at).where(
-        _NON_TERMINAL, g.updated_at < cutoff, g.updated_at >= since[max(WINDOWS_HOURS)]
+    return (
+        select(g.vendor, g.model, g.type, g.status, g.vendor_task_id, g.updated_at)
+        .where(_NON_TERMINAL, g.updated_at < cutoff, g.updated_at >= since[max(WINDOWS_HOURS)])
+        .order_by(g.vendor, g.model, g.type, g.updated_at)
     )
 
 
-def _stuck(conn: Connection, now: datetime, since: dict[int, datetime], stuck_after_minutes: int) -> pd.DataFrame:
-    frame = pd.DataFrame(
-        conn.execute(stuck_query(now, since, stuck_after_minutes)).all(),
-        columns=["vendor", "model", "type", "status", "vendor_task_id", "updated_at"],
-    )
-    if frame.empty:
-        return frame.assign(untouched_seconds=pd.Series(dtype="float64"), undispatched=pd.Series(dtype="bool"))
-    blank_task = frame["vendor_task_id"].isna() | (frame["vendor_task_id"].astype(str).str.strip() == "")
-    frame["undispatched"] = blank_task & (frame["status"] == "pending")
-    frame["untouched_seconds"] = [(now - at).total_seconds() for at in frame["updated_at"]]
-    return frame
+StuckFigures = dict[int, tuple[int, int, int | None]]  # {hours: (stuck, undispatched, median minutes)}
+
+
+def _stuck(
+    conn: Connection, now: datetime, since: dict[int, datetime], stuck_after_minutes: int
+) -> dict[tuple, StuckFigures]:
+    """The stuck figures per (vendor, model, type), streamed group by group: however large the incident,
+    only one group's ages are held, as an array of floats."""
+    query = stuck_query(now, since, stuck_after_minutes).execution_options(yield_per=STUCK_CHUNK_ROWS)
+    rows = conn.execute(query)
+    return {
+        key: _stuck_group(group, now, since)
+        for key, group in groupby(rows, key=lambda row: (row.vendor, row.model, row.type))
+    }
+
+
+def _stuck_group(rows: Iterable, now: datetime, since: dict[int, datetime]) -> StuckFigures:
+    ages = array("d")  # seconds untouched, oldest first
+    counts = {hours: [0, 0] for hours in WINDOWS_HOURS}
+    for row in rows:
+        ages.append((now - row.updated_at).total_seconds())
+        undispatched = row.status == "pending" and _blank(row.vendor_task_id)
+        for hours, count in counts.items():
+            if row.updated_at >= since[hours]:
+                count[0] += 1
+                count[1] += undispatched
+    values = np.frombuffer(ages, dtype="float64")
+    return {
+        hours: (stuck, undispatched, int(float(np.median(values[len(values) - stuck :])) // 60) if stuck else None)
+        for hours, (stuck, undispatched) in counts.items()
+    }
+
+
+def _blank(task_id: object) -> bool:
+    """No vendor task id (the rule of reconcile.stuck: missing or only whitespace)."""
+    return task_id is None or str(task_id).strip() == ""
 
 
 def refunds_query(since: dict[int, datetime]) -> Select:
@@ -144,23 +176,13 @@ def compute_metrics(conn: Connection, now: datetime, stuck_after_minutes: int) -
     finished = _per_window_pairs(conn, finished_query(since))
     refunds = _per_window_pairs(conn, refunds_query(since))
     stuck = _stuck(conn, now, since, stuck_after_minutes)
-    stuck_groups = {}
-    if not stuck.empty:
-        for key, rows in stuck.groupby(["vendor", "model", "type"], sort=False):
-            stuck_groups[tuple(key)] = rows
-    keys = sorted(set(finished) | set(refunds) | set(stuck_groups))
+    keys = sorted(set(finished) | set(refunds) | set(stuck))
     rows = []
     for hours in WINDOWS_HOURS:
         for key in keys:
             completed, failed = finished.get(key, {}).get(hours, (0, 0))
             refund_count, credits = refunds.get(key, {}).get(hours, (0, 0))
-            in_window = stuck_groups.get(key)
-            if in_window is not None:
-                in_window = in_window[in_window["updated_at"] >= since[hours]]
-            stuck_count = 0 if in_window is None else len(in_window)
-            median = None
-            if stuck_count:
-                median = int(float(in_window["untouched_seconds"].median()) // 60)
+            stuck_count, undispatched, median = stuck.get(key, {}).get(hours, (0, 0, None))
             rows.append(
                 {
                     "window_hours": hours,
@@ -172,7 +194,7 @@ def compute_metrics(conn: Connection, now: datetime, stuck_after_minutes: int) -
                     "success_rate_bp": basis_points(completed, completed + failed),
                     "failure_rate_bp": basis_points(failed, completed + failed),
                     "stuck": stuck_count,
-                    "undispatched": 0 if in_window is None else int(in_window["undispatched"].sum()),
+                    "undispatched": undispatched,
                     "median_stuck_minutes": median,
                     "refunds": refund_count,
                     "credits_refunded": credits,

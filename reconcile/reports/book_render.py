@@ -11,12 +11,11 @@ from datetime import datetime
 from typing import TextIO
 
 from reconcile.books import Book, BookSummary, HoldRow
-from reconcile.reports.data import FindingRow
+from reconcile.reports.data import HTML_ROW_LIMIT, FindingRow
 from reconcile.reports.render import (
     CSP,
     CSS,
     FINDING_PAGE_COLUMNS,
-    HTML_ROW_LIMIT,
     REFUND_COLUMNS,
     REFUND_PAGE_COLUMNS,
     _cards,

@@ -1,18 +1,30 @@
 """What the reports show, read from the database: one run's refunds and findings, the previous
-successful run's findings (for the change), and the last runs' history (for the charts)."""
+successful run's findings (for the change), and the last runs' history (for the charts).
+
+However large the incident, nothing here holds every row: the CSVs' rows are streamed a chunk at a
+time in their final order (refund_chunks, finding_chunks: a server-side cursor on PostgreSQL, text
+ordered by code point as Python orders it), and the pages' totals, groups, changes and credits at stake
+are computed in SQL (load_report_data), with only the first rows read. A finding is new, persisting or
+resolved by comparing its (category, job_id, detail) with the findings of the previous successful run's
+position in recon_finding_runs, in SQL over the stored intervals."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Exists, FromClause, Row, Select, Table, and_, case, exists, false, func, literal, or_, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
 
 from reconcile.db.schema import (
     ai_generations,
+    recon_finding_runs,
+    recon_findings,
     recon_leakage_findings,
     recon_refund_holds,
     recon_refunds,
@@ -20,9 +32,12 @@ from reconcile.db.schema import (
     recon_status_changes,
 )
 from reconcile.refunds import APPROVED
-from reconcile.reports.evidence import advice, job_facts, reason_in_words
+from reconcile.reports.evidence import advice, among, in_chunks, job_facts, reason_in_words
 
 DEFAULT_LOOKBACK_HOURS = 168
+HTML_ROW_LIMIT = 1_000  # a page lists at most this many rows (the CSV has every row; the totals count them all)
+CHUNK_ROWS = 5_000  # rows read, looked up and written at a time (a report never holds more)
+MOVED_ROWS = 20  # the largest new and resolved findings the step's metadata lists
 HISTORY_RUNS = 30  # how many runs the charts over time show (this one and the successful ones before)
 
 NEW, PERSISTING, RESOLVED = "new", "persisting", "resolved"
@@ -94,15 +109,40 @@ class RunPoint:
     credits_refunded: int
 
 
+class Tally(NamedTuple):
+    rows: int
+    credits: int
+
+
+Group = tuple[object, int, int]  # (the raw value grouped by, rows, credits)
+
+
 @dataclass
 class ReportData:
+    """What the pages show, every figure computed in SQL: totals and groups of all rows, and only the
+    first `shown` rows themselves (the CSV streams them all: see refund_chunks, finding_chunks)."""
+
     run: RunInfo
-    previous_run_id: str | None
-    refunds: list[RefundRow]
-    findings: list[FindingRow]  # this run's, each marked NEW or PERSISTING
-    resolved: list[FindingRow]  # the previous successful run's findings that are gone
-    history: list[RunPoint] = field(default_factory=list)
-    holds: list[tuple] = field(default_factory=list)  # refunds this run held: see held_rows
+    scope: FindingScope
+    refunds: Tally
+    refunds_by_reason: list[Group]
+    refunds_by_vendor: list[Group]
+    top_refunds: list[RefundRow]  # the first rows of refunds.csv
+    findings: Tally
+    credits_at_stake: int  # each job's credits once (see stored_credits_once)
+    findings_by_category: list[Group]
+    findings_by_vendor: list[Group]
+    changes: dict[str, Tally]  # NEW and PERSISTING of this run's findings, RESOLVED of the previous run's
+    top_findings: list[FindingRow]  # the first rows of leakage.csv
+    top_resolved: list[FindingRow]
+    top_moved: list[FindingRow]  # the largest new and resolved findings, by credits
+    history: list[RunPoint]
+    holds: Tally  # refunds this run held
+    top_holds: list[tuple]  # the first of them: see held_rows
+
+    @property
+    def previous_run_id(self) -> str | None:
+        return self.scope.previous_run_id
 
 
 def _summary(text: str | None) -> dict:
@@ -142,31 +182,56 @@ def previous_successful_run(conn: Connection, run: RunInfo) -> str | None:
     return conn.execute(query.order_by(r.started_at.desc()).limit(1)).scalar()
 
 
-def refund_rows(conn: Connection, run_id: str | None = None, where=None) -> list[RefundRow]:
-    """The refunds one run wrote (`run_id`), or those a condition on recon_refunds selects (`where`)."""
-    r, g, s, h = recon_refunds.c, ai_generations.c, recon_status_changes.c, recon_refund_holds.c
-    condition = r.run_id == run_id if where is None else where
-    rows = conn.execute(
+# --- rows, a chunk at a time, in the CSV's order -------------------------------------------------
+
+
+def _bytewise(conn: Connection, column: ColumnElement) -> ColumnElement:
+    """`column` ordered as Python orders str (by code point): PostgreSQL's "C" collation (its default
+    follows the locale); SQLite's default BINARY already compares UTF-8 bytes, the same order."""
+    return column.collate("C") if conn.dialect.name == "postgresql" else column
+
+
+def _stream(conn: Connection, query: Select, chunk_rows: int) -> Iterator[Sequence[Row]]:
+    """The rows of `query` a chunk at a time (a server-side cursor on PostgreSQL): never all of them."""
+    result = conn.execute(query.execution_options(stream_results=True, yield_per=chunk_rows))
+    yield from result.partitions()
+
+
+def refund_chunks(
+    conn: Connection, where: ColumnElement[bool], chunk_rows: int = CHUNK_ROWS, limit: int | None = None
+) -> Iterator[list[RefundRow]]:
+    """The refunds a condition on recon_refunds selects, the largest first (then by job id), with
+    their evidence, `chunk_rows` at a time."""
+    r, g = recon_refunds.c, ai_generations.c
+    query = (
         select(r.job_id, r.user_id, r.credits, r.reason, r.created_at, g.vendor, g.model, g.type, g.error_message,
                g.vendor_task_id)
         .select_from(recon_refunds.outerjoin(ai_generations, g.id == r.job_id))
-        .where(condition)
-    ).all()  # fmt: skip
-    refunded = select(r.job_id).where(condition)
-    # The evidence: the audited change that failed the job (the latest, if it was ever failed twice).
-    failed_by_reconcile = (
-        select(s.job_id, s.vendor_state, s.evidence)
-        .where(s.to_status == "failed", s.job_id.in_(refunded))
-        .order_by(s.changed_at, s.id)
-    )
-    evidence = {row.job_id: (row.vendor_state, row.evidence) for row in conn.execute(failed_by_reconcile)}
-    approvals = {
-        row.job_id: (row.decided_by, row.decision_note)
-        for row in conn.execute(
-            select(h.job_id, h.decided_by, h.decision_note).where(h.status == APPROVED, h.job_id.in_(refunded))
+        .where(where)
+        .order_by(r.credits.desc(), _bytewise(conn, r.job_id))
+        .limit(limit)
+    )  # fmt: skip
+    for rows in _stream(conn, query, chunk_rows):
+        yield _refund_rows(conn, rows)
+
+
+def _refund_rows(conn: Connection, rows: Sequence[Row]) -> list[RefundRow]:
+    s, h = recon_status_changes.c, recon_refund_holds.c
+    evidence: dict[str, tuple] = {}
+    approvals: dict[str, tuple] = {}
+    for ids in in_chunks([row.job_id for row in rows]):
+        # The evidence: the audited change that failed the job (the latest, if it was ever failed twice).
+        failed_by_reconcile = (
+            select(s.job_id, s.vendor_state, s.evidence)
+            .where(s.to_status == "failed", among(conn, s.job_id, ids))
+            .order_by(s.changed_at, s.id)
         )
-    }
-    out = [
+        evidence |= {row.job_id: (row.vendor_state, row.evidence) for row in conn.execute(failed_by_reconcile)}
+        approved = select(h.job_id, h.decided_by, h.decision_note).where(
+            h.status == APPROVED, among(conn, h.job_id, ids)
+        )
+        approvals |= {row.job_id: (row.decided_by, row.decision_note) for row in conn.execute(approved)}
+    return [
         RefundRow(
             job_id=row.job_id,
             user_id=row.user_id,
@@ -185,47 +250,176 @@ def refund_rows(conn: Connection, run_id: str | None = None, where=None) -> list
         )
         for row in rows
     ]
-    return sorted(out, key=lambda x: (-x.credits, x.job_id))
+
+
+def refund_rows(
+    conn: Connection, run_id: str | None = None, where: ColumnElement[bool] | None = None
+) -> list[RefundRow]:
+    """The refunds one run wrote (`run_id`), or those a condition on recon_refunds selects (`where`),
+    as one list (a book's period; a run's reports stream them with refund_chunks)."""
+    condition = recon_refunds.c.run_id == run_id if where is None else where
+    return [row for chunk in refund_chunks(conn, condition) for row in chunk]
+
+
+@dataclass(frozen=True)
+class FindingScope:
+    """Where a run's findings and its previous successful run's are stored: the runs' positions in
+    recon_finding_runs (None: that run wrote no findings)."""
+
+    run_id: str
+    seq: int | None
+    detected_at: datetime | None
+    previous_run_id: str | None
+    previous_seq: int | None
+    previous_detected_at: datetime | None
+
+
+def _finding_run(conn: Connection, run_id: str | None) -> tuple[int | None, datetime | None]:
+    fr = recon_finding_runs.c
+    row = conn.execute(select(fr.seq, fr.detected_at).where(fr.run_id == run_id)).first() if run_id else None
+    return (None, None) if row is None else (row.seq, row.detected_at)
+
+
+def finding_scope(conn: Connection, run: RunInfo) -> FindingScope:
+    previous = previous_successful_run(conn, run)
+    return FindingScope(run.run_id, *_finding_run(conn, run.run_id), previous, *_finding_run(conn, previous))
+
+
+@dataclass(frozen=True)
+class Findings:
+    """A set of stored findings: which rows, how each is marked, and when they were detected."""
+
+    where: ColumnElement[bool]
+    change: ColumnElement[str]
+    detected_at: datetime | None
+
+
+def _of_run(seq: int | None, table: FromClause = recon_findings) -> ColumnElement[bool]:
+    """The findings run `seq` reported: the intervals of runs that contain it."""
+    if seq is None:
+        return false()
+    return and_(table.c.first_seq <= seq, table.c.last_seq >= seq)
+
+
+def _also_in(seq: int | None) -> ColumnElement[bool]:
+    """Whether run `seq` reported the same finding: the same (category, job_id, detail), whatever its
+    credits (a change of credits starts a new stored interval but is the same finding to a person)."""
+    if seq is None:
+        return false()
+    f = recon_findings.c
+
+    def same(job: ColumnElement[bool]) -> Exists:
+        other = recon_findings.alias("same")
+        return exists().where(
+            _of_run(seq, other), other.c.category == f.category, other.c.detail == f.detail, job(other)
+        )
+
+    # Equality (a lookup in the job_id index, or a hash join), not IS NOT DISTINCT FROM (which neither
+    # database can look up: a scan of every stored finding per finding); findings without a job apart.
+    return or_(
+        same(lambda other: other.c.job_id == f.job_id),
+        and_(f.job_id.is_(None), same(lambda other: other.c.job_id.is_(None))),
+    )
+
+
+def run_findings(conn: Connection, run_id: str) -> Findings:
+    """A run's findings, unmarked."""
+    seq, detected_at = _finding_run(conn, run_id)
+    return Findings(_of_run(seq), literal(""), detected_at)
+
+
+def current_findings(scope: FindingScope) -> Findings:
+    """The run's findings, each NEW or PERSISTING (the previous successful run reported it too); with
+    no previous successful run, every finding is new."""
+    persisting = _also_in(scope.previous_seq)
+    return Findings(_of_run(scope.seq), case((persisting, PERSISTING), else_=NEW), scope.detected_at)
+
+
+def new_findings(scope: FindingScope) -> Findings:
+    return Findings(and_(_of_run(scope.seq), ~_also_in(scope.previous_seq)), literal(NEW), scope.detected_at)
+
+
+def resolved_findings(scope: FindingScope) -> Findings:
+    """The previous successful run's findings that the run no longer reports."""
+    where = and_(_of_run(scope.previous_seq), ~_also_in(scope.seq))
+    return Findings(where, literal(RESOLVED), scope.previous_detected_at)
+
+
+def finding_chunks(
+    conn: Connection,
+    findings: Findings,
+    now: datetime | None = None,
+    lookback_hours: int = DEFAULT_LOOKBACK_HOURS,
+    chunk_rows: int = CHUNK_ROWS,
+    limit: int | None = None,
+    by_credits: bool = False,
+) -> Iterator[list[FindingRow]]:
+    """The findings, ordered by category then the largest first (or the largest first: `by_credits`),
+    each with what the vendor last answered and what a person should do (judged at `now`: default,
+    the findings' own detection time), `chunk_rows` at a time."""
+    f, g = recon_findings.c, ai_generations.c
+    order = [f.credits.desc(), _bytewise(conn, f.category)]
+    if not by_credits:
+        order.reverse()
+    query = (
+        select(f.category, f.job_id, f.user_id, f.credits, f.detail, g.vendor, findings.change.label("change"))
+        .select_from(recon_findings.outerjoin(ai_generations, g.id == f.job_id))
+        .where(findings.where)
+        .order_by(*order, _bytewise(conn, func.coalesce(f.job_id, "")), _bytewise(conn, f.detail), f.id)
+        .limit(limit)
+    )
+    for rows in _stream(conn, query, chunk_rows):
+        facts = job_facts(conn, (r.job_id for r in rows))
+        yield [
+            FindingRow(
+                r.category, r.job_id, r.user_id, r.vendor, int(r.credits), r.detail, findings.detected_at, r.change,
+                vendor_said=facts[r.job_id].last_answer if r.job_id in facts else "",
+                action=advice(r.category, facts.get(r.job_id), now or findings.detected_at, lookback_hours),
+            )
+            for r in rows
+        ]  # fmt: skip
 
 
 def finding_rows(
     conn: Connection, run_id: str, now: datetime | None = None, lookback_hours: int = DEFAULT_LOOKBACK_HOURS
 ) -> list[FindingRow]:
-    """The run's findings, each with what the vendor last answered and what a person should do
-    (judged at `now`: default, the findings' own detection time)."""
-    f, g = recon_leakage_findings.c, ai_generations.c
-    rows = conn.execute(
-        select(f.category, f.job_id, f.user_id, f.credits, f.detail, f.detected_at, g.vendor)
-        .select_from(recon_leakage_findings.outerjoin(ai_generations, g.id == f.job_id))
-        .where(f.run_id == run_id)
-    ).all()
-    facts = job_facts(conn, (r.job_id for r in rows))
-    out = [
-        FindingRow(
-            r.category, r.job_id, r.user_id, r.vendor, int(r.credits), r.detail, r.detected_at,
-            vendor_said=facts[r.job_id].last_answer if r.job_id in facts else "",
-            action=advice(r.category, facts.get(r.job_id), now or r.detected_at, lookback_hours),
-        )
-        for r in rows
-    ]  # fmt: skip
-    return sorted(out, key=lambda x: (x.category, -x.credits, x.job_id or "", x.detail))
+    """A run's findings as one list (a book's; a run's reports stream them with finding_chunks)."""
+    chunks = finding_chunks(conn, run_findings(conn, run_id), now, lookback_hours)
+    return [row for chunk in chunks for row in chunk]
 
 
-def mark_changes(current: list[FindingRow], previous: list[FindingRow] | None) -> tuple[list, list]:
-    """This run's findings marked new or persisting, and the previous run's findings now resolved.
-
-    A finding is the same finding in both runs when its (category, job_id, detail) is the same. With no
-    previous successful run, every finding is new.
-    """
-    before = {f.key for f in previous or []}
-    now = {f.key for f in current}
-    marked = [_with_change(f, PERSISTING if f.key in before else NEW) for f in current]
-    resolved = [_with_change(f, RESOLVED) for f in previous or [] if f.key not in now]
-    return marked, resolved
+# --- figures over all rows, in SQL ------------------------------------------------------------------
 
 
-def _with_change(finding: FindingRow, change: str) -> FindingRow:
-    return replace(finding, change=change)
+def _tally(conn: Connection, table: Table, where: ColumnElement[bool]) -> Tally:
+    rows, credits = conn.execute(select(func.count(), func.coalesce(func.sum(table.c.credits), 0)).where(where)).one()
+    return Tally(int(rows), int(credits))
+
+
+def _groups(conn: Connection, table: Table, where: ColumnElement[bool], column: ColumnElement) -> list[Group]:
+    """(value, rows, credits) per value of `column`; vendors through the job, absent when it is gone."""
+    g = ai_generations.c
+    query = (
+        select(column, func.count(), func.coalesce(func.sum(table.c.credits), 0))
+        .select_from(table.outerjoin(ai_generations, g.id == table.c.job_id))
+        .where(where)
+        .group_by(column)
+    )
+    return [(value, int(rows), int(credits)) for value, rows, credits in conn.execute(query)]
+
+
+def stored_credits_once(conn: Connection, findings: Findings) -> int:
+    """Credits at stake counting each job once (a job in two categories is one job's credits at risk):
+    per job its largest finding (never below zero), plus every finding that has no job."""
+    f = recon_findings.c
+    largest = (
+        select(func.max(f.credits).label("credits")).where(findings.where, f.job_id != "").group_by(f.job_id)
+    ).subquery()
+    per_job = conn.execute(
+        select(func.coalesce(func.sum(case((largest.c.credits > 0, largest.c.credits), else_=0)), 0))
+    ).scalar_one()
+    loose = _tally(conn, recon_findings, and_(findings.where, or_(f.job_id.is_(None), f.job_id == ""))).credits
+    return int(per_job) + loose
 
 
 def run_history(conn: Connection, run: RunInfo, limit: int = HISTORY_RUNS) -> list[RunPoint]:
@@ -277,31 +471,65 @@ def run_history(conn: Connection, run: RunInfo, limit: int = HISTORY_RUNS) -> li
     return points
 
 
-def load_report_data(conn: Connection, run_id: str, lookback_hours: int = DEFAULT_LOOKBACK_HOURS) -> ReportData:
-    """Everything the reports of `run_id` show, read in one connection."""
+def load_report_data(
+    conn: Connection,
+    run_id: str,
+    lookback_hours: int = DEFAULT_LOOKBACK_HOURS,
+    shown: int = HTML_ROW_LIMIT,
+    chunk_rows: int = CHUNK_ROWS,
+) -> ReportData:
+    """Everything the pages of `run_id` show, read in one connection: totals in SQL, `shown` rows (read
+    `chunk_rows` at a time)."""
     run = run_info(conn, run_id) or RunInfo(run_id, None, None, "unknown", "", {})
-    previous = previous_successful_run(conn, run)
-    findings, resolved = mark_changes(
-        finding_rows(conn, run_id, lookback_hours=lookback_hours),
-        finding_rows(conn, previous, lookback_hours=lookback_hours) if previous else None,
-    )
+    scope = finding_scope(conn, run)
+    refunded = recon_refunds.c.run_id == run_id
+    current, resolved = current_findings(scope), resolved_findings(scope)
+    persisting = _tally(conn, recon_findings, and_(current.where, _also_in(scope.previous_seq)))
+    findings = _tally(conn, recon_findings, current.where)
+    f, g, r = recon_findings.c, ai_generations.c, recon_refunds.c
+
+    def first(part: Findings, limit: int, by_credits: bool = False) -> list[FindingRow]:
+        chunks = finding_chunks(conn, part, None, lookback_hours, chunk_rows, limit, by_credits)
+        return [row for chunk in chunks for row in chunk]
+
     return ReportData(
         run=run,
-        previous_run_id=previous,
-        refunds=refund_rows(conn, run_id),
+        scope=scope,
+        refunds=_tally(conn, recon_refunds, refunded),
+        refunds_by_reason=_groups(conn, recon_refunds, refunded, r.reason),
+        refunds_by_vendor=_groups(conn, recon_refunds, refunded, g.vendor),
+        top_refunds=[row for chunk in refund_chunks(conn, refunded, chunk_rows, shown) for row in chunk],
         findings=findings,
-        resolved=resolved,
+        credits_at_stake=stored_credits_once(conn, current),
+        findings_by_category=_groups(conn, recon_findings, current.where, f.category),
+        findings_by_vendor=_groups(conn, recon_findings, current.where, g.vendor),
+        changes={
+            NEW: Tally(findings.rows - persisting.rows, findings.credits - persisting.credits),
+            PERSISTING: persisting,
+            RESOLVED: _tally(conn, recon_findings, resolved.where),
+        },
+        top_findings=first(current, shown),
+        top_resolved=first(resolved, shown),
+        top_moved=_largest_moves(first(new_findings(scope), MOVED_ROWS, True), first(resolved, MOVED_ROWS, True)),
         history=run_history(conn, run),
-        holds=held_rows(conn, run_id),
+        holds=_tally(conn, recon_refund_holds, recon_refund_holds.c.run_id == run_id),
+        top_holds=held_rows(conn, run_id, shown),
     )
+
+
+def _largest_moves(new: list[FindingRow], resolved: list[FindingRow]) -> list[FindingRow]:
+    """The MOVED_ROWS largest of the new and resolved findings, new first among equal credits."""
+    return sorted([*new, *resolved], key=lambda row: -row.credits)[:MOVED_ROWS]
 
 
 HELD_COLUMNS = ["job_id", "vendor", "credits", "reason", "hold_detail", "status", "decided_by", "decided_at",
                 "decision_note", "outcome"]  # fmt: skip
 
 
-def held_rows(conn: Connection, run_id: str) -> list[tuple]:
-    """The refunds this run held (not written) and, when a person decided since, the decision."""
+def held_rows(conn: Connection, run_id: str, limit: int | None = None) -> list[tuple]:
+    """The refunds this run held (not written), the largest first, and, when a person decided since,
+    the decision."""
     h = recon_refund_holds.c
-    query = select(*(h[name] for name in HELD_COLUMNS)).where(h.run_id == run_id).order_by(h.credits.desc(), h.job_id)
+    query = select(*(h[name] for name in HELD_COLUMNS)).where(h.run_id == run_id)
+    query = query.order_by(h.credits.desc(), _bytewise(conn, h.job_id)).limit(limit)
     return [tuple(row) for row in conn.execute(query)]

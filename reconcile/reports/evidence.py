@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import ARRAY, Text, any_, literal, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
 
 from reconcile.db.schema import (
     ai_generations,
@@ -66,9 +67,18 @@ class JobFacts:
     hold: tuple[str, str, str | None, str | None] | None  # (status, detail, decided_by, note) of the latest hold
 
 
-def _chunks(ids: list[str]) -> Iterable[list[str]]:
+def in_chunks(ids: list[str]) -> Iterable[list[str]]:
+    """`ids` a thousand at a time: an IN list stays small whatever the rows."""
     for start in range(0, len(ids), _IN_CHUNK):
         yield ids[start : start + _IN_CHUNK]
+
+
+def among(conn: Connection, column: ColumnElement, ids: list[str]) -> ColumnElement[bool]:
+    """`column` is one of `ids`: on PostgreSQL one array parameter (= ANY), not an IN list of a thousand
+    (whose compiling and sending cost more than the lookup itself: 20 of 56 s at 50,000 rows)."""
+    if conn.dialect.name == "postgresql":
+        return column == any_(literal(ids, ARRAY(Text)))
+    return column.in_(ids)
 
 
 def job_facts(conn: Connection, job_ids: Iterable[str | None]) -> dict[str, JobFacts]:
@@ -76,18 +86,20 @@ def job_facts(conn: Connection, job_ids: Iterable[str | None]) -> dict[str, JobF
     ids = sorted({j for j in job_ids if j})
     g, a, r, s, h = ai_generations.c, recon_pass_answers.c, recon_runs.c, recon_status_changes.c, recon_refund_holds.c
     rows, answers, holds = {}, {}, {}
-    for chunk in _chunks(ids):
-        for row in conn.execute(select(g.id, g.status, g.updated_at, g.vendor_task_id).where(g.id.in_(chunk))):
+    for chunk in in_chunks(ids):
+        for row in conn.execute(select(g.id, g.status, g.updated_at, g.vendor_task_id).where(among(conn, g.id, chunk))):
             rows[row.id] = row
         # The audited change first, then the passes' answers (newer, when kept): the last one wins.
         for row in conn.execute(
-            select(s.job_id, s.vendor_state, s.evidence).where(s.job_id.in_(chunk)).order_by(s.changed_at, s.id)
+            select(s.job_id, s.vendor_state, s.evidence)
+            .where(among(conn, s.job_id, chunk))
+            .order_by(s.changed_at, s.id)
         ):
             answers[row.job_id] = readable_answer(row.evidence) or f"state {row.vendor_state}"
         for row in conn.execute(
             select(a.job_id, a.state, a.reason, a.http_status, a.evidence)
             .select_from(recon_pass_answers.join(recon_runs, r.run_id == a.run_id))
-            .where(a.job_id.in_(chunk))
+            .where(among(conn, a.job_id, chunk))
             .order_by(r.started_at)
         ):
             answers[row.job_id] = readable_answer(json.dumps(
@@ -95,7 +107,7 @@ def job_facts(conn: Connection, job_ids: Iterable[str | None]) -> dict[str, JobF
             ))  # fmt: skip
         for row in conn.execute(
             select(h.job_id, h.status, h.hold_detail, h.decided_by, h.decision_note)
-            .where(h.job_id.in_(chunk))
+            .where(among(conn, h.job_id, chunk))
             .order_by(h.held_at, h.id)
         ):
             holds[row.job_id] = (row.status, row.hold_detail, row.decided_by, row.decision_note)

@@ -12,13 +12,21 @@ from datetime import datetime
 from typing import TextIO
 
 from reconcile.leakage import CATEGORIES
-from reconcile.reports.data import NEW, PERSISTING, RESOLVED, FindingRow, RefundRow, ReportData
+from reconcile.reports.data import (
+    HTML_ROW_LIMIT,
+    NEW,
+    PERSISTING,
+    RESOLVED,
+    FindingRow,
+    Group,
+    RefundRow,
+    ReportData,
+    Tally,
+)
 from reconcile.reports.evidence import readable_answer, reason_in_words
 from reconcile.reports.safe import Markup, csv_cell, el, esc, visible
 from reconcile.reports.svg import PALETTE, bar_chart, line_chart
 
-# Pages list at most this many rows (the CSV always has every row; the totals always count them all).
-HTML_ROW_LIMIT = 1_000  # the largest first; every row is in the CSV
 ID_CHARS = 120  # longest id shown in a page cell
 TEXT_CHARS = 400  # longest detail or evidence shown in a page cell
 
@@ -62,15 +70,25 @@ class Total:
 
 def totals_by(rows: Iterable, key: Callable[[object], str | None], order: Sequence[str] = ()) -> list[Total]:
     """Row count and credits per value of `key` (the CSV cell), `order` first (even when zero)."""
+    sums: dict[object, list[int]] = {}
+    for row in rows:
+        entry = sums.setdefault(key(row), [0, 0])
+        entry[0] += 1
+        entry[1] += int(row.credits)
+    return totals_of([(raw, n, credits) for raw, (n, credits) in sums.items()], order)
+
+
+def totals_of(groups: Iterable[Group], order: Sequence[str] = ()) -> list[Total]:
+    """The totals of (raw value, rows, credits) groups per CSV cell of the value (two values can be one
+    cell: None and ""), `order` first (even when zero), then the largest credits first."""
     sums: dict[str, list[int]] = {k: [0, 0] for k in order}
     labels: dict[str, str] = {}
-    for row in rows:
-        raw = key(row)
+    for raw, n, credits in groups:
         cell = str(csv_cell(raw))
         labels.setdefault(cell, NO_VENDOR if raw is None else str(raw))
         entry = sums.setdefault(cell, [0, 0])
-        entry[0] += 1
-        entry[1] += int(row.credits)
+        entry[0] += int(n)
+        entry[1] += int(credits)
     listed = [k for k in order] + sorted((k for k in sums if k not in order), key=lambda k: (-sums[k][1], k))
     return [Total(k, labels.get(k, k), sums[k][0], sums[k][1]) for k in listed]
 
@@ -79,9 +97,14 @@ def grand_total(rows: Sequence) -> Total:
     return Total("", "total", len(rows), sum(int(r.credits) for r in rows))
 
 
+def _total(tally: Tally) -> Total:
+    return Total("", "total", tally.rows, tally.credits)
+
+
 def credits_once(rows: Iterable) -> int:
     """Credits at stake counting each job once (a job in two categories is one job's credits at risk):
-    per job its largest finding, plus every finding that has no job."""
+    per job its largest finding, plus every finding that has no job. The rows of a book; a run's
+    stored findings are counted in SQL (reconcile.reports.data.stored_credits_once), the same rule."""
     per_job: dict[str, int] = {}
     loose = 0
     for row in rows:
@@ -95,27 +118,29 @@ def credits_once(rows: Iterable) -> int:
 # --- CSV -------------------------------------------------------------------------------------------
 
 
-def write_refunds_csv(data: ReportData, out: TextIO) -> None:
+def write_refunds_csv(run_id: str, chunks: Iterable[list[RefundRow]], out: TextIO) -> None:
     _write_csv(
         out,
         REFUND_COLUMNS,
         (
-            [data.run.run_id, r.job_id, r.user_id, r.vendor, r.model, r.type, r.credits, r.reason,
+            [run_id, r.job_id, r.user_id, r.vendor, r.model, r.type, r.credits, r.reason,
              r.vendor_state, r.error_message, r.evidence, timestamp(r.refunded_at),
              r.reason_text, r.vendor_task_id, r.approved_by, r.approval_note]
-            for r in data.refunds
+            for chunk in chunks
+            for r in chunk
         ),
     )  # fmt: skip
 
 
-def write_leakage_csv(data: ReportData, out: TextIO) -> None:
+def write_leakage_csv(run_id: str, chunks: Iterable[list[FindingRow]], out: TextIO) -> None:
     _write_csv(
         out,
         LEAKAGE_COLUMNS,
         (
-            [data.run.run_id, f.category, f.job_id, f.user_id, f.vendor, f.credits, f.change, f.detail,
+            [run_id, f.category, f.job_id, f.user_id, f.vendor, f.credits, f.change, f.detail,
              timestamp(f.detected_at), f.vendor_said, f.action]
-            for f in data.findings
+            for chunk in chunks
+            for f in chunk
         ),
     )  # fmt: skip
 
@@ -287,11 +312,10 @@ def _history(data: ReportData, metrics: list[tuple[str, str, str]]) -> list[Mark
 
 
 def refunds_html(data: ReportData, generated_at: datetime) -> str:
-    rows = data.refunds
-    total = grand_total(rows)
-    by_reason = totals_by(rows, lambda r: r.reason)
-    by_vendor = totals_by(rows, lambda r: r.vendor)
-    listing = [refund_cells(r) for r in rows[:HTML_ROW_LIMIT]]
+    total = _total(data.refunds)
+    by_reason = totals_of(data.refunds_by_reason)
+    by_vendor = totals_of(data.refunds_by_vendor)
+    listing = [refund_cells(r) for r in data.top_refunds[:HTML_ROW_LIMIT]]
     body = [
         _cards([("refunds", total.rows), ("credits refunded", total.credits), ("vendors", len(by_vendor))]),
         el("div",
@@ -310,15 +334,15 @@ def refunds_html(data: ReportData, generated_at: datetime) -> str:
                 "`reconcile refunds approve|reject --run-id ", el("code", data.run.run_id),
                 " --by NAME --note TEXT` (or --job, --vendor, --all). Their credits are not in the totals above.",
            class_="note"),
-        _cards([("held", len(data.holds)), ("credits held", sum(int(h[2]) for h in data.holds))]),
-        _rows_table("held", HELD_PAGE_COLUMNS, [_held_cells(h) for h in data.holds[:HTML_ROW_LIMIT]],
-                    len(data.holds), "recon_refund_holds"),
+        _cards([("held", data.holds.rows), ("credits held", data.holds.credits)]),
+        _rows_table("held", HELD_PAGE_COLUMNS, [_held_cells(h) for h in data.top_holds[:HTML_ROW_LIMIT]],
+                    data.holds.rows, "recon_refund_holds"),
         el("h2", "Every refund of the run"),
         el("p", "Why: the reason in words. Error message: the job's error_message. Vendor's answer: what the "
                 "vendor answered when reconcile failed the job (state, reason, HTTP status, an excerpt; the CSV has it "
                 "whole).",
            class_="note"),
-        _rows_table("refunds", REFUND_PAGE_COLUMNS, listing, len(rows), "refunds.csv"),
+        _rows_table("refunds", REFUND_PAGE_COLUMNS, listing, total.rows, "refunds.csv"),
     ]  # fmt: skip
     return _page(f"reconcile refunds · {data.run.run_id}", "Refunds", data, generated_at, body)
 
@@ -359,13 +383,12 @@ def refund_cells(r: RefundRow) -> list[object]:
 
 
 def leakage_html(data: ReportData, generated_at: datetime) -> str:
-    rows = data.findings
-    total = grand_total(rows)
-    by_category = totals_by(rows, lambda f: f.category, order=CATEGORIES)
-    by_vendor = totals_by(rows, lambda f: f.vendor)
-    changes = _change_totals(data)
-    listing = [_finding_cells(f) for f in rows[:HTML_ROW_LIMIT]]
-    resolved = [_finding_cells(f) for f in data.resolved[:HTML_ROW_LIMIT]]
+    total = _total(data.findings)
+    by_category = totals_of(data.findings_by_category, order=CATEGORIES)
+    by_vendor = totals_of(data.findings_by_vendor)
+    changes = [Total(change, change, *data.changes[change]) for change in (NEW, PERSISTING, RESOLVED)]
+    listing = [_finding_cells(f) for f in data.top_findings[:HTML_ROW_LIMIT]]
+    resolved = [_finding_cells(f) for f in data.top_resolved[:HTML_ROW_LIMIT]]
     columns = FINDING_PAGE_COLUMNS
     previous = (
         el("p", "compared with the previous successful run ", el("code", data.previous_run_id), class_="note")
@@ -373,7 +396,7 @@ def leakage_html(data: ReportData, generated_at: datetime) -> str:
         else el("p", "no previous successful run: every finding is new", class_="note")
     )
     body = [
-        _cards([("findings", total.rows), ("credits at stake (each job once)", credits_once(rows)),
+        _cards([("findings", total.rows), ("credits at stake (each job once)", data.credits_at_stake),
                 ("new", changes[0].rows), ("resolved", changes[2].rows)]),
         el("p", "A job can be in two categories: the card counts its credits once, the tables below once per "
                 "finding.", class_="note"),
@@ -394,11 +417,11 @@ def leakage_html(data: ReportData, generated_at: datetime) -> str:
                          ("findings", "Leakage findings per run", "findings"),
                          ("credits_at_stake", "Credits at stake per run", "credits")]),
         el("h2", "Every finding of the run"),
-        _rows_table("findings", columns, listing, len(rows), "leakage.csv"),
+        _rows_table("findings", columns, listing, total.rows, "leakage.csv"),
         el("h2", "Resolved since the previous run"),
         el("p", "findings of the previous successful run that this run no longer has (credits as they were then)",
            class_="note"),
-        _rows_table("resolved", columns, resolved, len(data.resolved), "the previous run's leakage.csv"),
+        _rows_table("resolved", columns, resolved, changes[2].rows, "the previous run's leakage.csv"),
     ]  # fmt: skip
     return _page(f"reconcile leakage · {data.run.run_id}", "Credit leakage", data, generated_at, body)
 
@@ -412,14 +435,6 @@ def _finding_cells(f: FindingRow) -> list[object]:
     tag = el("span", f.change, class_=f"tag {f.change}")
     vendor = f.vendor if f.vendor is not None else NO_VENDOR
     return [f.category, f.job_id or "", f.user_id or "", vendor, f.credits, tag, f.detail, f.vendor_said, f.action]
-
-
-def _change_totals(data: ReportData) -> list[Total]:
-    def total(change: str, rows: list[FindingRow]) -> Total:
-        picked = [f for f in rows if f.change == change]
-        return Total(change, change, len(picked), sum(f.credits for f in picked))
-
-    return [total(NEW, data.findings), total(PERSISTING, data.findings), total(RESOLVED, data.resolved)]
 
 
 def _change_table(changes: list[Total]) -> Markup:

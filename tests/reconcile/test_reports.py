@@ -18,7 +18,8 @@ from sqlalchemy.engine import Engine
 from reconcile.db.schema import recon_refunds, recon_runs, recon_status_changes
 from reconcile.leakage import CATEGORIES, FINDING_COLUMNS, stage_findings, write_findings
 from reconcile.reports import REPORT_FILES, UnknownRun, generate_reports, write_reports
-from reconcile.reports.data import load_report_data
+from reconcile.reports.data import MOVED_ROWS, finding_rows, load_report_data, refund_rows
+from reconcile.reports.render import credits_once
 from reconcile.reports.safe import FORMULA_START
 from tests.platform import NOW, Platform
 
@@ -405,3 +406,86 @@ def test_html_lists_the_largest_rows_and_points_to_the_csv_for_the_rest(db, tmp_
     listed = [f"job-{i}" for i in range(7) if f">job-{i}<" in html]
     assert listed == ["job-4", "job-5", "job-6"]  # the three largest refunds
     assert Page(html).totals("totals-by-reason")[1] == (7, sum(range(10, 17)))
+
+
+def test_a_finding_whose_credits_changed_is_the_same_finding(db, tmp_path: Path) -> None:
+    """Stored intervals end when the credits change, but to a person it is the same finding: persisting,
+    not new (and not resolved): the key is (category, job_id, detail), as before the SQL marking."""
+    record_run(db.engine, "run-a", NOW - timedelta(minutes=15))
+    add_findings(db.engine, "run-a", [("stuck_unresolved", "j1", "u1", 10, "pending since x"),
+                                      ("orphan_transaction", None, "u2", 4, "charge id=3")])  # fmt: skip
+    record_run(db.engine, "run-b", NOW)
+    add_findings(db.engine, "run-b", [("stuck_unresolved", "j1", "u1", 12, "pending since x"),
+                                      ("orphan_transaction", None, "u2", 5, "charge id=3")])  # fmt: skip
+    out = files(write_reports(db.engine, "run-b", tmp_path, NOW))
+    assert {r["change"] for r in read_csv(out["leakage.csv"])} == {"persisting"}
+    page = Page(out["leakage.html"].read_text(encoding="utf-8"))
+    assert page.keyed("change-summary") == {"new": (0, 0), "persisting": (2, 17), "resolved": (0, 0)}
+
+
+def test_csv_rows_are_read_and_written_a_chunk_at_a_time(db, tmp_path: Path, monkeypatch) -> None:
+    """However large the run, the CSVs never hold more than a chunk of rows: the same files, read two
+    rows at a time, as in one chunk."""
+    seed_hostile_run(db.engine)
+    whole = {p.name: p.read_bytes() for p in generate_reports(db.engine, "run-hostile", tmp_path / "a", NOW).paths}
+    import reconcile.reports.data as data
+
+    chunks: list[int] = []
+    stream = data._stream
+
+    def counted(conn, query, chunk_rows):
+        for rows in stream(conn, query, chunk_rows):
+            chunks.append(len(rows))
+            yield rows
+
+    monkeypatch.setattr(data, "_stream", counted)
+    small = generate_reports(db.engine, "run-hostile", tmp_path / "b", NOW, chunk_rows=2)
+    assert {p.name: p.read_bytes() for p in small.paths} == whole
+    assert max(chunks) == 2 and sum(c for c in chunks if c <= 2) >= 5 + 6  # every refund and finding, by twos
+
+
+def test_credits_at_stake_counted_in_sql_follow_the_rule_over_the_rows(db, tmp_path: Path) -> None:
+    """Each job's largest finding once (never below zero), plus every finding without a job ("" too)."""
+    record_run(db.engine, "run-a", NOW)
+    add_findings(
+        db.engine,
+        "run-a",
+        [
+            ("stuck_unresolved", "j1", "u1", 10, "a"),
+            ("charge_mismatch", "j1", "u1", 3, "b"),  # j1 once: 10
+            ("duplicate_refund", "j2", "u2", -4, "c"),  # never below zero: 0
+            ("orphan_transaction", None, "u3", 7, "d"),
+            ("orphan_transaction", None, "u3", 2, "e"),
+            ("orphan_transaction", "", "u3", 1, "f"),  # no job: counted as it is
+        ],
+    )
+    reports = generate_reports(db.engine, "run-a", tmp_path, NOW)
+    with db.engine.connect() as conn:
+        rows = finding_rows(conn, "run-a")
+    assert reports.credits_at_stake == credits_once(rows) == 10 + 0 + 7 + 2 + 1
+
+
+def test_the_largest_new_and_resolved_findings_and_refunds_for_the_step(db) -> None:
+    """The step's metadata lists the largest rows, chosen in SQL: the same as sorting every row."""
+    record_run(db.engine, "run-a", NOW - timedelta(minutes=15))
+    add_findings(db.engine, "run-a", [(c, f"j{i}", "u", i % 7, f"d{i}") for i, c in enumerate(CATEGORIES * 4)])
+    record_run(db.engine, "run-b", NOW)
+    add_findings(db.engine, "run-b", [(c, f"j{i}", "u", i % 5, f"d{i}") for i, c in enumerate(CATEGORIES * 9)
+                                      if i % 3])  # fmt: skip
+    for i in range(25):
+        add_refund(db.engine, "run-b", f"r{i}", "u", credits=i % 6, reason="vendor_failed")
+    with db.engine.connect() as conn:
+        data = load_report_data(conn, "run-b", shown=12)
+        every = [*finding_rows(conn, "run-b"), *finding_rows(conn, "run-a")]
+        refunds = refund_rows(conn, "run-b")
+    assert data.changes["new"].rows > MOVED_ROWS // 2 and data.changes["resolved"].rows > 0
+    current, previous = every[: data.findings.rows], every[data.findings.rows :]
+    new = [f for f in current if f.key not in {g.key for g in previous}]
+    resolved = [f for f in previous if f.key not in {g.key for g in current}]
+    # The largest credits first; among equals new before resolved, then by category, job and detail.
+    expected = sorted(new + resolved, key=lambda f: (-f.credits, f in resolved, f.category, f.job_id, f.detail))
+    expected = expected[:MOVED_ROWS]
+    assert [(f.key, f.credits) for f in data.top_moved] == [(f.key, f.credits) for f in expected]
+    assert {f.change for f in data.top_moved} == {"new", "resolved"}
+    assert [r.job_id for r in data.top_refunds] == [r.job_id for r in refunds[:12]]
+    assert data.refunds == (25, sum(i % 6 for i in range(25)))

@@ -206,6 +206,6 @@ def test_the_top_findings_table_counts_the_findings_it_leaves_out(db) -> None:
     _detect(db, Scope(full=True))
     with db.engine.connect() as conn:
         summary = summarize_findings(conn, "run-x")
-    shown = markdown.table(summary.top.head(3), 2, rows=summary.findings)
+    shown = markdown.table(summary.top.head(3), 2, total=summary.findings)
     assert shown.endswith(f"_{summary.findings - 2} more rows not shown_")
     assert shown.count("\n| ") == 2  # the two largest, under the header

@@ -49,7 +49,7 @@ from reconcile.db.schema import (
     recon_pass_findings,
     recon_status_changes,
 )
-from reconcile.staging import _bulk_insert, _pages, _records, analyze
+from reconcile.staging import analyze, bulk_insert, insert_records, key_pages
 
 CATEGORIES = (
     "stuck_unresolved",
@@ -331,7 +331,7 @@ def _stage_query(
         result = conn.execute(query, execution_options={"yield_per": chunk_size})
         for rows in result.partitions():
             found = [{**f, "run_id": run_id} for r in rows for f in findings_of(r)]
-            _bulk_insert(conn, recon_pass_findings, found)
+            bulk_insert(conn, recon_pass_findings, found)
 
 
 def _carry_forward(conn: Connection, run_id: str, scope: Scope, previous_run_id: str) -> None:
@@ -366,7 +366,7 @@ def clear_staged_findings(conn: Connection, run_id: str) -> None:
 def stage_findings(conn: Connection, run_id: str, findings: pd.DataFrame) -> None:
     """Add `findings` (FINDING_COLUMNS) to `run_id`'s staged findings, after the ones already there."""
     if not findings.empty:
-        _bulk_insert(conn, recon_pass_findings, _records(findings[FINDING_COLUMNS], run_id=run_id))
+        bulk_insert(conn, recon_pass_findings, insert_records(findings[FINDING_COLUMNS], run_id=run_id))
 
 
 def _staged(run_id: str) -> Select:
@@ -383,7 +383,7 @@ def iter_staged_findings(engine: Engine, run_id: str, chunk_size: int) -> Iterat
     """A run's staged findings, `chunk_size` at a time by id."""
     p = recon_pass_findings.c
     query = _staged(run_id).add_columns(p.id).limit(chunk_size)
-    for page in _pages(engine, query, p.id, chunk_size, [*FINDING_COLUMNS, "id"]):
+    for page in key_pages(engine, query, p.id, chunk_size, [*FINDING_COLUMNS, "id"]):
         yield page[FINDING_COLUMNS].astype({"credits": "int64"})
 
 

@@ -27,7 +27,7 @@ from reconcile.db.schema import (
     recon_refunds,
     recon_status_changes,
 )
-from reconcile.staging import _pages
+from reconcile.staging import key_pages
 from reconcile.sync import NEVER_DISPATCHED
 
 PLAN_COLUMNS = ["job_id", "user_id", "vendor", "model", "type", "credits", "charged", "refunded", "reason"]
@@ -139,7 +139,7 @@ def iter_refund_plan(engine: Engine, run_id: str, chunk_size: int, held: bool | 
     query = select(*(p[name] for name in STAGED_COLUMNS)).where(p.run_id == run_id)
     if held is not None:
         query = query.where(p.hold_rule != "" if held else p.hold_rule == "")
-    pages = _pages(engine, query.order_by(p.job_id).limit(chunk_size), p.job_id, chunk_size, STAGED_COLUMNS)
+    pages = key_pages(engine, query.order_by(p.job_id).limit(chunk_size), p.job_id, chunk_size, STAGED_COLUMNS)
     return (page.astype(AMOUNTS) for page in pages)
 
 
@@ -163,7 +163,7 @@ def iter_written_refunds(engine: Engine, run_id: str, chunk_size: int) -> Iterat
         .order_by(r.job_id)
         .limit(chunk_size)
     )
-    return _pages(engine, query, r.job_id, chunk_size, ["job_id", "credits", "amount", "key"])
+    return key_pages(engine, query, r.job_id, chunk_size, ["job_id", "credits", "amount", "key"])
 
 
 @dataclass(frozen=True)

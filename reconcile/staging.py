@@ -111,7 +111,7 @@ def stage_stuck_jobs(
         for rows in result.partitions():
             frame = pd.DataFrame([tuple(r) for r in rows], columns=STUCK_COLUMNS).astype({"credits_charged": "int64"})
             jobs = classify_stuck_jobs(frame, now, undispatched_fail_after_minutes).jobs
-            _bulk_insert(conn, recon_pass_jobs, _records(jobs[PASS_JOB_COLUMNS], run_id=pass_id))
+            bulk_insert(conn, recon_pass_jobs, insert_records(jobs[PASS_JOB_COLUMNS], run_id=pass_id))
             counts.append(_counts(jobs))
             oldest = jobs.head(OLDEST_SHOWN).copy() if len(counts) == 1 else oldest  # not a view of the chunk
         taken = sum(int(c["jobs"].sum()) for c in counts)
@@ -133,7 +133,7 @@ def _counts(jobs: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _records(frame: pd.DataFrame, **constant: Any) -> list[dict[str, Any]]:
+def insert_records(frame: pd.DataFrame, **constant: Any) -> list[dict[str, Any]]:
     """Rows to insert, missing values as None (pandas would send NaN and NaT). Built from column lists:
     `to_dict("records")` boxes every value one by one (profiled: a third of the stuck-job stage)."""
     names = [*frame.columns, *constant]
@@ -142,7 +142,7 @@ def _records(frame: pd.DataFrame, **constant: Any) -> list[dict[str, Any]]:
     return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
 
 
-def _bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
     """COPY on PostgreSQL (a post-incident working set is hundreds of thousands of rows), else INSERT."""
     if can_copy(conn):
         copy_rows(conn, table, rows)
@@ -189,11 +189,11 @@ def iter_pass_jobs(
         query = query.where(j.category == category)
     if vendor is not None:
         query = query.where(j.vendor == vendor)
-    pages = _pages(engine, query, j.job_id, chunk_size, [c.name for c in columns])
+    pages = key_pages(engine, query, j.job_id, chunk_size, [c.name for c in columns])
     return (page.astype({"credits_charged": "int64"}) for page in pages)
 
 
-def _pages(
+def key_pages(
     engine: Engine, query: Select, key: ColumnElement, chunk_size: int, names: list[str]
 ) -> Iterator[pd.DataFrame]:
     """`query` (ordered by `key`, limited to `chunk_size`) page after page by key range, each page its own
@@ -225,7 +225,7 @@ def write_answers(engine: Engine, pass_id: str, answers: Sequence[VendorAnswer])
         row["state"] = str(row["state"])
     if rows:
         with engine.begin() as conn:
-            _bulk_insert(conn, recon_pass_answers, rows)
+            bulk_insert(conn, recon_pass_answers, rows)
 
 
 def clear_answers(engine: Engine, pass_id: str, vendor: str) -> None:
@@ -321,7 +321,7 @@ def iter_status_changes(engine: Engine, run_id: str, pass_id: str, chunk_size: i
         .order_by(c.id)
         .limit(chunk_size)
     )
-    return _pages(engine, query, c.id, chunk_size, ["id", "job_id", "from_status", "to_status", "was_stuck"])
+    return key_pages(engine, query, c.id, chunk_size, ["id", "job_id", "from_status", "to_status", "was_stuck"])
 
 
 def answers_not_asked_for(engine: Engine, pass_id: str, vendor: str) -> list[str]:

@@ -169,7 +169,12 @@ def _launch(url: str, assets: list[str], run_config: dict | None = None) -> dict
         "repositoryName": "__repository__",
         "jobName": "__ASSET_JOB",
         "assetSelection": [{"path": [name]} for name in assets],
-        "assetCheckSelection": [],
+        # As the UI's button does (getAssetCheckHandleInputs): every check of the selected assets.
+        "assetCheckSelection": [
+            {"assetKey": {"path": key.asset_key.path}, "name": key.name}
+            for key in defs.resolve_asset_graph().asset_check_keys
+            if key.asset_key.to_user_string() in assets
+        ],
     }
     params = {
         "selector": selector,

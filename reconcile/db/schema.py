@@ -300,6 +300,21 @@ recon_pass_answers = Table(
     Column("attempts", Integer, nullable=False),
 )
 
+
+def _planned_refund_columns() -> list[Column]:
+    """What a planned refund is (`refunds.refund_plan_query`): the pass's plan and a held refund keep it alike."""
+    return [
+        Column("user_id", Text, nullable=False),
+        Column("vendor", Text),
+        Column("model", Text),
+        Column("type", Text),
+        Column("credits", BigInteger, nullable=False),
+        Column("charged", BigInteger, nullable=False),
+        Column("refunded", BigInteger, nullable=False),
+        Column("reason", Text, nullable=False),
+    ]
+
+
 # The pass's refund plan and leakage findings (revision 0006), working-set tables like the two above:
 # the steps after the sync write and read them a chunk at a time, so no step holds a whole incident's
 # refunds or findings in memory. Kept and purged with the rest of the pass's working set.
@@ -308,14 +323,7 @@ recon_pass_refund_plan = Table(
     recon_metadata,
     Column("run_id", Text, primary_key=True),
     Column("job_id", Text, primary_key=True),  # one planned refund per job
-    Column("user_id", Text, nullable=False),
-    Column("vendor", Text),
-    Column("model", Text),
-    Column("type", Text),
-    Column("credits", BigInteger, nullable=False),
-    Column("charged", BigInteger, nullable=False),
-    Column("refunded", BigInteger, nullable=False),
-    Column("reason", Text, nullable=False),
+    *_planned_refund_columns(),
     Column("hold_rule", Text, nullable=False, server_default=""),
     Column("hold_detail", Text, nullable=False, server_default=""),
 )
@@ -344,14 +352,7 @@ recon_refund_holds = Table(
     recon_metadata,
     Column("id", BigIntId(), Identity(always=False), primary_key=True, autoincrement=True),
     Column("job_id", Text, nullable=False),
-    Column("user_id", Text, nullable=False),
-    Column("vendor", Text),
-    Column("model", Text),
-    Column("type", Text),
-    Column("credits", BigInteger, nullable=False),
-    Column("charged", BigInteger, nullable=False),
-    Column("refunded", BigInteger, nullable=False),
-    Column("reason", Text, nullable=False),
+    *_planned_refund_columns(),
     Column("hold_rule", Text, nullable=False),
     Column("hold_detail", Text, nullable=False),
     Column("run_id", Text, nullable=False),  # the pass that held it

@@ -28,12 +28,13 @@ from dagster import (
 from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
 
 from assets.blocking_checks import (
+    ONE_ANSWER_PER_JOB,
+    REFUND_PLAN_IS_SAFE,
+    SYNC_CHANGED_ONLY_STUCK_JOBS,
+    blocking_spec,
     refund_plan_check,
-    refund_plan_spec,
     sync_check,
-    sync_spec,
     vendor_answers_check,
-    vendor_answers_spec,
 )
 from assets.failures import DATABASE_TAG, PASS_TAG, known_failures
 from assets.resources import ReconcileResource
@@ -193,7 +194,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
     @asset(
         name=name,
         group_name=GROUP,
-        check_specs=[vendor_answers_spec(vendor, AssetKey(name))],
+        check_specs=[blocking_spec(ONE_ANSWER_PER_JOB, AssetKey(name), vendor=vendor)],
         dagster_type=VendorTruth,  # with check outputs, Dagster cannot infer it from `MaterializeResult`
         kinds={"python", "sql"},
         ins={"stuck_jobs": AssetIn("stuck_jobs")},
@@ -257,7 +258,7 @@ VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in regi
     group_name=GROUP,
     kinds={"sql"},
     ins={registry.step_name(vendor): AssetIn(step.key) for vendor, step in VENDOR_STATUS_ASSETS.items()},
-    check_specs=[sync_spec(AssetKey("job_status_sync"))],
+    check_specs=[blocking_spec(SYNC_CHANGED_ONLY_STUCK_JOBS, AssetKey("job_status_sync"))],
     dagster_type=SyncTotals,  # with check outputs, Dagster cannot infer it from `MaterializeResult`
     retry_policy=TRANSIENT_DB_RETRY,
 )
@@ -312,7 +313,7 @@ def job_status_sync(
     group_name=GROUP,
     kinds={"sql", "pandas"},
     deps=[job_status_sync],
-    check_specs=[refund_plan_spec(AssetKey("refund_plan"))],
+    check_specs=[blocking_spec(REFUND_PLAN_IS_SAFE, AssetKey("refund_plan"))],
     dagster_type=RefundPlan,  # with check outputs, Dagster cannot infer it from `MaterializeResult`
     retry_policy=TRANSIENT_DB_RETRY,
 )

@@ -143,15 +143,6 @@ def iter_refund_plan(engine: Engine, run_id: str, chunk_size: int, held: bool | 
     return (page.astype(AMOUNTS) for page in pages)
 
 
-def refunds_planned_twice(engine: Engine, run_id: str) -> list[str]:
-    """Jobs with more than one staged refund in a run's plan (none: the table's key forbids it; checked
-    anyway, across chunks, before money moves)."""
-    p = recon_pass_refund_plan.c
-    query = select(p.job_id).where(p.run_id == run_id).group_by(p.job_id).having(func.count() > 1)
-    with engine.connect() as conn:
-        return list(conn.execute(query.order_by(p.job_id)).scalars())
-
-
 def iter_written_refunds(engine: Engine, run_id: str, chunk_size: int) -> Iterator[pd.DataFrame]:
     """The refunds a run recorded in recon_refunds, each with its ledger row's `amount` and `key`
     (missing where there is none), `chunk_size` at a time by job_id key range."""

@@ -200,7 +200,8 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
         ins={"stuck_jobs": AssetIn("stuck_jobs")},
         op_tags=vendor_step_tags(vendor),
         description=f"{vendor}'s true status of every dispatched stuck {vendor} job, asked concurrently and "
-        "politely (rate limit, Retry-After, bounded retries) a chunk at a time, staged in recon_pass_answers; "
+        "politely (rate limit, Retry-After, bounded retries) in one run, staged in recon_pass_answers a chunk at a "
+        "time; "
         "the vendor's health for the run.",
         retry_policy=TRANSIENT_DB_RETRY,
     )
@@ -221,7 +222,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
         def progress(stage: VendorStage) -> None:
             lease.check()  # a pass that lost its lease stops asking
             if total > stuck_jobs.chunk_size:
-                context.log.info(f"{vendor}: {stage.answers} of {total} answered ({stage.health})")
+                context.log.info(f"{vendor}: {stage.answers} of {total} answered")
 
         stage = ask_vendor(reconcile.engine(), stuck_jobs, vendor, reconcile.settings(), context.run.run_id, progress)
         if stage.health != "ok":

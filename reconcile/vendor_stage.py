@@ -1,17 +1,19 @@
-"""Stage 2 over a staged working set: ask one vendor about its dispatched stuck jobs, chunk by chunk.
+"""Stage 2 over a staged working set: ask one vendor about its dispatched stuck jobs.
 
-Each chunk goes through `fetch_vendor_truth` (rate limit, Retry-After, bounded retries, health) and
-its answers are written to `recon_pass_answers` before the next chunk is read. The vendor's time
-budget covers the whole step, and once a chunk finds the vendor unhealthy the later chunks are not
-sent to it: their jobs get an UNKNOWN answer that says why, and stay as they are.
+One run of the vendor client per step (`ask_vendor_in_batches`: rate limit, Retry-After, bounded
+retries, one time budget and one health for the whole step) reads the staged jobs page by page and
+writes its answers to `recon_pass_answers` a chunk at a time as they come, so memory is bounded by the
+chunk and no chunk waits for the previous one's slowest retry. Once the vendor is found unhealthy (or
+the budget is spent) the jobs left are not sent to it: they get an UNKNOWN answer that says why, and
+stay as they are.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import select
@@ -22,10 +24,7 @@ from reconcile.models import VendorAnswer, VendorHealth, VendorState
 from reconcile.settings import Settings
 from reconcile.staging import StuckSet, analyze, clear_answers, iter_pass_jobs, write_answers
 from reconcile.stuck import DISPATCHED, Classified
-from reconcile.vendors.fetch import COUNTED_STATS, fetch_vendor_truth, not_asked_reason, result_outage_verdict
-
-# The chunks' figures that add up ('skipped' too, with the jobs no chunk asked: `VendorStage.add`).
-_SUMMED = ("jobs", *(name for name in COUNTED_STATS if name != "skipped"))
+from reconcile.vendors.fetch import VendorOutcome, ask_vendor_in_batches
 
 
 @dataclass
@@ -38,25 +37,20 @@ class VendorStage:
     stats: dict[str, Any] = field(default_factory=dict)
     states: Counter[str] = field(default_factory=Counter)
     unknown_reasons: Counter[str] = field(default_factory=Counter)
-    chunk_sizes: list[int] = field(default_factory=list)
+    chunk_sizes: list[int] = field(default_factory=list)  # the answers written at a time
 
     @property
     def answers(self) -> int:
         return sum(self.states.values())
 
-    def add(self, answers: list[VendorAnswer], stats: dict[str, Any] | None, skipped: int = 0) -> None:
+    def record(self, answers: list[VendorAnswer]) -> None:
+        """A chunk of answers, written."""
+        self.chunk_sizes.append(len(answers))
         self.states.update(str(a.state) for a in answers)
         self.unknown_reasons.update(str(a.reason) for a in answers if a.state == VendorState.UNKNOWN)
-        merged = dict(self.stats) or {name: 0 for name in _SUMMED} | {"skipped": 0, "elapsed_seconds": 0.0}
-        for name in _SUMMED:
-            merged[name] += (stats or {}).get(name, 0) if name != "jobs" else len(answers)
-        merged["skipped"] += (stats or {}).get("skipped", 0) + skipped
-        merged["elapsed_seconds"] = round(merged["elapsed_seconds"] + (stats or {}).get("elapsed_seconds", 0.0), 3)
-        merged["by_state"] = dict(self.states)
-        merged["requests_per_second"] = round(merged["requests"] / max(merged["elapsed_seconds"], 1e-9), 1)
-        if stats and "transport" in stats:
-            merged["transport"] = stats["transport"]
-        self.stats = merged
+
+    def finish(self, outcome: VendorOutcome) -> None:
+        self.health, self.detail, self.stats = outcome.health, outcome.detail, outcome.stats
 
 
 def vendors_in_use(engine: Engine) -> frozenset[str]:
@@ -92,37 +86,20 @@ def ask_vendor(
     run_id: str,
     progress: Callable[[VendorStage], None] | None = None,
 ) -> VendorStage:
-    """Ask `vendor` about every dispatched stuck job of the pass, `stuck.chunk_size` at a time."""
+    """Ask `vendor` about every dispatched stuck job of the pass, `stuck.chunk_size` jobs read and
+    answers written at a time; `progress` after each written chunk (an error it raises stops the asking)."""
     stage = VendorStage(vendor)
     clear_answers(engine, stuck.pass_id, vendor)  # a retried step asks again
-    deadline = time.monotonic() + settings.vendor_time_budget_seconds
-    for chunk in iter_pass_jobs(engine, stuck.pass_id, stuck.chunk_size, category=DISPATCHED, vendor=vendor):
-        refs = Classified(chunk).job_refs()
-        stage.chunk_sizes.append(len(refs))
-        budget = deadline - time.monotonic()
-        reason = not_asked_reason(stage.health, budget)
-        if reason:
-            answers = [VendorAnswer(r.job_id, r.vendor, VendorState.UNKNOWN, reason=reason) for r in refs]
-            stage.add(answers, None, skipped=len(answers))
-        else:
-            chunk_settings = settings.model_copy(update={"vendor_time_budget_seconds": budget})
-            result = fetch_vendor_truth(refs, chunk_settings, run_id)
-            answers = result.answers
-            stage.add(answers, result.stats.get(vendor))
-            stage.health = result.health.get(vendor, VendorHealth.OK)
-            stage.detail = result.health_detail.get(vendor, "")
+    pages = iter_pass_jobs(engine, stuck.pass_id, stuck.chunk_size, category=DISPATCHED, vendor=vendor)
+    jobs = chain.from_iterable(Classified(page).job_refs() for page in pages)
+
+    def write(answers: list[VendorAnswer]) -> None:
         write_answers(engine, stuck.pass_id, answers)
+        stage.record(answers)
         if progress:
             progress(stage)
+
+    total = stuck.count(DISPATCHED, vendor)
+    stage.finish(ask_vendor_in_batches(vendor, jobs, total, settings, run_id, write, stuck.chunk_size))
     analyze(engine, recon_pass_answers)
-    # Judged over the whole pass: each chunk may have had too few result requests to tell.
-    outage = result_outage_verdict(vendor, stage.stats.get("results", 0), stage.stats.get("result_errors", 0))
-    if stage.health == VendorHealth.OK and outage is not None:
-        stage.health, stage.detail = outage.health, outage.detail
-    elif stage.health == VendorHealth.OK and len(stage.chunk_sizes) > 1:
-        s = stage.stats
-        stage.detail = (
-            f"{vendor}: {stage.answers} job(s) in {len(stage.chunk_sizes)} chunks, {s['requests']} request(s) "
-            f"in {s['elapsed_seconds']:.1f} s"
-        )
     return stage

@@ -9,6 +9,8 @@
 Public API (imported lazily, so `reconcile.settings` can read the registry without the engine):
 - `fetch_vendor_truth_async(jobs, settings, run_id, *, transport=DEFAULT_TRANSPORT) -> FetchResult`
 - `fetch_vendor_truth(jobs, settings, run_id, **kw) -> FetchResult` (synchronous)
+- `ask_vendor_in_batches(vendor, jobs, total, settings, run_id, hand_on, batch_size, **kw) -> VendorOutcome`
+  (synchronous; one vendor, jobs read lazily, answers handed on a batch at a time: the pass's vendor steps)
 - `FetchResult(answers, health, health_detail, stats)`
 No Dagster imports here.
 """
@@ -27,6 +29,8 @@ _EXPORTS = {
     "TRANSPORTS": "reconcile.vendors.fetch",
     "FetchResult": "reconcile.vendors.fetch",
     "Tuning": "reconcile.vendors.fetch",
+    "VendorOutcome": "reconcile.vendors.fetch",
+    "ask_vendor_in_batches": "reconcile.vendors.fetch",
     "fetch_vendor_truth": "reconcile.vendors.fetch",
     "fetch_vendor_truth_async": "reconcile.vendors.fetch",
 }

@@ -33,9 +33,9 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 from aiolimiter import AsyncLimiter
@@ -46,8 +46,6 @@ from reconcile.models import JobRef, VendorAnswer, VendorHealth, VendorState
 from reconcile.settings import Settings
 from reconcile.vendors import registry
 from reconcile.vendors._health import (
-    COUNTED_STATS,
-    MIN_RESULT_ERRORS_FOR_OUTAGE,
     NEVER_SENT,
     NOT_ASKED,
     TIME_BUDGET_EXHAUSTED,
@@ -56,9 +54,6 @@ from reconcile.vendors._health import (
     Verdict,
     not_asked_reason,
     requests_per_second,
-    result_outage,
-    result_outage_detail,
-    result_outage_verdict,
 )
 from reconcile.vendors._transport import (
     DEFAULT_TRANSPORT,
@@ -83,23 +78,18 @@ from reconcile.vendors.base import (
 )
 
 __all__ = [
-    "COUNTED_STATS",
     "DEFAULT_TRANSPORT",
-    "MIN_RESULT_ERRORS_FOR_OUTAGE",
-    "NOT_ASKED",
-    "TIME_BUDGET_EXHAUSTED",
     "TRANSPORTS",
     "UNKNOWN_VENDOR",
+    "AnswerSink",
     "FetchResult",
     "RetryAfterOrBackoff",
     "Transient",
     "Tuning",
+    "VendorOutcome",
+    "ask_vendor_in_batches",
     "fetch_vendor_truth",
     "fetch_vendor_truth_async",
-    "not_asked_reason",
-    "result_outage",
-    "result_outage_detail",
-    "result_outage_verdict",
 ]
 
 log = logging.getLogger("reconcile.vendors")
@@ -110,6 +100,7 @@ except ImportError:
     _loop_factory = None
 
 UNKNOWN_VENDOR = "unknown_vendor"
+HALTED = "run_halted"  # the reason of a job's answer that no one will see: handing on answers failed
 
 _Parse = Callable[[JobRef, RawAnswer, tuple[str, ...]], Parsed]  # a vendor's parse_status or parse_result
 
@@ -185,22 +176,51 @@ class RetryAfterOrBackoff(wait_base):
 # ----------------------------------------------------------------------------------- one vendor
 
 
+class AnswerSink(Protocol):
+    """Where a vendor's run puts each answer as it comes: a list, or `_Batches`."""
+
+    def append(self, answer: VendorAnswer, /) -> None: ...
+
+
+class _Batches:
+    """Answers handed on `size` at a time while the run goes on (the last, smaller batch by `flush`)."""
+
+    def __init__(self, size: int, hand_on: Callable[[list[VendorAnswer]], None]) -> None:
+        self.size = size
+        self.hand_on = hand_on
+        self.batch: list[VendorAnswer] = []
+
+    def append(self, answer: VendorAnswer) -> None:
+        self.batch.append(answer)
+        if len(self.batch) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self.batch = self.batch, []
+        if batch:
+            self.hand_on(batch)
+
+
 class _VendorRun:
     """One vendor's part of a fetch: its jobs asked by a pool of workers over one HTTP client."""
 
     def __init__(
         self,
         vendor: str,
-        jobs: Sequence[JobRef],
+        jobs: Iterable[JobRef],
+        total: int,
         settings: Settings,
         run_id: str,
         transport: str | httpx.AsyncBaseTransport,
         tuning: Tuning,
-        out: list[VendorAnswer],
+        out: AnswerSink,
     ) -> None:
         self.vendor = vendor
         self.adapter: Vendor = registry.get(vendor)
-        self.jobs = jobs
+        self.jobs = jobs  # read lazily, by whichever worker is free
+        self.total = total  # how many `jobs` holds (for the log and the pool's size)
+        self.taken = 0  # jobs taken from `jobs` so far
+        self.halted = False  # an answer could not be handed on: the run is failing, ask nothing more
         self.settings = settings
         self.run_id = run_id
         self.transport = transport
@@ -252,7 +272,7 @@ class _VendorRun:
         log.info(
             "%s: asking about %d job(s) at %s (concurrency %d, %.0f req/s, transport %s)",
             self.vendor,
-            len(self.jobs),
+            self.total,
             redact(self.base_url),
             concurrency,
             rate,
@@ -264,9 +284,17 @@ class _VendorRun:
             ) as http:
                 self._http = http
                 jobs = iter(self.jobs)
-                n_workers = min(len(self.jobs), 2 * concurrency)
+                n_workers = min(self.total, 2 * concurrency)
                 workers = [asyncio.create_task(self._worker(jobs)) for _ in range(n_workers)]
-                await asyncio.gather(*workers)
+                try:
+                    await asyncio.gather(*workers)
+                except BaseException:
+                    # Reading the jobs or handing on answers failed (e.g. the database, a lost lease):
+                    # no worker may go on asking; the error is the run's.
+                    for worker in workers:
+                        worker.cancel()
+                    await asyncio.gather(*workers, return_exceptions=True)
+                    raise
         finally:
             self._http = None
             self.elapsed = time.monotonic() - self.started
@@ -274,6 +302,9 @@ class _VendorRun:
 
     async def _worker(self, jobs: Iterator[JobRef]) -> None:
         for job in jobs:  # a shared iterator: each job is taken by exactly one worker
+            if self.halted:
+                return
+            self.taken += 1
             try:
                 answer, kind = await self._job(job)
             except Exception as exc:  # one job's bug must not lose the others' answers
@@ -413,6 +444,8 @@ class _VendorRun:
             await self._limiter.acquire()
             if self.stop_reason:
                 raise _Abort(self.stop_reason)
+            if self.halted:
+                raise _Abort(HALTED)
             self.counters.requests += 1
             started = time.monotonic()
             parsed = await self._exchange(job, request, parse)
@@ -491,7 +524,11 @@ class _VendorRun:
         log.error("%s", verdict.detail)
 
     def _record(self, answer: VendorAnswer, kind: Kind | None, job: JobRef) -> None:
-        self.out.append(answer)
+        try:
+            self.out.append(answer)
+        except BaseException:
+            self.halted = True  # before any other worker sends again; the error ends the run (`run`)
+            raise
         self.counters.by_state[answer.state.value] += 1
         if kind is None or answer.reason in NEVER_SENT:
             return
@@ -506,7 +543,7 @@ class _VendorRun:
     def _judge_at_end(self) -> None:
         c = self.counters
         if self.health is VendorHealth.OK:
-            verdict = self.judge.at_end(c, len(self.jobs), self.elapsed)
+            verdict = self.judge.at_end(c, self.taken, self.elapsed)
             self.health = verdict.health
             self.detail = verdict.detail
             if verdict.health is not VendorHealth.OK:
@@ -530,7 +567,7 @@ class _VendorRun:
         )
 
     def stats(self) -> dict[str, Any]:
-        return self.counters.stats(len(self.jobs), self.elapsed, transport_name(self.transport))
+        return self.counters.stats(self.taken, self.elapsed, transport_name(self.transport))
 
 
 # ---------------------------------------------------------------------------------- entry points
@@ -578,22 +615,11 @@ async def fetch_vendor_truth_async(
     runs: list[_VendorRun] = []
     for vendor, vendor_jobs in by_vendor.items():
         if settings.vendor_secret(vendor) is None:
-            var = registry.get(vendor).secret_var
-            message = (
-                f"{var} is not set: {vendor} was not called and its {len(vendor_jobs)} job(s) stay as they "
-                f"are; export {var}=... to reconcile them."
-            )
-            log.error("%s", message)
-            health[vendor] = VendorHealth.MISSING_SECRET
-            detail[vendor] = message
-            answers.extend(
-                VendorAnswer(j.job_id, j.vendor, VendorState.UNKNOWN, reason=NOT_ASKED[VendorHealth.MISSING_SECRET])
-                for j in vendor_jobs
-            )
-            never_asked = Counters(skipped=len(vendor_jobs), by_state=Counter({"unknown": len(vendor_jobs)}))
-            stats[vendor] = never_asked.stats(len(vendor_jobs), 0.0, transport_name(transport))
+            answers.extend(_not_asked(job, VendorHealth.MISSING_SECRET) for job in vendor_jobs)
+            outcome = _missing_secret(vendor, len(vendor_jobs), transport)
+            health[vendor], detail[vendor], stats[vendor] = outcome.health, outcome.detail, outcome.stats
             continue
-        runs.append(_VendorRun(vendor, vendor_jobs, settings, run_id, transport, tuning, answers))
+        runs.append(_VendorRun(vendor, vendor_jobs, len(vendor_jobs), settings, run_id, transport, tuning, answers))
 
     await asyncio.gather(*(run.run() for run in runs))
     for run in runs:
@@ -608,11 +634,84 @@ def fetch_vendor_truth(
 ) -> FetchResult:
     """The synchronous form: runs its own event loop (in a helper thread if this one already runs one)."""
     jobs = list(jobs) if not isinstance(jobs, Sequence) else jobs
+    return _run_to_end(lambda: fetch_vendor_truth_async(jobs, settings, run_id, **kw))
 
-    def run() -> FetchResult:
+
+@dataclass(frozen=True)
+class VendorOutcome:
+    """One vendor's health for a run, why, and the run's request figures (`Counters.stats`)."""
+
+    health: VendorHealth
+    detail: str
+    stats: dict[str, Any]
+
+
+def ask_vendor_in_batches(
+    vendor: str,
+    jobs: Iterable[JobRef],
+    total: int,
+    settings: Settings,
+    run_id: str,
+    hand_on: Callable[[list[VendorAnswer]], None],
+    batch_size: int,
+    *,
+    transport: str | httpx.AsyncBaseTransport = DEFAULT_TRANSPORT,
+    tuning: Tuning | None = None,
+) -> VendorOutcome:
+    """Ask `vendor` about `total` jobs in one run, reading `jobs` lazily (a pass's staged jobs, page by
+    page) and handing the answers on `batch_size` at a time as they come: one client, one rate limit,
+    one time budget and one health for them all, so that no job waits for an earlier batch's slowest
+    retry (measured: chunk by chunk, each chunk's tail of backoffs cost fal ~15 s of a 100,000-job pass).
+
+    `hand_on` runs in the run's thread and holds the requests up while it works: keep it to a write.
+    An error it raises (or one reading `jobs`) stops the run and is raised here. Exactly one answer per
+    job; the jobs' ids must be distinct (a staged pass's are: they are its key).
+    """
+    if not registry.is_known(vendor):
+        raise ValueError(f"unknown vendor {vendor!r}: not in the registry")
+    batches = _Batches(batch_size, hand_on)
+    if settings.vendor_secret(vendor) is None:
+        for job in jobs:
+            batches.append(_not_asked(job, VendorHealth.MISSING_SECRET))
+        batches.flush()
+        return _missing_secret(vendor, total, transport)
+
+    async def ask() -> _VendorRun:
+        run = _VendorRun(vendor, jobs, total, settings, run_id, transport, tuning or Tuning(), batches)
+        await run.run()
+        return run
+
+    run = _run_to_end(ask)
+    batches.flush()
+    return VendorOutcome(run.health, run.detail, run.stats())
+
+
+def _not_asked(job: JobRef, health: VendorHealth) -> VendorAnswer:
+    return VendorAnswer(job.job_id, job.vendor, VendorState.UNKNOWN, reason=NOT_ASKED[health])
+
+
+def _missing_secret(vendor: str, jobs: int, transport: str | httpx.AsyncBaseTransport) -> VendorOutcome:
+    """A vendor whose secret is unset: never called, its jobs stay as they are; said loudly."""
+    var = registry.get(vendor).secret_var
+    message = (
+        f"{var} is not set: {vendor} was not called and its {jobs} job(s) stay as they are; export {var}=... "
+        "to reconcile them."
+    )
+    log.error("%s", message)
+    never_asked = Counters(skipped=jobs, by_state=Counter({"unknown": jobs}))
+    return VendorOutcome(VendorHealth.MISSING_SECRET, message, never_asked.stats(jobs, 0.0, transport_name(transport)))
+
+
+_T = TypeVar("_T")
+
+
+def _run_to_end(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run the coroutine `make()` on its own event loop (in a helper thread if this one already runs one)."""
+
+    def run() -> _T:
         # uvloop: less CPU per request than asyncio's own loop (the stage is bound by the client's CPU).
         with asyncio.Runner(loop_factory=_loop_factory) as runner:
-            return runner.run(fetch_vendor_truth_async(jobs, settings, run_id, **kw))
+            return runner.run(make())
 
     try:
         asyncio.get_running_loop()

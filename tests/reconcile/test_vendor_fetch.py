@@ -25,6 +25,7 @@ from reconcile.vendors import (
     TRANSPORTS,
     FetchResult,
     Tuning,
+    ask_vendor_in_batches,
     fetch_vendor_truth,
     fetch_vendor_truth_async,
     request_id,
@@ -703,3 +704,67 @@ def test_acceptance_5000_jobs_3_vendors_under_a_500_per_second_limit(tmp_path: A
         f"\nacceptance: {requests} requests in {elapsed:.1f} s, {throttled} x 429; "
         + "; ".join(f"{v} {s['requests_per_second']} req/s" for v, s in result.stats.items())
     )
+
+
+# ------------------------------------------------------------------ one run for a whole step, in batches
+
+
+def test_one_run_reads_its_jobs_lazily_and_hands_the_answers_on_in_batches(sim: SimulatorThread) -> None:
+    jobs = many(sim, "fal", 23, Outcome.FAILED) + many(sim, "fal", 22, Outcome.RUNNING)
+    taken: list[str] = []
+
+    def read() -> Iterator[JobRef]:
+        for job in jobs:
+            taken.append(job.job_id)
+            yield job
+
+    batches: list[list[VendorAnswer]] = []
+    outcome = ask_vendor_in_batches("fal", read(), len(jobs), settings(sim), "r", batches.append, 10, tuning=FAST)
+    assert outcome.health == VendorHealth.OK and outcome.stats["jobs"] == 45
+    assert [len(b) for b in batches] == [10, 10, 10, 10, 5]  # never more answers held than a batch
+    answered = [a.job_id for b in batches for a in b]
+    assert sorted(answered) == sorted(taken) == sorted(j.job_id for j in jobs)  # one answer each
+    assert sum(a.state == VendorState.FAILED for b in batches for a in b) == 23
+    assert sim.stats(with_tasks=False)["fal"]["requests"] == 45
+
+
+def test_a_batch_that_cannot_be_handed_on_stops_the_asking_and_raises(sim: SimulatorThread) -> None:
+    """E.g. the pass lost its lease, or the database refused the write: no request after it."""
+    jobs = many(sim, "replicate", 200)
+
+    def refuse(batch: list[VendorAnswer]) -> None:
+        raise RuntimeError("the pass lost its lease")
+
+    concurrency = 4
+    with pytest.raises(RuntimeError, match="lost its lease"):
+        ask_vendor_in_batches(
+            "replicate", iter(jobs), len(jobs), settings(sim, RECONCILE_VENDOR_CONCURRENCY=concurrency), "r",
+            refuse, 10, tuning=FAST,
+        )  # fmt: skip
+    time.sleep(0.2)  # nothing more arrives later either
+    assert sim.stats(with_tasks=False)["replicate"]["requests"] <= 10 + concurrency
+
+
+def test_jobs_that_cannot_be_read_stop_the_asking_and_raise(sim: SimulatorThread) -> None:
+    jobs = many(sim, "kie", 30)
+
+    def read() -> Iterator[JobRef]:
+        yield from jobs[:12]
+        raise ConnectionError("the database went away")
+
+    answered: list[VendorAnswer] = []
+    with pytest.raises(ConnectionError, match="went away"):
+        ask_vendor_in_batches("kie", read(), len(jobs), settings(sim), "r", answered.extend, 5, tuning=FAST)
+    assert sim.stats(with_tasks=False)["kie"]["requests"] <= 12
+
+
+def test_a_vendor_without_its_secret_answers_every_job_in_batches_without_a_call(sim: SimulatorThread) -> None:
+    jobs = many(sim, "fal", 7)
+    batches: list[list[VendorAnswer]] = []
+    outcome = ask_vendor_in_batches(
+        "fal", iter(jobs), len(jobs), settings(sim, drop=("FAL_KEY",)), "r", batches.append, 3, tuning=FAST
+    )
+    assert outcome.health == VendorHealth.MISSING_SECRET and "FAL_KEY is not set" in outcome.detail
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert {a.state for b in batches for a in b} == {VendorState.UNKNOWN}
+    assert sim.stats(with_tasks=False)["fal"]["requests"] == 0

@@ -94,6 +94,9 @@ class _AnswerLookup:
         return {name: values[row] for name, values in self._columns.items()}
 
 
+_PLANNED_FROM = ["job_id", "vendor", "category", "invalid_reason", "status", "version"]
+
+
 def plan_status_changes(
     classified: Classified,
     answers: pd.DataFrame,
@@ -106,7 +109,9 @@ def plan_status_changes(
     untouched: list[dict] = []
     answer_by_job = _AnswerLookup(answers)
 
-    for job in jobs.itertuples(index=False):
+    # Only the columns the plan reads: itertuples turns every datetime cell into a Timestamp, and the
+    # job's three times were a fifth of the sync's samples (py-spy, 100,000 stuck jobs); it needs one.
+    for job in jobs[_PLANNED_FROM].itertuples(index=False):
         base = {"job_id": job.job_id, "vendor": job.vendor}
         if job.category == INVALID:
             untouched.append({**base, "reason": f"invalid: {job.invalid_reason}"})

@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Any, Protocol, TypeVar
 
 import httpx
@@ -669,6 +670,11 @@ def ask_vendor_in_batches(
     """
     if not registry.is_known(vendor):
         raise ValueError(f"unknown vendor {vendor!r}: not in the registry")
+    jobs = iter(jobs)
+    first = next(jobs, None)
+    if first is None:  # nothing to ask: no client, no log, whatever the settings say of the vendor
+        return VendorOutcome(VendorHealth.OK, "", Counters().stats(0, 0.0, transport_name(transport)))
+    jobs = chain([first], jobs)
     batches = _Batches(batch_size, hand_on)
     if settings.vendor_secret(vendor) is None:
         for job in jobs:

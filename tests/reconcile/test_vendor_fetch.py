@@ -768,3 +768,11 @@ def test_a_vendor_without_its_secret_answers_every_job_in_batches_without_a_call
     assert [len(b) for b in batches] == [3, 3, 1]
     assert {a.state for b in batches for a in b} == {VendorState.UNKNOWN}
     assert sim.stats(with_tasks=False)["fal"]["requests"] == 0
+
+
+def test_no_jobs_is_nothing_to_ask_and_nothing_to_say_even_without_a_secret(sim: SimulatorThread, logs) -> None:
+    """A vendor the platform does not use (no job, no secret) is not an error every pass."""
+    batches: list[list[VendorAnswer]] = []
+    outcome = ask_vendor_in_batches("fal", iter([]), 0, settings(sim, drop=("FAL_KEY",)), "r", batches.append, 3)
+    assert (outcome.health, outcome.stats["jobs"], batches) == (VendorHealth.OK, 0, [])
+    assert "FAL_KEY" not in logs.text() and "asking about" not in logs.text()

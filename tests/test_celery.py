@@ -83,15 +83,19 @@ def _vhost(wanted: bool = True) -> Iterator[str]:
 
 
 class Worker:
-    """`celery -A reconcile_celery worker` as the README starts it, in its own process."""
+    """`celery --workdir deploy/celery -A reconcile_celery worker -Q ... --concurrency N -n NAME@%h` as the
+    README starts it (Celery's default prefork pool: the steps run in its pool processes), in a process
+    group of its own: the README's machine, which `lose` takes away whole. `-l INFO` only to see it ready."""
 
-    def __init__(self, env: dict[str, str], name: str, queues: list[str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], name: str, queues: list[str], log: Path, concurrency: int = 2) -> None:
         self.name, self.log = name, log
         command = [sys.executable, "-m", "celery", "--workdir", str(CELERY_DIR), "-A", "reconcile_celery", "worker",
-                   "-Q", ",".join(queues), "-n", f"{name}@%h", "--pool", "solo", "-l", "INFO",
-                   "--without-gossip", "--without-mingle"]  # fmt: skip
+                   "-Q", ",".join(queues), "--concurrency", str(concurrency), "-n", f"{name}@%h",
+                   "-l", "INFO"]  # fmt: skip
         env = {**env, "PYTHONUNBUFFERED": "1"}  # its log is read while it runs, and after a kill -9
-        self.process = subprocess.Popen(command, env=env, cwd="/", stdout=log.open("w"), stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, env=env, cwd="/", stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -102,14 +106,18 @@ class Worker:
             time.sleep(0.5)
         raise AssertionError(f"worker {self.name} not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
 
+    def lose(self) -> None:
+        """kill -9 of the worker and its pool processes at once: the machine running them is gone."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)  # warm shutdown: its pool processes end with it
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.lose()
 
 
 @contextmanager
@@ -223,17 +231,16 @@ def test_pass_on_celery_workers_survives_a_worker_killed_mid_step_and_ends_exact
         others = [q for q in vendor_queues if q != fal_queue]
         workers = [
             Worker(env, "default", [default_queue, *others], tmp_path / "default.log"),
-            Worker(env, "fal", [fal_queue], tmp_path / "fal.log"),
+            Worker(env, "fal", [fal_queue], tmp_path / "fal.log", concurrency=1),
         ]
         try:
             for worker in workers:
                 worker.wait_ready()
             run = _reconcile(env, "run", "--executor", "celery")
             assert asked_fal.wait(300), "fal was never asked"
-            workers[1].process.send_signal(signal.SIGKILL)  # the machine running fal's step is gone
-            workers[1].process.wait()
+            workers[1].lose()  # the machine running fal's step is gone
             killed.set()
-            workers.append(Worker(env, "fal-replacement", [fal_queue], tmp_path / "fal-replacement.log"))
+            workers.append(Worker(env, "fal-replacement", [fal_queue], tmp_path / "fal-replacement.log", concurrency=1))
             workers[2].wait_ready()
             _out, err = run.communicate(timeout=600)
             assert run.returncode == 0, err[-4000:]

@@ -13,7 +13,24 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import BigInteger, ColumnElement, Select, case, cast, delete, func, insert, literal, or_, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    Table,
+    Text,
+    any_,
+    bindparam,
+    case,
+    cast,
+    column,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -27,7 +44,7 @@ from reconcile.db.schema import (
     recon_refunds,
     recon_status_changes,
 )
-from reconcile.staging import key_pages
+from reconcile.staging import json_recordset, json_rows, key_pages
 from reconcile.sync import NEVER_DISPATCHED
 
 PLAN_COLUMNS = ["job_id", "user_id", "vendor", "model", "type", "credits", "charged", "refunded", "reason"]
@@ -287,10 +304,12 @@ def _apply_batch(conn: Connection, batch: pd.DataFrame, run_id: str, now: dateti
     job_ids = batch["job_id"].tolist()
     # Only jobs still failed right now; on PostgreSQL the rows stay locked until commit so that a
     # webhook cannot turn one completed between this check and the refund.
-    still_failed = select(g.id).where(g.id.in_(job_ids), g.status == "failed").order_by(g.id)
     if conn.dialect.name == "postgresql":
-        still_failed = still_failed.with_for_update()
-    failed_now = set(conn.execute(still_failed).scalars())
+        ids = bindparam("b_ids", type_=postgresql.ARRAY(Text))
+        still_failed = select(g.id).where(g.id == any_(ids), g.status == "failed").order_by(g.id).with_for_update()
+        failed_now = set(conn.execute(still_failed, {"b_ids": job_ids}).scalars())
+    else:
+        failed_now = set(conn.execute(select(g.id).where(g.id.in_(job_ids), g.status == "failed")).scalars())
     rows = [
         {
             "user_id": r.user_id,
@@ -306,41 +325,52 @@ def _apply_batch(conn: Connection, batch: pd.DataFrame, run_id: str, now: dateti
     if not rows:
         return []
     t = credit_transactions.c
-    # The rows go as parameters of one cached statement (SQLAlchemy's "insertmanyvalues" renders the
-    # same multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING), not as a `.values(rows)` literal
-    # that is compiled again, bind by bind, for every batch (most of a batch's time, profiled).
-    stmt = (
-        _dialect_insert(conn, credit_transactions)
-        .on_conflict_do_nothing(index_elements=[t.idempotency_key])
-        .returning(t.job_id, t.user_id, t.amount)
-    )
-    inserted = conn.execute(stmt, rows).all()
+    ledger = _batch_insert(conn, credit_transactions, list(rows[0]))
+    stmt = ledger.on_conflict_do_nothing(index_elements=[t.idempotency_key]).returning(t.job_id, t.user_id, t.amount)
+    inserted = conn.execute(stmt, _batch_params(conn, rows)).all()
     if not inserted:
         return []
     per_user: dict[str, int] = {}
     for row in inserted:
         per_user[row.user_id] = per_user.get(row.user_id, 0) + int(row.amount)
-    balance = _dialect_insert(conn, credit_balances)
+    balance = _batch_insert(conn, credit_balances, ["user_id", "balance"])
     conn.execute(
         balance.on_conflict_do_update(
             index_elements=[credit_balances.c.user_id],
             set_={"balance": credit_balances.c.balance + balance.excluded.balance},
         ),
-        [{"user_id": user, "balance": amount} for user, amount in per_user.items()],
+        _batch_params(conn, [{"user_id": user, "balance": amount} for user, amount in per_user.items()]),
     )
     reasons = dict(zip(batch["job_id"], batch["reason"], strict=True))
-    conn.execute(
-        insert(recon_refunds),
-        [
-            {
-                "job_id": row.job_id,
-                "user_id": row.user_id,
-                "credits": int(row.amount),
-                "reason": reasons[row.job_id],
-                "run_id": run_id,
-                "created_at": now,
-            }
-            for row in inserted
-        ],
-    )
+    recorded = [
+        {
+            "job_id": row.job_id,
+            "user_id": row.user_id,
+            "credits": int(row.amount),
+            "reason": reasons[row.job_id],
+            "run_id": run_id,
+            "created_at": now,
+        }
+        for row in inserted
+    ]
+    conn.execute(_batch_insert(conn, recon_refunds, list(recorded[0])), _batch_params(conn, recorded))
     return [row.job_id for row in inserted]
+
+
+def _batch_insert(conn: Connection, table: Table, names: list[str]):
+    """An INSERT of a batch of `table`'s rows (columns `names`), as one short cached statement.
+
+    PostgreSQL: from one JSON document bound to `b_rows` (`staging.json_recordset`), as the sync does:
+    a multi-row VALUES of thousands of placeholders is parsed again by psycopg for every batch (too long
+    for its cache; py-spy: half of the refunds step). SQLite: SQLAlchemy's "insertmanyvalues" over the
+    rows as parameters. Either way never a `.values(rows)` literal compiled again, bind by bind."""
+    statement = _dialect_insert(conn, table)
+    if conn.dialect.name != "postgresql":
+        return statement
+    batch = json_recordset("batch", "b_rows", [column(name, table.c[name].type) for name in names])
+    return statement.from_select(names, select(*(batch.c[name] for name in names)))
+
+
+def _batch_params(conn: Connection, rows: list[dict]) -> dict | list[dict]:
+    """The parameters of a `_batch_insert`: the rows themselves, or on PostgreSQL one JSON document."""
+    return {"b_rows": json_rows(rows)} if conn.dialect.name == "postgresql" else rows

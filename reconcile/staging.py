@@ -174,12 +174,13 @@ def iter_pass_jobs(
     category: str | None = None,
     vendor: str | None = None,
     with_answers: bool = False,
+    columns: Sequence[str] = PASS_JOB_COLUMNS,
 ) -> Iterator[pd.DataFrame]:
-    """The pass's staged jobs, `chunk_size` at a time by `job_id` key range (no transaction stays open
-    across vendor calls); with `with_answers`, each job's vendor answer in `answer_*` columns (missing
-    where there is none)."""
+    """The pass's staged jobs (`columns` of them), `chunk_size` at a time by `job_id` key range (no
+    transaction stays open across vendor calls); with `with_answers`, each job's vendor answer in
+    `answer_*` columns (missing where there is none)."""
     j, a = recon_pass_jobs.c, recon_pass_answers.c
-    columns = [j[name] for name in PASS_JOB_COLUMNS]
+    columns = [j[name] for name in columns]
     source = recon_pass_jobs
     if with_answers:
         columns += [a[name].label(f"answer_{name}") for name in _ANSWER_FIELDS]
@@ -189,8 +190,9 @@ def iter_pass_jobs(
         query = query.where(j.category == category)
     if vendor is not None:
         query = query.where(j.vendor == vendor)
-    pages = key_pages(engine, query, j.job_id, chunk_size, [c.name for c in columns])
-    return (page.astype({"credits_charged": "int64"}) for page in pages)
+    names = [c.name for c in columns]
+    pages = key_pages(engine, query, j.job_id, chunk_size, names)
+    return (page.astype({"credits_charged": "int64"}) for page in pages) if "credits_charged" in names else pages
 
 
 def key_pages(

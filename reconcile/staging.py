@@ -218,7 +218,8 @@ def split_answers(chunk: pd.DataFrame) -> tuple[Classified, pd.DataFrame]:
     answers = pd.DataFrame({"job_id": answered["job_id"], "vendor": answered["vendor"]})
     for name in _ANSWER_FIELDS:
         answers[name] = answered[f"answer_{name}"]
-    return Classified(chunk[PASS_JOB_COLUMNS]), answers.reset_index(drop=True)
+    jobs = [name for name in chunk.columns if not name.startswith("answer_")]
+    return Classified(chunk[jobs]), answers.reset_index(drop=True)
 
 
 def write_answers(engine: Engine, pass_id: str, answers: Sequence[VendorAnswer]) -> None:

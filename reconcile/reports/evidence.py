@@ -9,12 +9,13 @@ days), the audited status changes (recon_status_changes), the holds and their de
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ARRAY, Text, any_, literal, select
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql.elements import ColumnElement
 
 from reconcile.db.schema import (
@@ -47,6 +48,11 @@ def readable_answer(evidence: str | None) -> str:
         return evidence
     if not isinstance(answer, dict):
         return evidence
+    return answer_in_words(answer)
+
+
+def answer_in_words(answer: Mapping[str, Any]) -> str:
+    """A vendor answer (state, reason, HTTP status and an excerpt) in words."""
     said = [f"state {answer['state']}"] if answer.get("state") else []
     if answer.get("reason"):
         said.append(f"reason {answer['reason']}")
@@ -85,26 +91,25 @@ def job_facts(conn: Connection, job_ids: Iterable[str | None]) -> dict[str, JobF
     """What reconcile knows about each job: its row, the vendor's last answer, its latest hold."""
     ids = sorted({j for j in job_ids if j})
     g, a, r, s, h = ai_generations.c, recon_pass_answers.c, recon_runs.c, recon_status_changes.c, recon_refund_holds.c
-    rows, answers, holds = {}, {}, {}
+    rows, audited, asked, holds = {}, {}, {}, {}
     for chunk in in_chunks(ids):
         for row in conn.execute(select(g.id, g.status, g.updated_at, g.vendor_task_id).where(among(conn, g.id, chunk))):
             rows[row.id] = row
-        # The audited change first, then the passes' answers (newer, when kept): the last one wins.
+        # The last audited change and the passes' last answer (newer, when kept: it wins), put in words
+        # once per job below, not once per row read.
         for row in conn.execute(
             select(s.job_id, s.vendor_state, s.evidence)
             .where(among(conn, s.job_id, chunk))
             .order_by(s.changed_at, s.id)
         ):
-            answers[row.job_id] = readable_answer(row.evidence) or f"state {row.vendor_state}"
+            audited[row.job_id] = row
         for row in conn.execute(
-            select(a.job_id, a.state, a.reason, a.http_status, a.evidence)
+            select(a.job_id, a.state, a.reason, a.http_status, a.evidence.label("excerpt"))
             .select_from(recon_pass_answers.join(recon_runs, r.run_id == a.run_id))
             .where(among(conn, a.job_id, chunk))
             .order_by(r.started_at)
         ):
-            answers[row.job_id] = readable_answer(json.dumps(
-                {"state": row.state, "reason": row.reason, "http_status": row.http_status, "excerpt": row.evidence}
-            ))  # fmt: skip
+            asked[row.job_id] = row
         for row in conn.execute(
             select(h.job_id, h.status, h.hold_detail, h.decided_by, h.decision_note)
             .where(among(conn, h.job_id, chunk))
@@ -116,11 +121,19 @@ def job_facts(conn: Connection, job_ids: Iterable[str | None]) -> dict[str, JobF
             rows[j].status if j in rows else None,
             rows[j].updated_at if j in rows else None,
             rows[j].vendor_task_id if j in rows else None,
-            answers.get(j, ""),
+            _last_answer(asked.get(j), audited.get(j)),
             holds.get(j),
         )
         for j in ids
     }
+
+
+def _last_answer(asked: Row | None, audited: Row | None) -> str:
+    if asked is not None:
+        return answer_in_words(asked._mapping)
+    if audited is not None:
+        return readable_answer(audited.evidence) or f"state {audited.vendor_state}"
+    return ""
 
 
 CATEGORY_ADVICE = {

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pandas as pd
 
 from reconcile.holds import HoldSelection, decide_holds, hold_refunds
+from reconcile.models import VendorAnswer, VendorState
 from reconcile.reports.data import finding_rows
 from reconcile.reports.evidence import readable_answer
+from reconcile.staging import write_answers
 from tests.platform import NOW, Platform
 from tests.reconcile.test_reports import add_change, add_findings, record_run
 
@@ -59,6 +62,27 @@ def test_findings_say_what_the_vendor_answered_and_what_to_do(db) -> None:
     assert rows["stuck-running"].vendor_said == 'state running, HTTP 202: {"status": "IN_PROGRESS"}'
     assert rows["stuck-running"].action.startswith("still queued or running at the vendor")
     assert rows["never-sent"].action.startswith("never reached a vendor: check the worker")
+
+
+def test_the_vendor_said_is_the_latest_pass_answer_over_the_audited_change(db) -> None:
+    p = Platform(db.engine)
+    p.job("asked-twice", status="processing", credits=4)
+    p.job("audited-only", status="processing", credits=4)
+    record_run(db.engine, "pass-1", NOW - timedelta(minutes=30))
+    record_run(db.engine, "pass-2", NOW)
+    for job_id in ("asked-twice", "audited-only"):
+        add_change(db.engine, "pass-1", job_id, "fal", "running", {"state": "running", "http_status": 202})
+    # Written newest first: the order of the passes decides, not the order of the rows.
+    newest = VendorAnswer("asked-twice", "fal", VendorState.QUEUED, http_status=200, evidence='HTTP 200 {"a": 1}')
+    write_answers(db.engine, "pass-2", [newest])
+    write_answers(db.engine, "pass-1", [VendorAnswer("asked-twice", "fal", VendorState.UNKNOWN, reason="http_500")])
+    add_findings(db.engine, "pass-2", [
+        ("stuck_unresolved", "asked-twice", "u1", 4, "processing since ..."),
+        ("stuck_unresolved", "audited-only", "u1", 4, "processing since ..."),
+    ])  # fmt: skip
+    with db.engine.connect() as conn:
+        said = {f.job_id: f.vendor_said for f in finding_rows(conn, "pass-2", NOW, lookback_hours=168)}
+    assert said == {"asked-twice": 'state queued, HTTP 200: {"a": 1}', "audited-only": "state running, HTTP 202"}
 
 
 def test_the_runs_refund_page_lists_what_it_held_and_the_decisions(db, tmp_path) -> None:

@@ -254,7 +254,7 @@ def refund_plan_problems(plan: pd.DataFrame) -> list[PlanProblem]:
     return problems
 
 
-def _dialect_insert(conn: Connection, table):
+def _dialect_insert(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
@@ -357,7 +357,7 @@ def _apply_batch(conn: Connection, batch: pd.DataFrame, run_id: str, now: dateti
     return [row.job_id for row in inserted]
 
 
-def _batch_insert(conn: Connection, table: Table, names: list[str]):
+def _batch_insert(conn: Connection, table: Table, names: list[str]) -> postgresql.Insert | sqlite.Insert:
     """An INSERT of a batch of `table`'s rows (columns `names`), as one short cached statement.
 
     PostgreSQL: from one JSON document bound to `b_rows` (`staging.json_recordset`), as the sync does:

@@ -285,7 +285,7 @@ class _VendorRun:
             ) as http:
                 self._http = http
                 jobs = iter(self.jobs)
-                n_workers = min(self.total, 2 * concurrency)
+                n_workers = max(1, min(self.total, 2 * concurrency))  # a wrong total still asks every job
                 workers = [asyncio.create_task(self._worker(jobs)) for _ in range(n_workers)]
                 try:
                     await asyncio.gather(*workers)

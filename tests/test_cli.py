@@ -14,7 +14,7 @@ from dagster import DagsterInstance
 from sqlalchemy import select
 
 from reconcile.db.schema import ai_generations, recon_lease, recon_refunds, recon_runs, utcnow
-from reconcile.runs import acquire_lease
+from reconcile.runs import acquire_lease, lease_holder
 from reconcile.settings import database_label
 from reconcile.simulator.population import LAYOUT_SIZE, generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
@@ -164,7 +164,13 @@ def test_a_pass_paused_past_its_lease_stops_before_moving_money(db, tmp_path: Pa
                 paused.send_signal(signal.SIGSTOP)
                 break
         try:
-            time.sleep(4)  # past the expiry; its process is alive (stopped), so only the expiry frees it
+            # Its process is alive (stopped), so only the expiry frees the lease: 3 s after the last renewal by
+            # a step that was already running when the orchestrator stopped (it runs to its end). A fixed
+            # 4 s wait lost that race about once in eight runs.
+            deadline = time.monotonic() + 60
+            while lease_holder(db.engine, utcnow()) is not None:
+                assert time.monotonic() < deadline, "the paused pass's lease was still renewed after 60 s"
+                time.sleep(0.2)
             survivor = _reconcile(env, "run", *IN_ONE_PROCESS)
             _out, err = survivor.communicate(timeout=300)
             assert survivor.returncode == 0, err

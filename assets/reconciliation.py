@@ -201,8 +201,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
         op_tags=vendor_step_tags(vendor),
         description=f"{vendor}'s true status of every dispatched stuck {vendor} job, asked concurrently and "
         "politely (rate limit, Retry-After, bounded retries) in one run, staged in recon_pass_answers a chunk at a "
-        "time; "
-        "the vendor's health for the run.",
+        "time; the vendor's health for the run.",
         retry_policy=TRANSIENT_DB_RETRY,
     )
     @known_failures

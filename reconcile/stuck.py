@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
 import pandas as pd
@@ -103,12 +103,14 @@ class Classified:
     def of(self, category: str) -> pd.DataFrame:
         return self.jobs[self.jobs["category"] == category]
 
-    def job_refs(self) -> list[JobRef]:
-        dispatched = self.of(DISPATCHED)
-        return [
-            JobRef(job_id=r.job_id, vendor=r.vendor, model=r.model, vendor_task_id=r.vendor_task_id)
-            for r in dispatched.itertuples(index=False)
-        ]
+
+# What a request needs of a staged job: JobRef's fields, in its order.
+JOB_REF_COLUMNS = [f.name for f in fields(JobRef)]
+
+
+def job_refs(jobs: pd.DataFrame) -> list[JobRef]:
+    """The jobs (rows with at least JOB_REF_COLUMNS) as the vendor layer asks about them."""
+    return [JobRef(*row) for row in jobs[JOB_REF_COLUMNS].itertuples(index=False, name=None)]
 
 
 def classify_stuck_jobs(stuck: pd.DataFrame, now: datetime, undispatched_fail_after_minutes: int) -> Classified:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -20,10 +20,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from reconcile.db.schema import ai_generations, recon_pass_answers
-from reconcile.models import JobRef, VendorAnswer, VendorHealth, VendorState
+from reconcile.models import VendorAnswer, VendorHealth, VendorState
 from reconcile.settings import Settings
 from reconcile.staging import StuckSet, analyze, clear_answers, iter_pass_jobs, write_answers
-from reconcile.stuck import DISPATCHED
+from reconcile.stuck import DISPATCHED, JOB_REF_COLUMNS, job_refs
 from reconcile.vendors.fetch import VendorOutcome, ask_vendor_in_batches
 
 
@@ -91,9 +91,10 @@ def ask_vendor(
     stage = VendorStage(vendor)
     clear_answers(engine, stuck.pass_id, vendor)  # a retried step asks again
     # Only what a request needs: the staged jobs' times would cost the step CPU that its requests need.
-    names = [f.name for f in fields(JobRef)]
-    pages = iter_pass_jobs(engine, stuck.pass_id, stuck.chunk_size, category=DISPATCHED, vendor=vendor, columns=names)
-    jobs = chain.from_iterable((JobRef(*row) for row in page.itertuples(index=False, name=None)) for page in pages)
+    pages = iter_pass_jobs(
+        engine, stuck.pass_id, stuck.chunk_size, category=DISPATCHED, vendor=vendor, columns=JOB_REF_COLUMNS
+    )
+    jobs = chain.from_iterable(job_refs(page) for page in pages)
 
     def write(answers: list[VendorAnswer]) -> None:
         write_answers(engine, stuck.pass_id, answers)

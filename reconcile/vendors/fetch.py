@@ -525,6 +525,8 @@ class _VendorRun:
         log.error("%s", verdict.detail)
 
     def _record(self, answer: VendorAnswer, kind: Kind | None, job: JobRef) -> None:
+        if self.halted:  # the run is failing: nothing more is handed on or judged
+            return
         try:
             self.out.append(answer)
         except BaseException:

@@ -63,6 +63,7 @@ from reconcile.stuck import (
     Classified,
     classify_stuck_jobs,
     fetch_stuck_jobs,
+    job_refs,
 )
 from reconcile.sync import ERROR_MESSAGE_LIMIT, apply_status_changes, plan_status_changes
 from tests.platform import Platform, assert_ledger_invariants
@@ -381,7 +382,7 @@ def test_hostile_platforms_through_every_stage_keep_the_money_right(db, data: st
         _assert_classified(by_id[job.job_id], world.age[job.job_id], job.category, job.invalid_reason)
 
     # Stages 2-3: generated vendor answers and health; sync by compare-and-set.
-    answers = answers_for(data.draw, classified.job_refs(), allow_nul)
+    answers = answers_for(data.draw, job_refs(classified.of(DISPATCHED)), allow_nul)
     health = {
         v: str(data.draw(mostly(st.just(VendorHealth.OK), st.sampled_from(list(VendorHealth)), 80))) for v in VENDORS
     }

@@ -1,8 +1,9 @@
 """The reconciliation pass as software-defined assets:
 
-stuck_jobs -> vendor_statuses_<vendor> -> job_status_sync -> refund_plan -> refunds -> credit_leakage
+stuck_jobs -> vendor_statuses_<vendor> -> job_status_sync_<vendor> -> refund_plan -> refunds -> credit_leakage
 
-(one vendor_statuses_<vendor> step per vendor of reconcile.vendors.registry)
+(one vendor_statuses_<vendor> and one job_status_sync_<vendor> step per vendor of reconcile.vendors.registry:
+a vendor's jobs are written back as soon as its answers are in, while slower vendors are still asked)
 
 Each asset is thin: it calls `reconcile` and describes what happened in its metadata.
 """
@@ -254,65 +255,73 @@ def _tally_md(tally: dict[str, int], name: str) -> MetadataValue:
 VENDOR_STATUS_ASSETS = {vendor: vendor_statuses_asset(vendor) for vendor in registry.names()}
 
 
-@asset(
-    group_name=GROUP,
-    kinds={"sql"},
-    ins={registry.step_name(vendor): AssetIn(step.key) for vendor, step in VENDOR_STATUS_ASSETS.items()},
-    check_specs=[blocking_spec(SYNC_CHANGED_ONLY_STUCK_JOBS, AssetKey("job_status_sync"))],
-    dagster_type=SyncTotals,  # with check outputs, Dagster cannot infer it from `MaterializeResult`
-    retry_policy=TRANSIENT_DB_RETRY,
-)
-@known_failures
-@retry_only_transient
-def job_status_sync(
-    context: AssetExecutionContext,
-    reconcile: ReconcileResource,
-    stuck_jobs: StuckSet,
-    **vendor_truths: VendorTruth,
-) -> MaterializeResult:
-    """The vendors' terminal answers written back by compare-and-set, a chunk at a time: a late webhook
-    always wins. What happened to each job is kept on its staged row (recon_pass_jobs.outcome).
-    `vendor_truths`: every vendor step's VendorTruth, keyed by the step's name."""
-    health = {vendor: h for truth in vendor_truths.values() for vendor, h in truth.health.items()}
-    settings = reconcile.settings()
-    engine = reconcile.engine()
-    run_id = context.run.run_id
-    lease = reconcile.keep_lease(run_id)
+def status_sync_asset(vendor: str) -> AssetsDefinition:
+    """The sync of one vendor's jobs: its own step, started as soon as that vendor's answers are checked,
+    so the jobs of a fast vendor are written back while a slow one is still being asked."""
 
-    def before_chunk(changes: pd.DataFrame) -> None:
-        context.log.info(f"syncing {len(changes)} status change(s) by compare-and-set")
+    name = registry.sync_step_name(vendor)
 
-    totals = sync_staged_pass(
-        engine,
-        stuck_jobs,
-        health,
-        run_id,
-        utcnow(),
-        settings.undispatched_fail_after_minutes,
-        before_chunk,
-        fence=lease.fence,  # each chunk's transaction first checks that the lease is still ours
+    @asset(
+        name=name,
+        group_name=GROUP,
+        kinds={"sql"},
+        ins={"stuck_jobs": AssetIn("stuck_jobs"), "vendor_truth": AssetIn(VENDOR_STATUS_ASSETS[vendor].key)},
+        check_specs=[blocking_spec(SYNC_CHANGED_ONLY_STUCK_JOBS, AssetKey(name), vendor=vendor)],
+        dagster_type=SyncTotals,  # with check outputs, Dagster cannot infer it from `MaterializeResult`
+        description=f"{vendor}'s terminal answers written back by compare-and-set, a chunk at a time: a late "
+        f"webhook always wins; {vendor}'s jobs that never reached it failed once past the threshold. What "
+        "happened to each job is kept on its staged row (recon_pass_jobs.outcome).",
+        retry_policy=TRANSIENT_DB_RETRY,
     )
-    if totals.lost_race:
-        context.log.info(f"{totals.lost_race} job(s) changed since read (e.g. a webhook): left to it")
-    return MaterializeResult(
-        value=totals,
-        check_results=[sync_check(context, reconcile, stuck_jobs)],
-        metadata={
-            "completed": totals.completed,
-            "failed": totals.failed,
-            "lost_race": totals.lost_race,
-            "untouched": totals.untouched,
-            "chunks": totals.chunks,
-            "changes": MetadataValue.md(markdown.table(totals.changes, 20)),
-            "untouched_reasons": MetadataValue.md(markdown.table(totals.untouched_reasons, 20)),
-        },
-    )
+    @known_failures
+    @retry_only_transient
+    def _status_sync(
+        context: AssetExecutionContext, reconcile: ReconcileResource, stuck_jobs: StuckSet, vendor_truth: VendorTruth
+    ) -> MaterializeResult:
+        settings = reconcile.settings()
+        run_id = context.run.run_id
+        lease = reconcile.keep_lease(run_id)
+
+        def before_chunk(changes: pd.DataFrame) -> None:
+            context.log.info(f"syncing {len(changes)} {vendor} status change(s) by compare-and-set")
+
+        totals = sync_staged_pass(
+            reconcile.engine(),
+            stuck_jobs,
+            vendor_truth.health,
+            run_id,
+            utcnow(),
+            settings.undispatched_fail_after_minutes,
+            before_chunk,
+            fence=lease.fence,  # each chunk's transaction first checks that the lease is still ours
+            vendor=vendor,
+        )
+        if totals.lost_race:
+            context.log.info(f"{totals.lost_race} {vendor} job(s) changed since read (e.g. a webhook): left to it")
+        return MaterializeResult(
+            value=totals,
+            check_results=[sync_check(context, reconcile, stuck_jobs, vendor)],
+            metadata={
+                "completed": totals.completed,
+                "failed": totals.failed,
+                "lost_race": totals.lost_race,
+                "untouched": totals.untouched,
+                "chunks": totals.chunks,
+                "changes": MetadataValue.md(markdown.table(totals.changes, 20)),
+                "untouched_reasons": MetadataValue.md(markdown.table(totals.untouched_reasons, 20)),
+            },
+        )
+
+    return _status_sync
+
+
+STATUS_SYNC_ASSETS = {vendor: status_sync_asset(vendor) for vendor in registry.names()}
 
 
 @asset(
     group_name=GROUP,
     kinds={"sql", "pandas"},
-    deps=[job_status_sync],
+    deps=list(STATUS_SYNC_ASSETS.values()),
     check_specs=[blocking_spec(REFUND_PLAN_IS_SAFE, AssetKey("refund_plan"))],
     dagster_type=RefundPlan,  # with check outputs, Dagster cannot infer it from `MaterializeResult`
     retry_policy=TRANSIENT_DB_RETRY,
@@ -471,4 +480,11 @@ def credit_leakage(
     )
 
 
-PASS_ASSETS = [stuck_jobs, *VENDOR_STATUS_ASSETS.values(), job_status_sync, refund_plan, refunds, credit_leakage]
+PASS_ASSETS = [
+    stuck_jobs,
+    *VENDOR_STATUS_ASSETS.values(),
+    *STATUS_SYNC_ASSETS.values(),
+    refund_plan,
+    refunds,
+    credit_leakage,
+]

@@ -50,6 +50,7 @@ from reconcile.db.schema import (
 from reconcile.models import VendorAnswer
 from reconcile.stuck import (
     DISPATCHED,
+    INVALID,
     STUCK_COLUMNS,
     Classified,
     classify_stuck_jobs,
@@ -111,7 +112,8 @@ def stage_stuck_jobs(
         for rows in result.partitions():
             frame = pd.DataFrame([tuple(r) for r in rows], columns=STUCK_COLUMNS).astype({"credits_charged": "int64"})
             jobs = classify_stuck_jobs(frame, now, undispatched_fail_after_minutes).jobs
-            bulk_insert(conn, recon_pass_jobs, insert_records(jobs[PASS_JOB_COLUMNS], run_id=pass_id))
+            staged = jobs[PASS_JOB_COLUMNS].assign(**_invalid_outcomes(jobs))
+            bulk_insert(conn, recon_pass_jobs, insert_records(staged, run_id=pass_id))
             counts.append(_counts(jobs))
             oldest = jobs.head(OLDEST_SHOWN).copy() if len(counts) == 1 else oldest  # not a view of the chunk
         taken = sum(int(c["jobs"].sum()) for c in counts)
@@ -123,6 +125,16 @@ def stage_stuck_jobs(
         else pd.DataFrame({"vendor": [], "category": [], "jobs": [], "credits": []}, dtype="object")
     )
     return StuckSet(pass_id, chunk_size, by_kind, total, oldest, len(counts))
+
+
+def _invalid_outcomes(jobs: pd.DataFrame) -> dict[str, pd.Series]:
+    """An invalid job's outcome, known when it is staged: no sync takes it (each vendor's sync plans the
+    processable jobs of its vendor; an invalid job may have no known vendor at all)."""
+    invalid = jobs["category"] == INVALID
+    return {
+        "outcome": pd.Series("untouched", index=jobs.index, dtype="object").where(invalid),
+        "outcome_reason": ("invalid: " + jobs["invalid_reason"].astype(str)).where(invalid),
+    }
 
 
 def _counts(jobs: pd.DataFrame) -> pd.DataFrame:
@@ -171,14 +183,14 @@ def iter_pass_jobs(
     pass_id: str,
     chunk_size: int,
     *,
-    category: str | None = None,
+    category: str | Sequence[str] | None = None,
     vendor: str | None = None,
     with_answers: bool = False,
     columns: Sequence[str] = PASS_JOB_COLUMNS,
 ) -> Iterator[pd.DataFrame]:
-    """The pass's staged jobs (`columns` of them), `chunk_size` at a time by `job_id` key range (no
-    transaction stays open across vendor calls); with `with_answers`, each job's vendor answer in
-    `answer_*` columns (missing where there is none)."""
+    """The pass's staged jobs (`columns` of them; of a `category` or of any of several, of a `vendor`),
+    `chunk_size` at a time by `job_id` key range (no transaction stays open across vendor calls); with
+    `with_answers`, each job's vendor answer in `answer_*` columns (missing where there is none)."""
     j, a = recon_pass_jobs.c, recon_pass_answers.c
     columns = [j[name] for name in columns]
     source = recon_pass_jobs
@@ -187,7 +199,7 @@ def iter_pass_jobs(
         source = recon_pass_jobs.outerjoin(recon_pass_answers, and_(a.run_id == j.run_id, a.job_id == j.job_id))
     query = select(*columns).select_from(source).where(j.run_id == pass_id).order_by(j.job_id).limit(chunk_size)
     if category is not None:
-        query = query.where(j.category == category)
+        query = query.where(j.category.in_([category] if isinstance(category, str) else category))
     if vendor is not None:
         query = query.where(j.vendor == vendor)
     names = [c.name for c in columns]
@@ -313,14 +325,16 @@ def purge_old_passes(engine: Engine, now: datetime) -> int:
         return conn.execute(delete(recon_pass_jobs).where(recon_pass_jobs.c.run_id.in_(old))).rowcount
 
 
-def iter_status_changes(engine: Engine, run_id: str, pass_id: str, chunk_size: int) -> Iterator[pd.DataFrame]:
-    """The status changes a run recorded, `chunk_size` at a time by id, each with `was_stuck`: whether
-    the job is in the pass's staged stuck set."""
+def iter_status_changes(
+    engine: Engine, run_id: str, pass_id: str, vendor: str, chunk_size: int
+) -> Iterator[pd.DataFrame]:
+    """The status changes a run recorded for `vendor`'s jobs, `chunk_size` at a time by id, each with
+    `was_stuck`: whether the job is in the pass's staged stuck set."""
     c, j = recon_status_changes.c, recon_pass_jobs.c
     staged = select(j.job_id).where(j.run_id == pass_id, j.job_id == c.job_id).exists().label("was_stuck")
     query = (
         select(c.id, c.job_id, c.from_status, c.to_status, staged)
-        .where(c.run_id == run_id)
+        .where(c.run_id == run_id, c.vendor == vendor)
         .order_by(c.id)
         .limit(chunk_size)
     )
@@ -341,9 +355,16 @@ def answers_not_asked_for(engine: Engine, pass_id: str, vendor: str) -> list[str
         return list(conn.execute(query).scalars())
 
 
-def jobs_changed_twice(engine: Engine, run_id: str) -> list[str]:
-    """Jobs with more than one recorded status change in a run (none, normally): a check across chunks."""
+def jobs_changed_twice(engine: Engine, run_id: str, vendor: str) -> list[str]:
+    """`vendor`'s jobs with more than one recorded status change in a run (none, normally): a check
+    across chunks."""
     c = recon_status_changes.c
-    query = select(c.job_id).where(c.run_id == run_id).group_by(c.job_id).having(func.count() > 1).order_by(c.job_id)
+    query = (
+        select(c.job_id)
+        .where(c.run_id == run_id, c.vendor == vendor)
+        .group_by(c.job_id)
+        .having(func.count() > 1)
+        .order_by(c.job_id)
+    )
     with engine.connect() as conn:
         return list(conn.execute(query).scalars())

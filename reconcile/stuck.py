@@ -32,6 +32,7 @@ DISPATCHED = "dispatched"  # has a vendor_task_id: ask its vendor
 UNDISPATCHED_WAITING = "undispatched_waiting"  # never reached a vendor, not old enough to fail
 UNDISPATCHED_DUE = "undispatched_due"  # never reached a vendor, past the fail threshold
 INVALID = "invalid"  # cannot be processed: becomes an invalid_job finding
+PROCESSABLE = (DISPATCHED, UNDISPATCHED_WAITING, UNDISPATCHED_DUE)  # what a vendor's sync plans for
 
 
 def stuck_jobs_query(now: datetime, stuck_after_minutes: int):

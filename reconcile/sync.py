@@ -23,7 +23,7 @@ from reconcile import markdown
 from reconcile.db.schema import NON_TERMINAL_STATUSES, ai_generations, recon_status_changes
 from reconcile.models import VendorHealth, VendorState
 from reconcile.staging import StuckSet, iter_pass_jobs, json_recordset, json_rows, record_outcomes, split_answers
-from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING, Classified
+from reconcile.stuck import DISPATCHED, PROCESSABLE, UNDISPATCHED_DUE, UNDISPATCHED_WAITING, Classified
 
 ERROR_MESSAGE_LIMIT = 2000
 NEVER_DISPATCHED = "never_dispatched"
@@ -96,7 +96,7 @@ class _AnswerLookup:
 
 # The staged columns the plan reads, and the only ones the sync reads back: reading, converting and
 # iterating the jobs' other times were a fifth of the sync's samples (py-spy, 100,000 stuck jobs).
-PLANNED_FROM = ["job_id", "vendor", "category", "invalid_reason", "status", "version"]
+PLANNED_FROM = ["job_id", "vendor", "category", "status", "version"]
 
 
 def plan_status_changes(
@@ -113,9 +113,7 @@ def plan_status_changes(
 
     for job in jobs[PLANNED_FROM].itertuples(index=False):
         base = {"job_id": job.job_id, "vendor": job.vendor}
-        if job.category == INVALID:
-            untouched.append({**base, "reason": f"invalid: {job.invalid_reason}"})
-        elif job.category == UNDISPATCHED_WAITING:
+        if job.category == UNDISPATCHED_WAITING:
             untouched.append({**base, "reason": "undispatched: waiting for a worker"})
         elif job.category == UNDISPATCHED_DUE:
             message = never_dispatched_message(undispatched_fail_after_minutes)
@@ -141,6 +139,8 @@ def plan_status_changes(
                 untouched.append({**base, "reason": f"still {answer['state']} at the vendor"})
             else:
                 untouched.append({**base, "reason": f"unknown: {answer['reason']}"})
+        else:  # invalid jobs are never synced: their outcome is staged with them (staging.stage_stuck_jobs)
+            raise ValueError(f"job {job.job_id!r}: a {job.category!r} job is not the sync's to plan")
     return SyncPlan(
         changes=pd.DataFrame(changes, columns=CHANGE_COLUMNS),
         untouched=pd.DataFrame(untouched, columns=["job_id", "vendor", "reason"]),
@@ -386,8 +386,10 @@ def sync_staged_pass(
     undispatched_fail_after_minutes: int,
     before_chunk: Callable[[pd.DataFrame], None] | None = None,
     fence: Callable[[Connection], None] | None = None,
+    vendor: str | None = None,
 ) -> SyncTotals:
-    """Plan and apply the sync of a staged pass a chunk at a time; keep each job's outcome on its row.
+    """Plan and apply the sync of a staged pass's processable jobs (of one `vendor`, or of all) a chunk at
+    a time; keep each job's outcome on its row.
 
     `before_chunk` runs before each chunk is applied; `fence` inside each of its transactions.
     On PostgreSQL the next chunk is read and planned (client CPU) while the server applies the
@@ -400,7 +402,15 @@ def sync_staged_pass(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-apply") as writer:
         pending: Future[_ChunkDone] | None = None
         try:
-            chunks = iter_pass_jobs(engine, stuck.pass_id, stuck.chunk_size, with_answers=True, columns=PLANNED_FROM)
+            chunks = iter_pass_jobs(
+                engine,
+                stuck.pass_id,
+                stuck.chunk_size,
+                category=PROCESSABLE,
+                vendor=vendor,
+                with_answers=True,
+                columns=PLANNED_FROM,
+            )
             for chunk in chunks:
                 classified, answers = split_answers(chunk)
                 plan = plan_status_changes(classified, answers, health, undispatched_fail_after_minutes)

@@ -254,9 +254,8 @@ def test_pass_on_celery_workers_survives_a_worker_killed_mid_step_and_ends_exact
     assert (handed[0], handed[-1]) == ("fal", "fal-replacement"), handed  # redelivered, asked again
     # Each step on a worker of its queue.
     assert following[registry.step_name("fal")][0] == "fal-replacement"
-    assert {following[step][0] for step in ("stuck_jobs", registry.step_name("kie"), "job_status_sync", "refunds")} == {
-        "default"
-    }
+    on_default = ("stuck_jobs", registry.step_name("kie"), registry.sync_step_name("fal"), "refunds")
+    assert {following[step][0] for step in on_default} == {"default"}
     assert_statuses_and_refunds_are_the_truth(db.engine, population)
     _assert_one_pass_held_the_lock(db, runs=2)
 

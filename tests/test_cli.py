@@ -112,7 +112,7 @@ def test_two_runs_at_the_same_moment_never_double_process(db, tmp_path: Path) ->
     assert_statuses_and_refunds_are_the_truth(db.engine, population)
 
 
-@pytest.mark.parametrize("kill_at", ["[vendor_statuses_", "[job_status_sync] syncing", "[refunds] applying"])
+@pytest.mark.parametrize("kill_at", ["[vendor_statuses_", "[job_status_sync_fal] syncing", "[refunds] applying"])
 def test_kill_9_mid_pass_then_the_next_pass_takes_over_at_once(db, tmp_path: Path, kill_at: str) -> None:
     """SIGKILL a pass when a stage starts; the next pass, started right away with the default 60 s
     lease, takes the dead pass's lease over (its process is gone) and finishes the job: every refund

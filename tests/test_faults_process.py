@@ -50,6 +50,7 @@ from reconcile.db.schema import (
 from reconcile.runs import lease_holder
 from reconcile.simulator.population import Population, generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
+from reconcile.vendors import registry
 from sensors.run_failures import reconcile_pass_failed
 from tests.environ import clean_environ
 from tests.platform import assert_ledger_invariants
@@ -225,7 +226,12 @@ def test_connection_dropped_inside_a_transaction_is_retried_by_the_step_and_the_
     refunds_before = _refund_rows(db)
     if where == "sync_transaction":  # a job the sync must fail: its UPDATE waits on our lock
         target = population.ids("undispatched_old")[0]
-        lock = ("SELECT id FROM ai_generations WHERE id = :key FOR UPDATE", {"key": target}, "job_status_sync")
+        vendor = population.job(target)["vendor"]
+        lock = (
+            "SELECT id FROM ai_generations WHERE id = :key FOR UPDATE",
+            {"key": target},
+            registry.sync_step_name(vendor),
+        )
     else:  # a user owed a refund: the batch has inserted its ledger rows when its balance update waits
         target = next(e.user_id for e in population.expected.values() if e.refund_credits)
         lock = ("SELECT user_id FROM credit_balances WHERE user_id = :key FOR UPDATE", {"key": target}, "refunds")

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "reconcile.vendors"
 INFRASTRUCTURE = frozenset({"base", "fetch", "registry"})
 STEP_PREFIX = "vendor_statuses_"
+SYNC_STEP_PREFIX = "job_status_sync_"
 
 
 class UnknownVendor(KeyError):
@@ -114,6 +115,11 @@ def is_known(name: object) -> bool:
 def step_name(vendor: str) -> str:
     """The Dagster asset (and step) name of a vendor's status stage: the one place it is built."""
     return STEP_PREFIX + get(vendor).name
+
+
+def sync_step_name(vendor: str) -> str:
+    """The Dagster asset (and step) name of the sync of a vendor's jobs: the one place it is built."""
+    return SYNC_STEP_PREFIX + get(vendor).name
 
 
 def token_prefixes() -> tuple[str, ...]:

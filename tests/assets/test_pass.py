@@ -9,6 +9,7 @@ from dagster import DagsterInstance, materialize
 from sqlalchemy import select
 
 from assets.checks import ALL_CHECKS
+from assets.failures import FAILURE_TAG
 from assets.reconciliation import PASS_ASSETS as STAGES
 from assets.resources import ReconcileResource
 from reconcile.db.schema import ai_generations, credit_transactions, recon_leakage_findings, recon_refunds, utcnow
@@ -16,6 +17,7 @@ from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
 from reconcile.staging import pass_outcomes
 from reconcile.stuck import DISPATCHED
+from reconcile.vendors import registry
 from tests.platform import assert_ledger_invariants
 
 PASS_ASSETS = [*STAGES, *ALL_CHECKS]
@@ -176,8 +178,9 @@ def test_a_bad_refund_plan_blocks_every_refund(world, monkeypatch: pytest.Monkey
 
 
 def test_a_vendor_answer_lost_before_the_check_blocks_the_sync(world, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The blocking answer check runs inside the vendor's step: a lost answer stops the pass before any job
-    is changed, and the check's failure is recorded on the vendor's asset."""
+    """The blocking answer check runs inside the vendor's step: a lost answer stops that vendor's sync and
+    every refund, and the check's failure is recorded on the vendor's asset. The other vendors' jobs are
+    synced as usual (a vendor's failure stays its own)."""
     import reconcile.vendor_stage as vendor_stage
 
     real_write = vendor_stage.write_answers
@@ -188,11 +191,13 @@ def test_a_vendor_answer_lost_before_the_check_blocks_the_sync(world, monkeypatc
         return real_write(engine, pass_id, answers)
 
     monkeypatch.setattr(vendor_stage, "write_answers", lose_one)
-    db, _population, _sim = world
-    before, _refunded, _ledger = _state(db)
+    db, population, _sim = world
+    before, _refunded, ledger_before = _state(db)
     with DagsterInstance.ephemeral() as instance:
         result = run_pass(instance)
+        cause = instance.get_run_by_id(result.run_id).tags[FAILURE_TAG]
     assert not result.success
+    assert "none of fal's jobs was synced, no refund was written" in cause
     failed = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert any(
         e.event_specific_data.check_name == "one_canonical_answer_per_job"
@@ -200,9 +205,14 @@ def test_a_vendor_answer_lost_before_the_check_blocks_the_sync(world, monkeypatc
         and not e.event_specific_data.passed
         for e in failed
     )
-    assert "job_status_sync" not in {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
-    after, refunded, _ledger = _state(db)
-    assert after == before and refunded == {}
+    started = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    assert registry.sync_step_name("fal") not in started and "refund_plan" not in started
+    assert registry.sync_step_name("replicate") in started
+    after, refunded, ledger = _state(db)
+    fal_jobs = {job["id"] for job in population.generations if job["vendor"] == "fal"}
+    assert {j: after[j] for j in fal_jobs} == {j: before[j] for j in fal_jobs}  # not one of fal's jobs changed
+    assert {j for j in after if after[j] != before[j]}  # the other vendors' were synced
+    assert refunded == {} and ledger == ledger_before
 
 
 def _metadata(result) -> dict:

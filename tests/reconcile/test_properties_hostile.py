@@ -54,7 +54,7 @@ from reconcile.models import VendorAnswer, VendorHealth, VendorState
 from reconcile.refunds import refund_plan_problems
 from reconcile.settings import VENDORS
 from reconcile.simulator.population import HOSTILE_ERROR, HOSTILE_USER_FRAGMENT
-from reconcile.staging import PASS_JOB_COLUMNS, iter_pass_jobs, stage_stuck_jobs
+from reconcile.staging import PASS_JOB_COLUMNS, iter_pass_jobs, pass_outcomes, stage_stuck_jobs
 from reconcile.stuck import (
     DISPATCHED,
     INVALID,
@@ -213,8 +213,9 @@ def worlds(draw: st.DrawFn, allow_nul: bool, now: datetime) -> World:
             )
             row(user, job_id, kind, draw(st.integers(-1000, 1000)), other_key(job_id), age)
 
-    for _ in range(draw(st.integers(0, 3))):  # orphans: a charge or refund whose job does not exist
-        orphan = draw(st.one_of(st.none(), text.filter(lambda j: j not in ids)))
+    # Orphans: a charge or refund whose job does not exist. Each orphan id once: the same id drawn twice
+    # could give two rows of one idempotency key, which the ledger's unique key refuses.
+    for orphan in draw(st.lists(st.one_of(st.none(), text.filter(lambda j: j not in ids)), max_size=3, unique=True)):
         kind = draw(st.sampled_from(("charge", "refund")))
         amount = draw(st.integers(-1000, 1000))
         key = f"{kind}:{orphan}" if orphan is not None and draw(st.booleans()) else other_key(str(orphan))
@@ -386,10 +387,15 @@ def test_hostile_platforms_through_every_stage_keep_the_money_right(db, data: st
     health = {
         v: str(data.draw(mostly(st.just(VendorHealth.OK), st.sampled_from(list(VendorHealth)), 80))) for v in VENDORS
     }
-    plan = plan_status_changes(classified, answers, health, UNDISPATCHED_AFTER)
+    # The sync plans the processable jobs; an invalid job's outcome was staged with it.
+    processable = stuck[stuck["category"] != INVALID]
+    plan = plan_status_changes(Classified(processable), answers, health, UNDISPATCHED_AFTER)
     accounted = list(plan.changes["job_id"]) + list(plan.untouched["job_id"])
-    assert sorted(accounted) == sorted(stuck["job_id"])  # every stuck job: a change or a reason, once
+    assert sorted(accounted) == sorted(processable["job_id"])  # every processable job: a change or a reason, once
     assert plan.untouched["reason"].map(lambda r: isinstance(r, str) and r != "").all()
+    outcomes = pass_outcomes(db.engine, "run-prop").set_index("job_id")
+    invalid = stuck.loc[stuck["category"] == INVALID, ["job_id", "invalid_reason"]]
+    assert (outcomes.loc[invalid["job_id"], "reason"] == ("invalid: " + invalid["invalid_reason"]).values).all()
     sync = apply_status_changes(db.engine, plan.changes, "run-prop", now)
     assert sync.lost_race.empty  # nothing else wrote meanwhile
 

@@ -25,7 +25,14 @@ from reconcile.staging import (
     stage_stuck_jobs,
     write_answers,
 )
-from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, classify_stuck_jobs, fetch_stuck_jobs
+from reconcile.stuck import (
+    DISPATCHED,
+    INVALID,
+    PROCESSABLE,
+    UNDISPATCHED_DUE,
+    classify_stuck_jobs,
+    fetch_stuck_jobs,
+)
 from reconcile.sync import sync_staged_pass
 from tests.platform import Platform
 
@@ -136,7 +143,10 @@ def test_outcomes_are_kept_per_job(db) -> None:
     )
     outcomes = pass_outcomes(db.engine, "pass-1").set_index("job_id")
     assert outcomes.loc["é", "reason"] == "still queued" and outcomes.loc["a", "outcome"] == "applied"
-    assert outcomes["outcome"].isna().sum() == len(outcomes) - 2
+    # An invalid job's outcome is staged with it (no vendor's sync takes it; this one has no known vendor).
+    assert outcomes.loc["bad-vendor", "outcome"] == "untouched"
+    assert outcomes.loc["bad-vendor", "reason"] == "invalid: unknown vendor 'nobody'"
+    assert outcomes["outcome"].isna().sum() == len(outcomes) - 3
 
 
 def test_old_working_sets_are_purged_and_recent_ones_kept(db) -> None:
@@ -158,11 +168,20 @@ def test_a_job_changed_twice_in_a_run_is_found_across_chunks(db) -> None:
     _world(db)
     row = {"from_status": "processing", "to_status": "failed", "vendor": "fal", "vendor_state": "failed"}
     with db.engine.begin() as conn:
-        for job_id, run_id in (("a", "run-1"), ("b", "run-1"), ("a", "run-1"), ("b", "run-2")):
-            values = {**row, "job_id": job_id, "run_id": run_id, "evidence": "{}", "changed_at": utcnow()}
-            conn.execute(insert(recon_status_changes).values(values))
-    assert jobs_changed_twice(db.engine, "run-1") == ["a"]
-    assert jobs_changed_twice(db.engine, "run-2") == []
+        for job_id, run_id, vendor in (
+            ("a", "run-1", "fal"),
+            ("b", "run-1", "fal"),
+            ("a", "run-1", "fal"),
+            ("b", "run-2", "fal"),
+            ("c", "run-1", "kie"),
+            ("c", "run-1", "kie"),
+        ):
+            values = {**row, "job_id": job_id, "run_id": run_id, "vendor": vendor, "changed_at": utcnow()}
+            conn.execute(insert(recon_status_changes).values({**values, "evidence": "{}"}))
+    # Each vendor's sync check sees its own vendor's changes only.
+    assert jobs_changed_twice(db.engine, "run-1", "fal") == ["a"]
+    assert jobs_changed_twice(db.engine, "run-1", "kie") == ["c"]
+    assert jobs_changed_twice(db.engine, "run-2", "fal") == []
 
 
 def test_postgresql_plans_the_staged_tables_with_fresh_statistics(db) -> None:
@@ -188,7 +207,8 @@ def test_a_sync_whose_fence_fails_stops_before_the_next_chunk(db) -> None:
         for job in dispatched.itertuples()
     ]
     write_answers(db.engine, "pass-1", answers)
-    first = set(next(iter(iter_pass_jobs(db.engine, "pass-1", 4)))["job_id"])
+    first = set(next(iter(iter_pass_jobs(db.engine, "pass-1", 4, category=PROCESSABLE)))["job_id"])
+    invalid = set(pd.concat(list(iter_pass_jobs(db.engine, "pass-1", 4, category=INVALID)))["job_id"])
     fenced: list[int] = []
 
     def fence(_conn) -> None:
@@ -202,7 +222,7 @@ def test_a_sync_whose_fence_fails_stops_before_the_next_chunk(db) -> None:
         )
     assert len(fenced) == 2
     outcomes = pass_outcomes(db.engine, "pass-1")
-    assert set(outcomes.loc[outcomes["outcome"].notna(), "job_id"]) == first
+    assert set(outcomes.loc[outcomes["outcome"].notna(), "job_id"]) == first | invalid  # invalid: when staged
     with db.engine.connect() as conn:
         audited = set(conn.execute(select(recon_status_changes.c.job_id)).scalars())
     assert audited and audited <= first

@@ -102,14 +102,19 @@ def test_status_requests_carry_the_vendors_own_headers() -> None:
         assert "s3cret" not in repr(request)
 
 
-def test_the_asset_of_each_vendor_step_is_named_in_one_place() -> None:
-    from assets.reconciliation import VENDOR_STATUS_ASSETS, job_status_sync
+def test_the_assets_of_each_vendor_are_named_in_one_place() -> None:
+    from assets.reconciliation import STATUS_SYNC_ASSETS, VENDOR_STATUS_ASSETS, refund_plan
 
-    assert set(VENDOR_STATUS_ASSETS) == set(registry.names())
+    assert set(VENDOR_STATUS_ASSETS) == set(STATUS_SYNC_ASSETS) == set(registry.names())
     for vendor, asset in VENDOR_STATUS_ASSETS.items():
         assert asset.key.path == [registry.step_name(vendor)]
-    upstream = {key.path[-1] for key in job_status_sync.asset_deps[job_status_sync.key]}
-    assert upstream >= {registry.step_name(v) for v in registry.names()}
+        sync = STATUS_SYNC_ASSETS[vendor]
+        assert sync.key.path == [registry.sync_step_name(vendor)]
+        # A vendor's sync waits for its own vendor's answers only.
+        assert {key.path[-1] for key in sync.asset_deps[sync.key]} == {"stuck_jobs", registry.step_name(vendor)}
+    # No refund is planned before every vendor's jobs are synced.
+    upstream = {key.path[-1] for key in refund_plan.asset_deps[refund_plan.key]}
+    assert upstream == {registry.sync_step_name(v) for v in registry.names()}
 
 
 def test_token_prefixes_are_each_vendors_own_and_redacted_in_any_text(monkeypatch) -> None:

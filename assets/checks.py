@@ -1,8 +1,7 @@
 """Data-quality checks on every stage, run with Great Expectations suites from `reconcile.quality`.
 
 Blocking checks guard the money: a failed one stops the assets downstream of it (no sync on bad
-vendor answers, no refund from a bad plan) and fails the run. The checks here only inform (no step waits
-for them): they run at a lower CPU priority than the steps beside them (`reconcile.priority`).
+vendor answers, no refund from a bad plan) and fails the run.
 """
 
 import pandas as pd
@@ -21,7 +20,6 @@ from assets.reconciliation import (
 from assets.resources import ReconcileResource
 from reconcile.db.schema import NON_TERMINAL_STATUSES
 from reconcile.leakage import CATEGORIES, FINDING_COLUMNS, FindingsSummary, iter_staged_findings
-from reconcile.priority import at_low_priority
 from reconcile.quality import Expect, QualityResult, combine, validate
 from reconcile.refunds import (
     RefundTotals,
@@ -39,11 +37,6 @@ from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_
     asset=stuck_jobs, description="Stuck job ids unique; processable rows have a known vendor and credits >= 0."
 )
 def stuck_jobs_are_well_formed(reconcile: ReconcileResource, stuck_jobs: StuckSet) -> AssetCheckResult:
-    # Beside the vendor steps: on a small machine the slowest vendor's step gets the CPU first.
-    return at_low_priority(lambda: _stuck_jobs_quality(reconcile, stuck_jobs))
-
-
-def _stuck_jobs_quality(reconcile: ReconcileResource, stuck_jobs: StuckSet) -> AssetCheckResult:
     categories = [DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING]
     whole, processable = [], []
     # Only the columns validated: reading and converting the jobs' times, then hashing them into Great
@@ -85,18 +78,13 @@ def _stuck_jobs_quality(reconcile: ReconcileResource, stuck_jobs: StuckSet) -> A
 def refunds_match_the_ledger(
     context: AssetCheckExecutionContext, reconcile: ReconcileResource, refunds: RefundTotals
 ) -> AssetCheckResult:
-    # Beside credit_leakage, which ends the pass.
-    return at_low_priority(lambda: _refunds_quality(context.run.run_id, reconcile, refunds))
-
-
-def _refunds_quality(run_id: str, reconcile: ReconcileResource, refunds: RefundTotals) -> AssetCheckResult:
     expectations = [
         Expect("ExpectColumnValuesToBeUnique", column="job_id"),
         Expect("ExpectColumnValuesToNotBeNull", column="key"),
         Expect("ExpectColumnValuesToBeInSet", column="amount_matches", value_set=[True]),
         Expect("ExpectColumnValuesToBeBetween", column="credits", min_value=1),
     ]
-    chunks = iter_written_refunds(reconcile.engine(), run_id, reconcile.settings().chunk_size)
+    chunks = iter_written_refunds(reconcile.engine(), context.run.run_id, reconcile.settings().chunk_size)
     results = [
         validate("refunds", rows.assign(amount_matches=rows["credits"] == rows["amount"]), expectations)
         for rows in chunks
@@ -113,11 +101,6 @@ def _refunds_quality(run_id: str, reconcile: ReconcileResource, refunds: RefundT
 
 @asset_check(asset=credit_leakage, description="Findings have a known category and credits >= 0.")
 def findings_are_valid(reconcile: ReconcileResource, credit_leakage: FindingsSummary) -> AssetCheckResult:
-    # Beside the reports, the pass's last step.
-    return at_low_priority(lambda: _findings_quality(reconcile, credit_leakage))
-
-
-def _findings_quality(reconcile: ReconcileResource, credit_leakage: FindingsSummary) -> AssetCheckResult:
     chunks = iter_staged_findings(reconcile.engine(), credit_leakage.run_id, reconcile.settings().chunk_size)
     expectations = [
         Expect("ExpectColumnValuesToBeInSet", column="category", value_set=list(CATEGORIES)),

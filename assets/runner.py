@@ -24,7 +24,7 @@ from dagster import (
 
 from assets.failures import DATABASE_TAG, FAILURE_TAG
 from assets.reconciliation import VENDOR_STATUS_ASSETS, stuck_jobs
-from assets.reports import reconciliation_reports
+from assets.reports import REPORT_ASSETS
 from reconcile.settings import DEFAULT_DATABASE_URL, STATE_DIR, database_label, load_settings
 
 DEFAULT_DAGSTER_HOME = STATE_DIR / "dagster_home"
@@ -162,7 +162,8 @@ class PassOutcome:
 
     @property
     def reports(self) -> dict[str, Any]:
-        return self.metadata.get(reconciliation_reports.key.to_user_string(), {})
+        """The report steps' metadata, as one: the folder, each file written, the figures."""
+        return {k: v for step in REPORT_ASSETS for k, v in self.metadata.get(step.key.to_user_string(), {}).items()}
 
     def vendors_not_ok(self) -> dict[str, str]:
         """Each vendor that did not answer (skipped, unauthorized, down, misconfigured): its health."""

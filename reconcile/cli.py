@@ -187,7 +187,7 @@ def demo(size: int, seed: int, verbose: bool) -> None:
 
 
 def _demo_reports(engine, outcome) -> list[Path]:
-    """The report files of the demo's run: the ones the `reconciliation_reports` asset wrote, or, when
+    """The report files of the demo's run: the ones the report assets wrote, or, when
     the pass did not include it, written now (the same files: writing a run's reports is idempotent)."""
     from reconcile.db.schema import utcnow
     from reconcile.reports import REPORT_FILES, write_reports

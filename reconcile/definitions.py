@@ -39,7 +39,8 @@ PASS_JOB = "reconcile_pass"
 # that has imported reconcile, Dagster and Great Expectations once, so a step starts without the seconds
 # of importing them again (`spawn`, Dagster's default); measured in the README's performance section.
 # A run may still choose `in_process` (one process, the steps one after another).
-SIDE_BY_SIDE_PROCESSES = len(VENDORS) + 1  # every vendor at once, plus one for the checks beside them
+# Every vendor at once (its questions, then its sync: one step of it at a time), plus one for the checks beside them.
+SIDE_BY_SIDE_PROCESSES = len(VENDORS) + 1
 # What every step process imports before its first line of ours, found with py-spy on a 300-job pass: without
 # Dagster's storage modules here, importing them again (SQLAlchemy table definitions, mostly) was half of each
 # forked step's CPU.

@@ -2,6 +2,7 @@
 self-contained HTML page each (opens offline: inline CSS, inline SVG charts, no script).
 
     write_reports(engine, run_id, reports_dir, now) -> [refunds.csv, refunds.html, leakage.csv, leakage.html]
+    generate_reports(..., files=REFUND_FILES)          -> the refund report alone (or LEAKAGE_FILES)
 
 Files go to `reports_dir/<run start, UTC>_<run id>/`; writing the reports of a run again rewrites the
 same folder (each file replaced atomically), so `reconcile report` and a retried step are idempotent.
@@ -11,7 +12,7 @@ No Dagster here: the asset in `assets/reports.py` and the CLI both call this.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +35,8 @@ from reconcile.reports.render import leakage_html, refunds_html, write_leakage_c
 from reconcile.reports.store import is_url, join, write_file
 
 __all__ = [
+    "LEAKAGE_FILES",
+    "REFUND_FILES",
     "REPORT_FILES",
     "ReportSet",
     "UnknownRun",
@@ -43,7 +46,9 @@ __all__ = [
     "write_reports",
 ]
 
-REPORT_FILES = ("refunds.csv", "refunds.html", "leakage.csv", "leakage.html")
+REFUND_FILES = ("refunds.csv", "refunds.html")
+LEAKAGE_FILES = ("leakage.csv", "leakage.html")
+REPORT_FILES = REFUND_FILES + LEAKAGE_FILES
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -103,10 +108,16 @@ def generate_reports(
     now: datetime,
     lookback_hours: int = DEFAULT_LOOKBACK_HOURS,
     chunk_rows: int = CHUNK_ROWS,
+    files: Sequence[str] = REPORT_FILES,
 ) -> ReportSet:
-    """Read everything about `run_id` and write its four report files; raise UnknownRun if there is
-    nothing recorded for it. `lookback_hours` (RECONCILE_REFUND_LOOKBACK_HOURS) judges which failed
-    jobs no pass will refund any more. At most `chunk_rows` refunds or findings are held at a time."""
+    """Read everything about `run_id` and write its report `files` (default: all four); raise UnknownRun
+    if there is nothing recorded for it. `lookback_hours` (RECONCILE_REFUND_LOOKBACK_HOURS) judges which
+    failed jobs no pass will refund any more. At most `chunk_rows` refunds or findings are held at a
+    time. Two calls with other files of the same run write into the same folder (the pass writes its
+    refund and its leakage report in two steps side by side)."""
+    unknown = [name for name in files if name not in REPORT_FILES]
+    if unknown:
+        raise ValueError(f"no report file {unknown}: the files are {', '.join(REPORT_FILES)}")
     with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             # The planner overestimates the anti-joins of new/resolved (hashed subplans) and would JIT
@@ -135,7 +146,7 @@ def generate_reports(
             "leakage.html": (lambda out: out.write(leakage_html(data, now)), "utf-8"),
         }
         paths: list = []
-        for name in REPORT_FILES:
+        for name in files:
             written = write_file(join(folder, name), *writers[name])
             paths.append(written if is_url(written) else Path(written))
     return ReportSet(run_id, folder, paths, data)

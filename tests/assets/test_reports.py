@@ -1,5 +1,5 @@
-"""The reports asset at the end of a real pass: files written, figures equal to the database, and the
-second pass's report compares with the first."""
+"""The report assets at the end of a real pass: files written into one folder, figures equal to the
+database, and the second pass's report compares with the first."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from assets.checks import ALL_CHECKS
 from assets.reconciliation import PASS_ASSETS
-from assets.reports import reconciliation_reports
+from assets.reports import REPORT_ASSETS
 from assets.resources import ReconcileResource
 from reconcile.db.schema import recon_leakage_findings, recon_refunds, utcnow
 from reconcile.reports import REPORT_FILES
@@ -40,15 +40,20 @@ def world(db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def run_pass(instance: DagsterInstance):
     result = materialize(
-        [*PASS_ASSETS, *ALL_CHECKS, reconciliation_reports],
+        [*PASS_ASSETS, *ALL_CHECKS, *REPORT_ASSETS],
         instance=instance,
         resources={"reconcile": ReconcileResource()},
         raise_on_error=False,
     )
     assert result.success, [e.message for e in result.all_events if e.is_failure]
-    (event,) = [e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
-                and e.asset_key.to_user_string() == "reconciliation_reports"]  # fmt: skip
-    return result.run_id, {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+    metadata = {
+        e.asset_key.to_user_string(): {k: v.value for k, v in e.event_specific_data.materialization.metadata.items()}
+        for e in result.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+    }
+    refunds, leakage = metadata["refunds_report"], metadata["leakage_report"]
+    assert refunds["folder"] == leakage["folder"]  # written side by side into the run's one folder
+    return result.run_id, {**refunds, **leakage}
 
 
 def rows(path: str) -> list[dict[str, str]]:

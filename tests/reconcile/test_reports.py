@@ -17,7 +17,14 @@ from sqlalchemy.engine import Engine
 
 from reconcile.db.schema import recon_refunds, recon_runs, recon_status_changes
 from reconcile.leakage import CATEGORIES, FINDING_COLUMNS, stage_findings, write_findings
-from reconcile.reports import REPORT_FILES, UnknownRun, generate_reports, write_reports
+from reconcile.reports import (
+    LEAKAGE_FILES,
+    REFUND_FILES,
+    REPORT_FILES,
+    UnknownRun,
+    generate_reports,
+    write_reports,
+)
 from reconcile.reports.data import MOVED_ROWS, finding_rows, load_report_data, refund_rows
 from reconcile.reports.render import credits_once
 from reconcile.reports.safe import FORMULA_START
@@ -375,6 +382,22 @@ def test_writing_again_rewrites_the_same_folder(db, tmp_path: Path) -> None:
     assert again == first.paths and [p.name for p in tmp_path.iterdir()] == [first.folder.name]
     assert sorted(p.name for p in first.folder.iterdir()) == sorted(REPORT_FILES)  # no temporary files left
     assert (first.refunds, first.credits_refunded, first.findings, first.credits_at_stake) == (5, 86, 6, 40)
+
+
+def test_the_refund_and_the_leakage_report_written_apart_are_the_whole_set_in_one_folder(db, tmp_path: Path) -> None:
+    """The pass writes them in two steps side by side: the same files, byte for byte, in the same folder."""
+    seed_hostile_run(db.engine, started=datetime(2025, 3, 4, 5, 6, 7, tzinfo=NOW.tzinfo))
+    whole = generate_reports(db.engine, "run-hostile", tmp_path / "whole", NOW)
+    refunds = generate_reports(db.engine, "run-hostile", tmp_path / "apart", NOW, files=REFUND_FILES)
+    assert [p.name for p in refunds.paths] == list(REFUND_FILES)
+    assert sorted(p.name for p in refunds.folder.iterdir()) == sorted(REFUND_FILES)
+    leakage = generate_reports(db.engine, "run-hostile", tmp_path / "apart", NOW, files=LEAKAGE_FILES)
+    assert leakage.folder == refunds.folder and [p.name for p in leakage.paths] == list(LEAKAGE_FILES)
+    assert {p.name: p.read_bytes() for p in whole.paths} == {
+        p.name: p.read_bytes() for p in [*refunds.paths, *leakage.paths]
+    }
+    with pytest.raises(ValueError, match="no report file"):
+        generate_reports(db.engine, "run-hostile", tmp_path, NOW, files=["refunds.pdf"])
 
 
 def test_a_run_id_cannot_escape_the_reports_dir_and_unknown_runs_are_refused(db, tmp_path: Path) -> None:

@@ -56,14 +56,18 @@ def _newest_failed_pass(home: str) -> str | None:
     return next((run.run_id for run in runs if "reconcile/failure" in run.tags), None)
 
 
-def _shoot(page, url: str, wait_for: str, out: Path) -> None:
+def _shoot(page, url: str, wait_for: str, out: Path, expand: str | None = None) -> None:
+    """`expand`: the name of an asset group to open first (the lineage view shows a large group closed)."""
     page.goto(url, wait_until="networkidle")
-    page.wait_for_selector(wait_for, timeout=60_000)
     page.wait_for_timeout(2500)  # the page animates into place; the first-visit dialog appears meanwhile
     skip = page.get_by_role("button", name="Skip")
     if skip.count():
         skip.first.click()
         page.wait_for_timeout(1000)
+    if expand:
+        page.get_by_text(expand, exact=True).last.dblclick()
+    page.wait_for_selector(wait_for, timeout=60_000)
+    page.wait_for_timeout(2000)  # the opened group animates into place
     out.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(out))
     print(f"screenshot: {out}")
@@ -94,7 +98,8 @@ def main() -> None:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1600, "height": 900})
-            _shoot(page, f"{url}/asset-groups/reconciliation", "text=credit_leakage", args.out_dir / "asset-graph.png")
+            graph = f"{url}/asset-groups/reconciliation"
+            _shoot(page, graph, "text=credit_leakage", args.out_dir / "asset-graph.png", expand="reconciliation")
             checks = f"{url}/assets/observation_metrics?view=checks&checkDetail=no_undispatched_backlog"
             _shoot(page, checks, "text=never reached", args.out_dir / "alert-checks.png")
             if failed_run is None:

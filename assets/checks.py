@@ -30,14 +30,14 @@ from reconcile.staging import (
     StuckSet,
     iter_pass_jobs,
 )
-from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING
+from reconcile.stuck import INVALID, STUCK_CATEGORIES
 
 
 @asset_check(
     asset=stuck_jobs, description="Stuck job ids unique; processable rows have a known vendor and credits >= 0."
 )
 def stuck_jobs_are_well_formed(reconcile: ReconcileResource, stuck_jobs: StuckSet) -> AssetCheckResult:
-    categories = [DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING]
+    categories = list(STUCK_CATEGORIES)
     whole, processable = [], []
     # Only the columns validated: reading and converting the jobs' times, then hashing them into Great
     # Expectations' batch id, was most of this check's CPU, taken from the vendor steps running beside it.

@@ -10,8 +10,10 @@ from collections.abc import Sequence
 import pandas as pd
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
+from assets.failures import known_failures
 from assets.reconciliation import GROUP, credit_leakage
 from assets.resources import ReconcileResource
+from assets.retries import TRANSIENT_DB_RETRY, retry_only_transient
 from reconcile import markdown
 from reconcile.db.schema import utcnow
 from reconcile.reports import LEAKAGE_FILES, REFUND_FILES, ReportSet, generate_reports
@@ -19,7 +21,11 @@ from reconcile.reports.data import MOVED_ROWS, NEW, PERSISTING, RESOLVED
 from reconcile.reports.store import is_url
 
 
-@asset(group_name=GROUP, deps=[credit_leakage], kinds={"csv", "html"})
+# Both retried on a transient database fault (writing a run's reports again rewrites the same files): on
+# SQLite the two, the metrics and the checks that end the pass wait for one another's transactions.
+@asset(group_name=GROUP, deps=[credit_leakage], kinds={"csv", "html"}, retry_policy=TRANSIENT_DB_RETRY)
+@known_failures
+@retry_only_transient
 def refunds_report(context: AssetExecutionContext, reconcile: ReconcileResource) -> MaterializeResult:
     """refunds.csv/.html of this run under RECONCILE_REPORTS_DIR/<UTC time>_<run id>/: every refund with its
     evidence, totals by reason and vendor, the refunds held for approval, charts over the last runs."""
@@ -38,7 +44,9 @@ def refunds_report(context: AssetExecutionContext, reconcile: ReconcileResource)
     )
 
 
-@asset(group_name=GROUP, deps=[credit_leakage], kinds={"csv", "html"})
+@asset(group_name=GROUP, deps=[credit_leakage], kinds={"csv", "html"}, retry_policy=TRANSIENT_DB_RETRY)
+@known_failures
+@retry_only_transient
 def leakage_report(context: AssetExecutionContext, reconcile: ReconcileResource) -> MaterializeResult:
     """leakage.csv/.html of this run under RECONCILE_REPORTS_DIR/<UTC time>_<run id>/: every finding with
     what changed since the previous successful run and what to do, totals by category and vendor, charts

@@ -32,7 +32,11 @@ DISPATCHED = "dispatched"  # has a vendor_task_id: ask its vendor
 UNDISPATCHED_WAITING = "undispatched_waiting"  # never reached a vendor, not old enough to fail
 UNDISPATCHED_DUE = "undispatched_due"  # never reached a vendor, past the fail threshold
 INVALID = "invalid"  # cannot be processed: becomes an invalid_job finding
-PROCESSABLE = (DISPATCHED, UNDISPATCHED_WAITING, UNDISPATCHED_DUE)  # what a vendor's sync plans for
+# Every category a staged job may have: the stuck-jobs check holds the staged jobs to these.
+STUCK_CATEGORIES = (DISPATCHED, UNDISPATCHED_WAITING, UNDISPATCHED_DUE, INVALID)
+# What a vendor's sync reads: every category but INVALID, so a category added here and not planned for fails
+# the sync loudly (sync.plan_status_changes) rather than leaving its jobs without an outcome.
+PROCESSABLE = tuple(c for c in STUCK_CATEGORIES if c != INVALID)
 
 
 def stuck_jobs_query(now: datetime, stuck_after_minutes: int):

@@ -7,6 +7,7 @@ change is recorded in `recon_status_changes` in the same transaction.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -402,14 +403,19 @@ def sync_staged_pass(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-apply") as writer:
         pending: Future[_ChunkDone] | None = None
         try:
-            chunks = iter_pass_jobs(
-                engine,
-                stuck.pass_id,
-                stuck.chunk_size,
-                category=PROCESSABLE,
-                vendor=vendor,
-                with_answers=True,
-                columns=PLANNED_FROM,
+            # One category at a time: each read is then one range of the staged jobs' (run, category, vendor,
+            # job) index, in its order, rather than a sort of the vendor's remaining jobs for every page.
+            chunks = itertools.chain.from_iterable(
+                iter_pass_jobs(
+                    engine,
+                    stuck.pass_id,
+                    stuck.chunk_size,
+                    category=category,
+                    vendor=vendor,
+                    with_answers=True,
+                    columns=PLANNED_FROM,
+                )
+                for category in PROCESSABLE
             )
             for chunk in chunks:
                 classified, answers = split_answers(chunk)

@@ -18,6 +18,7 @@ from reconcile.runs import acquire_lease, lease_holder
 from reconcile.settings import database_label
 from reconcile.simulator.population import LAYOUT_SIZE, generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
+from reconcile.vendors import registry
 from tests.environ import clean_environ
 from tests.platform import assert_statuses_and_refunds_are_the_truth
 
@@ -112,7 +113,9 @@ def test_two_runs_at_the_same_moment_never_double_process(db, tmp_path: Path) ->
     assert_statuses_and_refunds_are_the_truth(db.engine, population)
 
 
-@pytest.mark.parametrize("kill_at", ["[vendor_statuses_", "[job_status_sync_fal] syncing", "[refunds] applying"])
+@pytest.mark.parametrize(
+    "kill_at", ["[vendor_statuses_", f"[{registry.sync_step_name('fal')}] syncing", "[refunds] applying"]
+)
 def test_kill_9_mid_pass_then_the_next_pass_takes_over_at_once(db, tmp_path: Path, kill_at: str) -> None:
     """SIGKILL a pass when a stage starts; the next pass, started right away with the default 60 s
     lease, takes the dead pass's lease over (its process is gone) and finishes the job: every refund

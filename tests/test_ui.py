@@ -25,6 +25,7 @@ from reconcile.runs import lease_holder
 from reconcile.settings import database_label
 from reconcile.simulator.population import generate_population, write_population
 from reconcile.simulator.server import SimulatorThread
+from reconcile.vendors import registry
 from tests.conftest import reset_database
 from tests.test_fault_matrix import FAST
 
@@ -139,7 +140,7 @@ def test_every_asset_check_schedule_and_sensor_is_served_with_its_lineage(webser
     assert schedules["reconcile_every_15_minutes"]["cronSchedule"] == "*/15 * * * *"
     assert schedules["reconcile_every_15_minutes"]["executionTimezone"] == "UTC"
     assert {s["name"] for s in repository["sensors"]} == {s.name for s in defs.sensors}
-    assert {"stuck_jobs", "job_status_sync_fal", "refunds", "credit_leakage"} <= set(served)
+    assert {"stuck_jobs", registry.sync_step_name("fal"), "refunds", "credit_leakage"} <= set(served)
 
 
 LAUNCH = """
@@ -203,7 +204,7 @@ def _money(engine: Engine) -> tuple:
     return sorted(refunds), lease_holder(engine, now=None), sorted(ledger)
 
 
-@pytest.mark.parametrize("subset", [["refund_plan", "refunds"], ["job_status_sync_fal"], ["stuck_jobs"]])
+@pytest.mark.parametrize("subset", [["refund_plan", "refunds"], [registry.sync_step_name("fal")], ["stuck_jobs"]])
 def test_a_money_step_alone_from_the_ui_is_refused_at_once_without_the_lock(
     webserver: str, platform: Platform, subset: list[str]
 ) -> None:

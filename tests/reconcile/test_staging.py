@@ -17,6 +17,7 @@ from reconcile.staging import (
     answers_not_asked_for,
     clear_answers,
     iter_pass_jobs,
+    iter_status_changes,
     jobs_changed_twice,
     pass_outcomes,
     purge_old_passes,
@@ -182,6 +183,20 @@ def test_a_job_changed_twice_in_a_run_is_found_across_chunks(db) -> None:
     assert jobs_changed_twice(db.engine, "run-1", "fal") == ["a"]
     assert jobs_changed_twice(db.engine, "run-1", "kie") == ["c"]
     assert jobs_changed_twice(db.engine, "run-2", "fal") == []
+
+
+def test_each_vendors_sync_check_reads_its_vendors_changes_and_sees_one_to_a_job_not_stuck(db) -> None:
+    _world(db)
+    _stage(db.engine, "pass-1", chunk_size=4)
+    row = {"from_status": "processing", "to_status": "failed", "vendor_state": "failed", "evidence": "{}"}
+    with db.engine.begin() as conn:
+        for job_id, vendor in (("a", "fal"), ("not-stuck", "fal"), ("B", "replicate")):
+            values = {**row, "job_id": job_id, "vendor": vendor, "run_id": "run-1", "changed_at": utcnow()}
+            conn.execute(insert(recon_status_changes).values(values))
+    fal = pd.concat(list(iter_status_changes(db.engine, "run-1", "pass-1", "fal", 1)))
+    assert dict(zip(fal["job_id"], fal["was_stuck"], strict=True)) == {"a": True, "not-stuck": False}
+    replicate = pd.concat(list(iter_status_changes(db.engine, "run-1", "pass-1", "replicate", 1)))
+    assert list(replicate["job_id"]) == ["B"] and replicate["was_stuck"].all()
 
 
 def test_postgresql_plans_the_staged_tables_with_fresh_statistics(db) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 from sqlalchemy import select
 
 from reconcile.db.schema import ai_generations, recon_status_changes, utcnow
@@ -62,6 +63,16 @@ def test_only_stuck_non_terminal_jobs_are_found_and_classified(db) -> None:
     assert "midjourney" in jobs.loc["unknown-vendor", "invalid_reason"]
     assert "negative" in jobs.loc["negative", "invalid_reason"]
     assert "vendor_task_id" in jobs.loc["processing-no-task", "invalid_reason"]
+
+
+def test_a_category_the_sync_does_not_plan_for_stops_it(db) -> None:
+    """A category added to STUCK_CATEGORIES reaches the sync (it reads every one but INVALID): unplanned,
+    it fails the sync loudly instead of leaving its jobs without an outcome."""
+    Platform(db.engine).job("ok")
+    classified = _classified(db)
+    classified.jobs.loc[:, "category"] = "waiting_for_something_new"
+    with pytest.raises(ValueError, match="not the sync's to plan"):
+        plan_status_changes(classified, _answers(), {"fal": "ok"}, UNDISPATCHED_AFTER)
 
 
 def test_sync_applies_terminal_truth_and_audits_it(db) -> None:

@@ -183,12 +183,12 @@ def iter_pass_jobs(
     pass_id: str,
     chunk_size: int,
     *,
-    category: str | Sequence[str] | None = None,
+    category: str | None = None,
     vendor: str | None = None,
     with_answers: bool = False,
     columns: Sequence[str] = PASS_JOB_COLUMNS,
 ) -> Iterator[pd.DataFrame]:
-    """The pass's staged jobs (`columns` of them; of a `category` or of any of several, of a `vendor`),
+    """The pass's staged jobs (`columns` of them; of a `category`, of a `vendor`),
     `chunk_size` at a time by `job_id` key range (no transaction stays open across vendor calls); with
     `with_answers`, each job's vendor answer in `answer_*` columns (missing where there is none)."""
     j, a = recon_pass_jobs.c, recon_pass_answers.c
@@ -199,7 +199,7 @@ def iter_pass_jobs(
         source = recon_pass_jobs.outerjoin(recon_pass_answers, and_(a.run_id == j.run_id, a.job_id == j.job_id))
     query = select(*columns).select_from(source).where(j.run_id == pass_id).order_by(j.job_id).limit(chunk_size)
     if category is not None:
-        query = query.where(j.category.in_([category] if isinstance(category, str) else category))
+        query = query.where(j.category == category)
     if vendor is not None:
         query = query.where(j.vendor == vendor)
     names = [c.name for c in columns]

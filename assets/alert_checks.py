@@ -1,18 +1,21 @@
 """Alerts where analysts look: asset checks on `observation_metrics`, one per kind of incident, with the
-alert's severity (critical -> ERROR: the asset turns red; warning -> WARN: yellow). Each pass evaluates
-them after computing its metrics, so the check history of `observation_metrics` lists every incident
-(when it opened, what it said, when it cleared). The decision is `reconcile.alerts.findings`, the same
+alert's severity (critical -> ERROR: the asset turns red; warning -> WARN: yellow), evaluated together in
+one step after each pass computes its metrics, so the check history of `observation_metrics` lists every
+incident (when it opened, what it said, when it cleared). The decision is `reconcile.alerts.findings`, the same
 the `reconcile_alerts` sensor posts to the webhook.
 """
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
-    AssetChecksDefinition,
     AssetCheckSeverity,
+    AssetCheckSpec,
     DagsterInstance,
     MetadataValue,
-    asset_check,
+    multi_asset_check,
 )
 from sqlalchemy.engine import Engine
 
@@ -22,6 +25,7 @@ from assets.resources import ReconcileResource
 from reconcile.alerts import (
     CRITICAL,
     STUCK_GROWTH_RUNS,
+    Finding,
     Observation,
     VendorReport,
     alert_thresholds,
@@ -65,34 +69,49 @@ def observe(instance: DagsterInstance, engine: Engine) -> Observation:
     )
 
 
-def alert_check(name: str, family: str, severity: str, description: str) -> AssetChecksDefinition:
+@dataclass(frozen=True)
+class AlertCheck:
     """The check of one kind of incident (`family`: the incident keys' prefix in reconcile.alerts)."""
 
-    @asset_check(asset=observation_metrics, name=name, description=description)
-    def _check(context: AssetCheckExecutionContext, reconcile: ReconcileResource) -> AssetCheckResult:
-        settings = reconcile.settings()
-        observation = observe(context.instance, reconcile.engine())
-        found = [f for f in findings(observation, alert_thresholds(settings)) if f.key.split(":")[0] == family]
+    name: str
+    family: str
+    severity: str
+    description: str
+
+    def spec(self) -> AssetCheckSpec:
+        return AssetCheckSpec(self.name, asset=observation_metrics, description=self.description)
+
+    def result(self, found: list[Finding]) -> AssetCheckResult:
+        mine = [f for f in found if f.key.split(":")[0] == self.family]
         return AssetCheckResult(
-            passed=not found,
-            severity=SEVERITY.get(severity, AssetCheckSeverity.WARN),
-            description="; ".join(f.title for f in found) or "no incident",
+            asset_key=observation_metrics.key,
+            check_name=self.name,
+            passed=not mine,
+            severity=SEVERITY.get(self.severity, AssetCheckSeverity.WARN),
+            description="; ".join(f.title for f in mine) or "no incident",
             metadata={
-                "incidents": MetadataValue.json([f.key for f in found]),
-                "alert": MetadataValue.md("\n\n".join(f"**{f.title}**\n\n{f.detail}" for f in found) or "none"),
+                "incidents": MetadataValue.json([f.key for f in mine]),
+                "alert": MetadataValue.md("\n\n".join(f"**{f.title}**\n\n{f.detail}" for f in mine) or "none"),
             },
         )
 
-    return _check
 
-
-ALERT_CHECKS = [
-    alert_check("no_undispatched_backlog", "undispatched", CRITICAL,
-                "Critical: no stuck pending job without a vendor_task_id (a worker not consuming)."),
-    alert_check("every_vendor_answers", "vendor", CRITICAL,
-                "Critical: no vendor down, unauthorized or misconfigured in its latest stage."),
-    alert_check("no_refund_spike", "refund_spike", CRITICAL,
-                "Critical: refunds of the last hour not far above the usual hourly level."),
-    alert_check("stuck_jobs_under_control", "stuck", "warning",
-                "Warning: stuck jobs under RECONCILE_ALERT_STUCK_WARNING_THRESHOLD and not growing pass over pass."),
+ALERTS = [
+    AlertCheck("no_undispatched_backlog", "undispatched", CRITICAL,
+               "Critical: no stuck pending job without a vendor_task_id (a worker not consuming)."),
+    AlertCheck("every_vendor_answers", "vendor", CRITICAL,
+               "Critical: no vendor down, unauthorized or misconfigured in its latest stage."),
+    AlertCheck("no_refund_spike", "refund_spike", CRITICAL,
+               "Critical: refunds of the last hour not far above the usual hourly level."),
+    AlertCheck("stuck_jobs_under_control", "stuck", "warning",
+               "Warning: stuck jobs under RECONCILE_ALERT_STUCK_WARNING_THRESHOLD and not growing pass over pass."),
 ]  # fmt: skip
+
+
+# One step evaluates every alert from one observation: four checks of one asset, each with its own result,
+# severity and history, where four steps would each start a process and read the same observation.
+@multi_asset_check(specs=[alert.spec() for alert in ALERTS], name="observation_metrics_alerts")
+def alert_checks(context: AssetCheckExecutionContext, reconcile: ReconcileResource) -> Iterator[AssetCheckResult]:
+    found = findings(observe(context.instance, reconcile.engine()), alert_thresholds(reconcile.settings()))
+    for alert in ALERTS:
+        yield alert.result(found)

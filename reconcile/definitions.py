@@ -18,7 +18,7 @@ from dagster import (
     define_asset_job,
 )
 
-from assets.alert_checks import ALERT_CHECKS
+from assets.alert_checks import alert_checks
 from assets.approvals import decide_held_refunds, no_refunds_waiting_for_approval
 from assets.books import BOOK_ASSETS, BOOK_CHECKS, BOOK_JOBS, BOOK_SCHEDULES
 from assets.checks import ALL_CHECKS
@@ -88,7 +88,7 @@ def build_definitions(
     )
     return Definitions(
         assets=[*PASS_ASSETS, *REPORT_ASSETS, observation_metrics, *BOOK_ASSETS],
-        asset_checks=[*ALL_CHECKS, *ALERT_CHECKS, no_refunds_waiting_for_approval, *BOOK_CHECKS],
+        asset_checks=[*ALL_CHECKS, alert_checks, no_refunds_waiting_for_approval, *BOOK_CHECKS],
         jobs=[reconcile_pass, decide_held_refunds, *BOOK_JOBS],
         schedules=[every_15_minutes, *BOOK_SCHEDULES],
         sensors=[reconcile_pass_failed, reconcile_pass_orphaned, reconcile_alerts],

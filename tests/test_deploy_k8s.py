@@ -424,6 +424,10 @@ def test_code_location_is_reconcile_with_k8s_executor_and_shared_io(monkeypatch:
     resolved = validate_run_config(job, {})
     wanted = _run_config()["execution"]["config"]
     assert resolved["execution"]["k8s"]["max_concurrent"] == wanted["max_concurrent"]
+    # The vendors side by side on Kubernetes too: a pod for every vendor's step and for the check beside them
+    # (a fixed number would queue a vendor's step behind the others once vendors are added).
+    assert set(VENDOR_STEPS) <= {n.name for n in job.graph.nodes}
+    assert wanted["max_concurrent"] > len(VENDOR_STEPS)
     for step, config in wanted["per_step_k8s_config"].items():
         assert (
             resolved["execution"]["k8s"]["per_step_k8s_config"][step]["container_config"] == config["container_config"]

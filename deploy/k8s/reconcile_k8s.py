@@ -6,8 +6,8 @@ The image (deploy/Dockerfile) copies this file and run_config.yaml beside each o
 
 - the executor: dagster-k8s's `k8s_job_executor`, configured with the `execution` section of
   run_config.yaml (one Kubernetes Job per step, each vendor's step sized on its own: one block for
-  every registered vendor), for every run of
-  the location, the schedule's included;
+  every registered vendor; every vendor's step at once), for every run of the location, the
+  schedule's included;
 - the IO manager: Dagster's filesystem IO manager on the directory RECONCILE_IO_DIR, a ReadWriteMany
   volume that the code location, the run pods and the step pods all mount, because each step reads its
   inputs (the stuck jobs, the vendors' answers) from the step before it, in another pod. A run whose
@@ -26,7 +26,7 @@ import yaml
 from dagster import Definitions, EnvVar, ExecutorDefinition, FilesystemIOManager
 from dagster_k8s import k8s_job_executor
 
-from reconcile.definitions import build_definitions
+from reconcile.definitions import SIDE_BY_SIDE_PROCESSES, build_definitions
 from reconcile.vendors import registry
 
 RUN_CONFIG_PATH = Path(__file__).resolve().with_name("run_config.yaml")
@@ -35,9 +35,11 @@ IO_DIR_ENV = "RECONCILE_IO_DIR"
 
 def executor_config(path: Path = RUN_CONFIG_PATH) -> dict[str, Any]:
     """The k8s_job_executor configuration: run_config.yaml's `execution.config`, with its
-    `vendor_step_k8s_config` under every registered vendor's step name in `per_step_k8s_config`."""
+    `vendor_step_k8s_config` under every registered vendor's step name in `per_step_k8s_config` and as
+    many step pods at once as a local pass runs processes (every vendor's step and one more)."""
     document = yaml.safe_load(path.read_text())
     config = document["execution"]["config"]
+    config.setdefault("max_concurrent", SIDE_BY_SIDE_PROCESSES)
     per_step = config.setdefault("per_step_k8s_config", {})
     for vendor in registry.names():
         per_step.setdefault(registry.step_name(vendor), copy.deepcopy(document["vendor_step_k8s_config"]))

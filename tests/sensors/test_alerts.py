@@ -258,15 +258,15 @@ def test_alerts_are_asset_checks_with_severities_on_the_metrics(env, receiver: R
     yellow) and the check history keeps each incident; the webhook sensor still posts it."""
     from dagster import AssetCheckKey, AssetCheckSeverity
 
-    from assets.alert_checks import ALERT_CHECKS
+    from assets.alert_checks import alert_checks
 
     db, instance = env
     resources = {"reconcile": ReconcileResource()}
-    clean = materialize([observation_metrics, *ALERT_CHECKS], instance=instance, resources=resources)
+    clean = materialize([observation_metrics, alert_checks], instance=instance, resources=resources)
     assert all(e.passed for e in clean.get_asset_check_evaluations())  # nothing wrong yet: all green
     backlog(db)
     _vendor_stage(instance, "kie", "unauthorized")
-    result = materialize([observation_metrics, *ALERT_CHECKS], instance=instance, resources=resources)
+    result = materialize([observation_metrics, alert_checks], instance=instance, resources=resources)
     assert result.success  # alerts never fail the pass
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not evaluations["no_undispatched_backlog"].passed

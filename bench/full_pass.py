@@ -22,6 +22,7 @@ from typing import Any
 
 from bench.celery_workers import celery_deployment
 from bench.common import VENDOR_NAMES, Databases, analyze, note
+from bench.pass_child import process_cpu_seconds
 from reconcile.simulator import SimulatorProcess, generate_population, save_truth, write_population
 from reconcile.simulator.population import CASE_NAMES
 
@@ -30,6 +31,12 @@ STUCK_CASES = tuple(
     c for c in CASE_NAMES if c.startswith(("stuck_", "pending_dispatched_", "undispatched_", "invalid_", "hostile_"))
 )
 STUCK_SHARE = 0.344  # of a generated population (measured: 34,398 of 100,000)
+
+
+def _pid(sim: SimulatorProcess) -> int:
+    if sim.pid is None:
+        raise RuntimeError("the simulator is not running")
+    return sim.pid
 
 
 def run_pass(
@@ -88,8 +95,10 @@ def run_pass(
         elif os.environ.get("BENCH_MEMRAY_DIR"):  # memray (installed by hand) records its allocations
             out = Path(os.environ["BENCH_MEMRAY_DIR"]) / f"pass-{label}.memray"
             command = [sys.executable, "-m", "memray", "run", "--aggregate", "--force", "-o", str(out), *command[1:]]
+        simulator_cpu = process_cpu_seconds(_pid(sim))
         with workers as env:
             child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
+        simulator_cpu = process_cpu_seconds(_pid(sim)) - simulator_cpu
         vendor_requests = {v: s["requests"] for v, s in sim.stats(with_tasks=False).items()}
         requests = sum(vendor_requests.values())
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
@@ -104,6 +113,7 @@ def run_pass(
         vendor_requests=requests,
         requests_by_vendor=vendor_requests,
         executor=executor,
+        simulator_cpu_seconds=simulator_cpu,
     )
     if not result["success"]:
         raise RuntimeError(f"the pass failed: {result['failures']}\n{child.stderr[-4000:]}")

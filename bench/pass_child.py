@@ -82,8 +82,10 @@ def main() -> None:
     sampler = RssSampler()
     sampler.start()
     started = time.perf_counter()
+    cpu_before = os.times()
     outcome = run()
     seconds = time.perf_counter() - started
+    cpu = pass_cpu_seconds(cpu_before)  # before the fork server ends with this process
     sampler.stop.set()
     # The kernel's high-water mark of this process image (VmHWM), read before our own measuring
     # below. Not getrusage(RUSAGE_SELF).ru_maxrss: that one carries the *parent's* peak across
@@ -101,6 +103,7 @@ def main() -> None:
                 "success": outcome.success,
                 "failures": outcome.failures[:10],
                 "seconds": seconds,
+                "cpu_seconds": cpu,
                 "peak_rss_mb": own,
                 "children_peak_rss_mb": children,
                 "run_id": outcome.run_id,
@@ -117,6 +120,31 @@ def main() -> None:
             default=str,
         )
     )
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """The CPU time of `pid` and of the children it has waited for (utime, stime, cutime and cstime of
+    /proc/<pid>/stat): a fork server's own and every step process it started and reaped."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+
+
+def pass_cpu_seconds(before: os.times_result) -> float:
+    """CPU seconds of the pass: this process and the children it reaped since `before`, plus every
+    process still below it (the fork server, with the step processes it reaped)."""
+    after = os.times()
+    own = sum(getattr(after, f) - getattr(before, f) for f in ("user", "system", "children_user", "children_system"))
+    below = 0.0
+    for pid in process_tree_rss_mib(os.getpid()).keys() - {os.getpid()}:
+        try:
+            below += process_cpu_seconds(pid)
+        except OSError:
+            continue  # ended meanwhile: reaped by its parent, so counted in that parent's children's time
+    return own + below
 
 
 def high_water_mib() -> float:

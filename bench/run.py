@@ -18,6 +18,9 @@ measured against its baseline in the same run:
   pass_vs_vendor_bound      pass_seconds / (the slowest vendor's requests / its rate limit)
                                                                   goal <= 1.5 quick, <= 1.3 full
   pass_seconds_outside_vendor_stage  pass_seconds minus its slowest vendor step (what the goal above leaves)
+  pass_cpu_seconds          CPU seconds of that pass's processes (the simulator's are in its detail)
+  pass_cpu_floor_vs_vendor_bound  pass_cpu_seconds / the machine's cores / the vendor bound: the lowest
+                            pass_vs_vendor_bound this machine's CPU allows
   ticks_to_drain            15-minute passes at the default settings until every job of a 200,000-
                             stuck-job incident has an answer, computed from that pass   goal <= minimum + 1
   transport_httpx_rps, transport_httpx_aiohttp_rps, transport_aiohttp_rps, transport_aiohttp_vs_httpx:
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -257,6 +261,7 @@ def section_pass(report: Report, dbs: Databases, sizes: dict) -> None:
     vendor_steps = [registry.step_name(v) for v in VENDORS]
     outside = side["seconds"] - max(side["steps"][s] for s in vendor_steps)
     report.add("pass_seconds_outside_vendor_stage", outside, digits=1, detail="the pass minus its slowest vendor step")
+    cpu_floor_figures(report, side, bound)
     report.add("pass_stuck_jobs", side["stuck"])
     report.add("pass_vendor_requests", side["vendor_requests"])
     drain_figure(report, side)
@@ -293,6 +298,27 @@ def section_pass(report: Report, dbs: Databases, sizes: dict) -> None:
             detail=f"{million['stuck']:,} stuck jobs, {million['seconds']:.0f}s; vs "
             f"{side['children_peak_rss_mb']:.0f} MB at {side['stuck']:,}",
         )
+
+
+def cpu_floor_figures(report: Report, side: dict, bound: float) -> None:
+    """What this machine's CPU alone allows: a pass cannot end before its CPU seconds, spread over every
+    core, have run. Above the goal, no change to the pass's order of work can meet it on this machine."""
+    cores = os.cpu_count() or 1
+    pass_cpu, simulator_cpu = side["cpu_seconds"], side["simulator_cpu_seconds"]
+    report.add(
+        "pass_cpu_seconds",
+        pass_cpu,
+        digits=1,
+        detail=f"the pass's processes (the run's, the fork server and every step's), over {side['seconds']:.1f}s "
+        f"on {cores} cores; the simulated vendors' server besides: {simulator_cpu:.1f}s",
+    )
+    report.add(
+        "pass_cpu_floor_vs_vendor_bound",
+        pass_cpu / cores / bound,
+        digits=2,
+        detail=f"the pass's CPU seconds over {cores} cores / the vendor bound ({bound:.1f}s); with the simulator's "
+        f"CPU, which a real vendor spends on its own machines: {(pass_cpu + simulator_cpu) / cores / bound:.2f}",
+    )
 
 
 def drain_figure(report: Report, measured: dict) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pandas as pd
-from sqlalchemy import insert, select
+import pytest
+from sqlalchemy import insert, literal, select
 
 from reconcile import markdown
 from reconcile.db.schema import recon_leakage_findings, recon_status_changes, utcnow
@@ -13,6 +15,7 @@ from reconcile.leakage import (
     CATEGORIES,
     TOP_FINDINGS,
     Scope,
+    _stage_sources,
     detect_leakage,
     staged_findings,
     summarize_findings,
@@ -209,3 +212,35 @@ def test_the_top_findings_table_counts_the_findings_it_leaves_out(db) -> None:
     shown = markdown.table(summary.top.head(3), 2, total=summary.findings)
     assert shown.endswith(f"_{summary.findings - 2} more rows not shown_")
     assert shown.count("\n| ") == 2  # the two largest, under the header
+
+
+def test_the_leakage_queries_run_side_by_side_on_postgresql_and_every_error_is_raised(db) -> None:
+    """On PostgreSQL the server computes the source queries at once, each in its own connection (one
+    after another on SQLite, where each transaction takes the write lock); a failing one fails the
+    detection with its own error (a transient fault stays retryable), and a second failure is named in it."""
+    side_by_side = db.dialect == "postgresql"
+    both_running = threading.Barrier(2, timeout=5 if side_by_side else 0.2)
+    met: list[bool] = []
+
+    def meet(_row) -> list:
+        try:
+            both_running.wait()
+            met.append(True)
+        except threading.BrokenBarrierError:
+            met.append(False)
+        return []
+
+    one_row = select(literal(1).label("one"))
+    _stage_sources(db.engine, "run-1", [(one_row, meet), (one_row, meet)], chunk_size=10)
+    assert met == [side_by_side, side_by_side]
+
+    def fails(message: str):
+        def findings_of(_row) -> list:
+            raise ValueError(message)
+
+        return findings_of
+
+    with pytest.raises(ValueError, match="first") as raised:
+        _stage_sources(db.engine, "run-1", [(one_row, fails("first")), (one_row, fails("second"))], chunk_size=10)
+    notes = getattr(raised.value, "__notes__", [])
+    assert notes == (["another leakage query failed too: ValueError('second')"] if side_by_side else [])

@@ -49,6 +49,9 @@ import sys
 import time
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -374,11 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     report = Report()
+    try:
+        shown = make_url(args.postgres_url).render_as_string(hide_password=True)
+    except ArgumentError:  # its text repeats the URL, password included
+        parser.error("--postgres-url is not a database URL: postgresql+psycopg://USER:PASSWORD@HOST:PORT/postgres")
     dbs = Databases(args.postgres_url)
     try:
         postgres = dbs.server_version()
     except Exception as exc:  # noqa: BLE001 - the one precondition; say what is wrong and stop
-        print(f"error: PostgreSQL is not reachable at {args.postgres_url}: {exc}", file=sys.stderr)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(
+            f"error: PostgreSQL is not reachable at {shown} ({reason}): start it (pg_ctlcluster <version> main "
+            "start) or name a reachable server with --postgres-url or RECONCILE_TEST_POSTGRES_URL",
+            file=sys.stderr,
+        )
         return 2
     report.context = {"mode": "quick" if args.quick else "full", "machine": machine(), "postgres": postgres}
     host = report.context["machine"]

@@ -32,7 +32,7 @@ from reconcile.db.schema import (
     recon_status_changes,
 )
 from reconcile.refunds import APPROVED
-from reconcile.reports.evidence import advice, among, in_chunks, job_facts, reason_in_words
+from reconcile.reports.evidence import JOB_COLUMNS, advice, among, in_chunks, job_facts, reason_in_words
 
 DEFAULT_LOOKBACK_HOURS = 168
 HTML_ROW_LIMIT = 1_000  # a page lists at most this many rows (the CSV has every row; the totals count them all)
@@ -363,13 +363,14 @@ def finding_chunks(
         order.reverse()
     query = (
         select(f.category, f.job_id, f.user_id, f.credits, f.detail, g.vendor, findings.change.label("change"))
+        .add_columns(*JOB_COLUMNS)
         .select_from(recon_findings.outerjoin(ai_generations, g.id == f.job_id))
         .where(findings.where)
         .order_by(*order, _bytewise(conn, func.coalesce(f.job_id, "")), _bytewise(conn, f.detail), f.id)
         .limit(limit)
     )
     for rows in _stream(conn, query, chunk_rows):
-        facts = job_facts(conn, (r.job_id for r in rows))
+        facts = job_facts(conn, rows)
         yield [
             FindingRow(
                 r.category, r.job_id, r.user_id, r.vendor, int(r.credits), r.detail, findings.detected_at, r.change,

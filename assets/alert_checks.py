@@ -20,7 +20,7 @@ from dagster import (
 from sqlalchemy.engine import Engine
 
 from assets.metrics import observation_metrics
-from assets.reconciliation import VENDOR_STATUS_ASSETS, credit_leakage
+from assets.reconciliation import VENDOR_STATUS_ASSETS
 from assets.resources import ReconcileResource
 from reconcile.alerts import (
     CRITICAL,
@@ -79,10 +79,7 @@ class AlertCheck:
     description: str
 
     def spec(self) -> AssetCheckSpec:
-        # After the pass's end too: the stuck counts of the passes (recon_runs) include this one's.
-        return AssetCheckSpec(
-            self.name, asset=observation_metrics, description=self.description, additional_deps=[credit_leakage]
-        )
+        return AssetCheckSpec(self.name, asset=observation_metrics, description=self.description)
 
     def result(self, found: list[Finding]) -> AssetCheckResult:
         mine = [f for f in found if f.key.split(":")[0] == self.family]

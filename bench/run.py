@@ -49,9 +49,6 @@ import sys
 import time
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -59,7 +56,7 @@ if str(ROOT) not in sys.path:
 from bench import db_stages, full_pass, refunds_rowwise, vendor_stage  # noqa: E402
 from bench.common import DEFAULT_POSTGRES_URL, Databases, Report, load_average, machine, note  # noqa: E402
 from bench.drain import TICK_SECONDS, ticks_to_drain  # noqa: E402
-from reconcile.settings import VENDORS, load_settings  # noqa: E402
+from reconcile.settings import VENDORS, load_settings, mask_credentials  # noqa: E402
 from reconcile.vendors import registry  # noqa: E402
 
 SECTIONS = ("transport", "vendor", "speedup", "db", "refunds", "pass")
@@ -378,17 +375,16 @@ def main(argv: list[str] | None = None) -> int:
 
     report = Report()
     try:
-        shown = make_url(args.postgres_url).render_as_string(hide_password=True)
-    except ArgumentError:  # its text repeats the URL, password included
-        parser.error("--postgres-url is not a database URL: postgresql+psycopg://USER:PASSWORD@HOST:PORT/postgres")
-    dbs = Databases(args.postgres_url)
-    try:
+        dbs = Databases(args.postgres_url)
         postgres = dbs.server_version()
     except Exception as exc:  # noqa: BLE001 - the one precondition; say what is wrong and stop
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # Masked whatever its shape: a password holding an unescaped '@' reads as part of the host, which the
+        # driver's own message then repeats.
+        reason = mask_credentials(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         print(
-            f"error: PostgreSQL is not reachable at {shown} ({reason}): start it (pg_ctlcluster <version> main "
-            "start) or name a reachable server with --postgres-url or RECONCILE_TEST_POSTGRES_URL",
+            f"error: PostgreSQL is not reachable at {mask_credentials(args.postgres_url)} ({reason}): start it "
+            "(pg_ctlcluster <version> main start) or name a reachable server with --postgres-url or "
+            "RECONCILE_TEST_POSTGRES_URL",
             file=sys.stderr,
         )
         return 2

@@ -50,16 +50,18 @@ def test_an_unknown_section_is_refused_naming_the_sections() -> None:
     assert "unknown section(s) ['refundz']" in run.stderr and "'refunds'" in run.stderr
 
 
-def test_an_unreachable_server_stops_in_one_line_without_its_password() -> None:
-    run = _bench("--quick", "--only", "refunds", "--postgres-url", "postgresql+psycopg://bench:s3cret-pw@127.0.0.1:1/x")
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://bench:s3cret-pw@127.0.0.1:1/x",  # nothing listens there
+        "postgresql+psycopg://bench:s3cret@pw@127.0.0.1:1/x",  # an unescaped '@': the host would repeat 'pw@...'
+        "postgresql+psycopg://bench:s3cret-pw@127.0.0.1:port/x",  # not a URL SQLAlchemy parses
+        "postgresql+psycopg://127.0.0.1:1/x?password=s3cret-pw",  # libpq's password parameter
+    ],
+)
+def test_an_unusable_server_url_stops_in_one_line_without_its_password(url: str) -> None:
+    run = _bench("--quick", "--only", "refunds", "--postgres-url", url)
     assert run.returncode == 2
-    assert run.stderr.startswith("error: PostgreSQL is not reachable at postgresql+psycopg://bench:***@127.0.0.1:1/x")
-    assert len(run.stderr.strip().splitlines()) == 1
-    assert "s3cret-pw" not in run.stdout + run.stderr
-
-
-def test_a_malformed_server_url_is_refused_without_repeating_it() -> None:
-    run = _bench("--quick", "--only", "refunds", "--postgres-url", "bench:s3cret-pw@not a url")
-    assert run.returncode == 2
-    assert "--postgres-url is not a database URL" in run.stderr
-    assert "s3cret-pw" not in run.stdout + run.stderr
+    assert run.stderr.startswith("error: PostgreSQL is not reachable at postgresql+psycopg://")
+    assert "--postgres-url" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert "s3cret" not in run.stdout + run.stderr and "pw@" not in run.stderr

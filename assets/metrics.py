@@ -55,8 +55,8 @@ def _shown(frame: pd.DataFrame) -> pd.DataFrame:
 @asset(
     group_name=GROUP,
     kinds={"sql", "pandas"},
-    # After the pass's end, not beside the leakage scan (tried: a second faster at the pass's end): fresh
-    # metrics say a pass succeeded, and the metrics_stale alert is what tells a pass failing at its last step.
+    # After the pass's end, not beside the leakage scan (tried: no gain beyond the noise): fresh metrics say
+    # a pass succeeded, and the metrics_stale alert is what tells a pass failing at its last step.
     deps=["credit_leakage"],
     description="Per vendor, model and type over the last 1 h / 24 h / 48 h: success and failure rates, "
     "stuck jobs, undispatched backlog, median time stuck, refunds and credits; history in recon_metrics.",

@@ -62,7 +62,7 @@ from reconcile.staging import (
 )
 from reconcile.stuck import DISPATCHED, INVALID, UNDISPATCHED_DUE, UNDISPATCHED_WAITING
 from reconcile.sync import SyncTotals, sync_staged_pass
-from reconcile.vendor_stage import VendorStage, ask_vendor
+from reconcile.vendor_stage import VendorStage, ask_vendor, has_time_to_spare
 from reconcile.vendors import registry
 
 GROUP = "reconciliation"
@@ -212,19 +212,24 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
     ) -> MaterializeResult:
         total = stuck_jobs.count(DISPATCHED, vendor)
         lease = reconcile.keep_lease(context.run.run_id)
-        configured = reconcile.settings().vendor_secret(vendor) is not None
+        settings = reconcile.settings()
+        configured = settings.vendor_secret(vendor) is not None
+        # The slowest vendor sets the stage's length: the others give it the CPU first.
+        yield_cpu = has_time_to_spare(stuck_jobs, vendor, settings)
         if total == 0 and not configured:
             # Configured vendors only: no job of it and no secret, so it is not the platform's vendor.
             context.log.info(f"{vendor}: not configured and no stuck job of it: nothing to do")
         else:
-            context.log.info(f"asking {vendor} about {total} dispatched stuck job(s)")
+            priority = " (at a lower CPU priority: another vendor's jobs take longer)" if yield_cpu else ""
+            context.log.info(f"asking {vendor} about {total} dispatched stuck job(s){priority}")
 
         def progress(stage: VendorStage) -> None:
             lease.check()  # a pass that lost its lease stops asking
             if total > stuck_jobs.chunk_size:
                 context.log.info(f"{vendor}: {stage.answers} of {total} answered")
 
-        stage = ask_vendor(reconcile.engine(), stuck_jobs, vendor, reconcile.settings(), context.run.run_id, progress)
+        run_id = context.run.run_id
+        stage = ask_vendor(reconcile.engine(), stuck_jobs, vendor, settings, run_id, progress, yield_cpu=yield_cpu)
         if stage.health != "ok":
             context.log.error(f"vendor {vendor}: {stage.health}: {stage.detail}")
         return MaterializeResult(
@@ -235,6 +240,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
                 "unknown": stage.states.get("unknown", 0),
                 "health": str(stage.health),
                 "configured": configured,
+                "lower_cpu_priority": yield_cpu,
                 "chunks": len(stage.chunk_sizes),
                 "largest_chunk": max(stage.chunk_sizes, default=0),
                 "answers_by_state": _tally_md(stage.states, "state"),

@@ -30,7 +30,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import random
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
@@ -660,6 +663,7 @@ def ask_vendor_in_batches(
     *,
     transport: str | httpx.AsyncBaseTransport = DEFAULT_TRANSPORT,
     tuning: Tuning | None = None,
+    niceness: int = 0,
 ) -> VendorOutcome:
     """Ask `vendor` about `total` jobs in one run, reading `jobs` lazily (a pass's staged jobs, page by
     page) and handing the answers on `batch_size` at a time as they come: one client, one rate limit,
@@ -669,6 +673,8 @@ def ask_vendor_in_batches(
     `hand_on` runs in the run's thread and holds the requests up while it works: keep it to a write.
     An error it raises (or one reading `jobs`) stops the run and is raised here. Exactly one answer per
     job; the jobs' ids must be distinct (a staged pass's are: they are its key).
+
+    `niceness` > 0 runs the client in a helper thread at that much lower CPU priority (see `_run_to_end`).
     """
     if not registry.is_known(vendor):
         raise ValueError(f"unknown vendor {vendor!r}: not in the registry")
@@ -689,7 +695,7 @@ def ask_vendor_in_batches(
         await run.run()
         return run
 
-    run = _run_to_end(ask)
+    run = _run_to_end(ask, niceness)
     batches.flush()
     return VendorOutcome(run.health, run.detail, run.stats())
 
@@ -713,17 +719,31 @@ def _missing_secret(vendor: str, jobs: int, transport: str | httpx.AsyncBaseTran
 _T = TypeVar("_T")
 
 
-def _run_to_end(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run the coroutine `make()` on its own event loop (in a helper thread if this one already runs one)."""
+def _run_to_end(make: Callable[[], Coroutine[Any, Any, _T]], niceness: int = 0) -> _T:
+    """Run the coroutine `make()` on its own event loop: in this thread, or in a helper thread if this one
+    already runs a loop or `niceness` asks for a lower CPU priority (raised for that thread alone, which
+    ends with the run: the in-process executor runs every step in the calling thread's process)."""
 
     def run() -> _T:
+        if niceness:
+            lower_this_threads_priority(niceness)
         # uvloop: less CPU per request than asyncio's own loop (the stage is bound by the client's CPU).
         with asyncio.Runner(loop_factory=_loop_factory) as runner:
             return runner.run(make())
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return run()
+    if not niceness:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return run()
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reconcile-vendors") as pool:
         return pool.submit(run).result()
+
+
+def lower_this_threads_priority(niceness: int) -> None:
+    """Raise the calling thread's nice value by `niceness`. Linux keeps a nice value per thread
+    (setpriority(2) on a thread id); elsewhere a thread has none of its own, and nothing is changed."""
+    if sys.platform != "linux":
+        return
+    thread = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + niceness)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -732,6 +734,30 @@ def test_one_run_reads_its_jobs_lazily_and_hands_the_answers_on_in_batches(sim: 
     assert sorted(answered) == sorted(taken) == sorted(j.job_id for j in jobs)  # one answer each
     assert sum(a.state == VendorState.FAILED for b in batches for a in b) == 23
     assert sim.stats(with_tasks=False)["fal"]["requests"] == 45
+
+
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread has a nice value of its own on Linux only")
+def test_a_vendor_with_time_to_spare_asks_from_its_own_thread_at_a_lower_cpu_priority(sim: SimulatorThread) -> None:
+    jobs = many(sim, "kie", 10)  # two full batches, each handed on from the run's thread as it fills
+    caller, caller_nice = threading.get_native_id(), _nice()
+    seen: list[tuple[int, int]] = []  # (thread, nice value) of each batch handed on
+
+    def hand_on(batch: list[VendorAnswer]) -> None:
+        seen.append((threading.get_native_id(), _nice()))
+
+    outcome = ask_vendor_in_batches("kie", iter(jobs), 10, settings(sim), "r", hand_on, 5, tuning=FAST, niceness=7)
+    assert outcome.health == VendorHealth.OK and len(seen) == 2
+    assert {nice for _, nice in seen} == {min(caller_nice + 7, 19)}
+    assert caller not in {thread for thread, _ in seen}
+    assert _nice() == caller_nice  # the calling thread (a step's, or the in-process run's) keeps its priority
+
+    seen.clear()
+    ask_vendor_in_batches("kie", iter(many(sim, "kie", 5)), 5, settings(sim), "r", hand_on, 5, tuning=FAST)
+    assert seen == [(caller, caller_nice)]
 
 
 def test_a_batch_that_cannot_be_handed_on_stops_the_asking_and_raises(sim: SimulatorThread) -> None:

@@ -24,12 +24,15 @@ from reconcile.db.schema import recon_refunds
 from reconcile.reports.data import (
     CHUNK_ROWS,
     DEFAULT_LOOKBACK_HOURS,
-    ReportData,
+    LeakageData,
+    RefundData,
     current_findings,
     finding_chunks,
-    load_report_data,
+    load_leakage_data,
+    load_refund_data,
     refund_chunks,
     run_exists,
+    run_info,
 )
 from reconcile.reports.render import leakage_html, refunds_html, write_leakage_csv, write_refunds_csv
 from reconcile.reports.store import is_url, join, write_file
@@ -58,32 +61,43 @@ class UnknownRun(LookupError):
 
 @dataclass(frozen=True)
 class ReportSet:
-    """The files written for one run, and the figures they show."""
+    """The files written for one run, and the figures they show: each report's, when it was written."""
 
     run_id: str
     folder: Path | str  # a local folder, or a URL in an object store
     paths: list  # Path, or URL strings
-    data: ReportData
+    refund: RefundData | None  # None: no refund file was asked for
+    leakage: LeakageData | None  # None: no leakage file was asked for
 
     @property
     def refunds(self) -> int:
-        return self.data.refunds.rows
+        return self._refund().refunds.rows
 
     @property
     def credits_refunded(self) -> int:
-        return self.data.refunds.credits
+        return self._refund().refunds.credits
 
     @property
     def findings(self) -> int:
-        return self.data.findings.rows
+        return self._leakage().findings.rows
 
     @property
     def credits_at_stake(self) -> int:
         """Each job's credits once, even when it is in two categories."""
-        return self.data.credits_at_stake
+        return self._leakage().credits_at_stake
 
     def changes(self) -> dict[str, int]:
-        return {change: tally.rows for change, tally in self.data.changes.items()}
+        return {change: tally.rows for change, tally in self._leakage().changes.items()}
+
+    def _refund(self) -> RefundData:
+        if self.refund is None:
+            raise ValueError(f"no refund report was written: ask for {' or '.join(REFUND_FILES)}")
+        return self.refund
+
+    def _leakage(self) -> LeakageData:
+        if self.leakage is None:
+            raise ValueError(f"no leakage report was written: ask for {' or '.join(LEAKAGE_FILES)}")
+        return self.leakage
 
 
 def _safe_run_id(run_id: str) -> str:
@@ -110,7 +124,7 @@ def generate_reports(
     chunk_rows: int = CHUNK_ROWS,
     files: Sequence[str] = REPORT_FILES,
 ) -> ReportSet:
-    """Read everything about `run_id` and write its report `files` (default: all four); raise UnknownRun
+    """Read what `files` show of `run_id` and write them (default: all four); raise UnknownRun
     if there is nothing recorded for it. `lookback_hours` (RECONCILE_REFUND_LOOKBACK_HOURS) judges which
     failed jobs no pass will refund any more. At most `chunk_rows` refunds or findings are held at a
     time. Two calls with other files of the same run write into the same folder (the pass writes its
@@ -125,8 +139,15 @@ def generate_reports(
             conn.exec_driver_sql("SET LOCAL jit = off")
         if not run_exists(conn, run_id):
             raise UnknownRun(f"no reconcile run {run_id!r} in this database (see recon_runs)")
-        data = load_report_data(conn, run_id, lookback_hours, chunk_rows=chunk_rows)
-        folder = _folder(reports_dir, run_id, data.run.started_at or now)
+        # Each report reads only its own figures: the pass writes the two in two steps side by side.
+        refund = load_refund_data(conn, run_id, chunk_rows=chunk_rows) if set(files) & set(REFUND_FILES) else None
+        leakage = (
+            load_leakage_data(conn, run_id, lookback_hours, chunk_rows=chunk_rows)
+            if set(files) & set(LEAKAGE_FILES)
+            else None
+        )
+        run = run_info(conn, run_id)  # None: a run with findings or refunds but no recorded start
+        folder = _folder(reports_dir, run_id, (run.started_at if run else None) or now)
         refunded = recon_refunds.c.run_id == run_id
         # CSV with a BOM: spreadsheets then read it as UTF-8 (names in any script survive the round trip).
         # CSV rows stream from the database into their file a chunk at a time; a page shows the first
@@ -136,20 +157,20 @@ def generate_reports(
                 lambda out: write_refunds_csv(run_id, refund_chunks(conn, refunded, chunk_rows), out),
                 "utf-8-sig",
             ),
-            "refunds.html": (lambda out: out.write(refunds_html(data, now)), "utf-8"),
+            "refunds.html": (lambda out: out.write(refunds_html(refund, now)), "utf-8"),
             "leakage.csv": (
                 lambda out: write_leakage_csv(
-                    run_id, finding_chunks(conn, current_findings(data.scope), None, lookback_hours, chunk_rows), out
+                    run_id, finding_chunks(conn, current_findings(leakage.scope), None, lookback_hours, chunk_rows), out
                 ),
                 "utf-8-sig",
             ),
-            "leakage.html": (lambda out: out.write(leakage_html(data, now)), "utf-8"),
+            "leakage.html": (lambda out: out.write(leakage_html(leakage, now)), "utf-8"),
         }
         paths: list = []
         for name in files:
             written = write_file(join(folder, name), *writers[name])
             paths.append(written if is_url(written) else Path(written))
-    return ReportSet(run_id, folder, paths, data)
+    return ReportSet(run_id, folder, paths, refund, leakage)
 
 
 def _folder(reports_dir: Path | str, run_id: str, started: datetime) -> Path | str:

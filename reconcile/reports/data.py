@@ -4,9 +4,10 @@ successful run's findings (for the change), and the last runs' history (for the 
 However large the incident, nothing here holds every row: the CSVs' rows are streamed a chunk at a
 time in their final order (refund_chunks, finding_chunks: a server-side cursor on PostgreSQL, text
 ordered by code point as Python orders it), and the pages' totals, groups, changes and credits at stake
-are computed in SQL (load_report_data), with only the first rows read. A finding is new, persisting or
-resolved by comparing its (category, job_id, detail) with the findings of the previous successful run's
-position in recon_finding_runs, in SQL over the stored intervals."""
+are computed in SQL (load_refund_data, load_leakage_data: each page reads only its own), with only the
+first rows read. A finding is new, persisting or resolved by comparing its (category, job_id, detail)
+with the findings of the previous successful run's position in recon_finding_runs, in SQL over the
+stored intervals."""
 
 from __future__ import annotations
 
@@ -118,16 +119,28 @@ Group = tuple[object, int, int]  # (the raw value grouped by, rows, credits)
 
 
 @dataclass
-class ReportData:
-    """What the pages show, every figure computed in SQL: totals and groups of all rows, and only the
-    first `shown` rows themselves (the CSV streams them all: see refund_chunks, finding_chunks)."""
+class RefundData:
+    """What the refund page shows, every figure computed in SQL: totals and groups of all refunds, and
+    only the first `shown` rows themselves (the CSV streams them all: see refund_chunks)."""
 
     run: RunInfo
-    scope: FindingScope
+    history: list[RunPoint]
     refunds: Tally
     refunds_by_reason: list[Group]
     refunds_by_vendor: list[Group]
     top_refunds: list[RefundRow]  # the first rows of refunds.csv
+    holds: Tally  # refunds this run held
+    top_holds: list[tuple]  # the first of them: see held_rows
+
+
+@dataclass
+class LeakageData:
+    """What the leakage page shows, every figure computed in SQL: totals and groups of all findings, and
+    only the first `shown` rows themselves (the CSV streams them all: see finding_chunks)."""
+
+    run: RunInfo
+    history: list[RunPoint]
+    scope: FindingScope
     findings: Tally
     credits_at_stake: int  # each job's credits once (see stored_credits_once)
     findings_by_category: list[Group]
@@ -136,9 +149,6 @@ class ReportData:
     top_findings: list[FindingRow]  # the first rows of leakage.csv
     top_resolved: list[FindingRow]
     top_moved: list[FindingRow]  # the largest new and resolved findings, by credits
-    history: list[RunPoint]
-    holds: Tally  # refunds this run held
-    top_holds: list[tuple]  # the first of them: see held_rows
 
     @property
     def previous_run_id(self) -> str | None:
@@ -219,7 +229,7 @@ def _refund_rows(conn: Connection, rows: Sequence[Row]) -> list[RefundRow]:
     s, h = recon_status_changes.c, recon_refund_holds.c
     evidence: dict[str, tuple] = {}
     approvals: dict[str, tuple] = {}
-    for ids in in_chunks([row.job_id for row in rows]):
+    for ids in in_chunks(conn, [row.job_id for row in rows]):
         # The evidence: the audited change that failed the job (the latest, if it was ever failed twice).
         failed_by_reconcile = (
             select(s.job_id, s.vendor_state, s.evidence)
@@ -472,34 +482,55 @@ def run_history(conn: Connection, run: RunInfo, limit: int = HISTORY_RUNS) -> li
     return points
 
 
-def load_report_data(
+def _run_and_history(conn: Connection, run_id: str) -> tuple[RunInfo, list[RunPoint]]:
+    run = run_info(conn, run_id) or RunInfo(run_id, None, None, "unknown", "", {})
+    return run, run_history(conn, run)
+
+
+def load_refund_data(
+    conn: Connection, run_id: str, shown: int = HTML_ROW_LIMIT, chunk_rows: int = CHUNK_ROWS
+) -> RefundData:
+    """What the refund page of `run_id` shows, read in one connection: totals in SQL, `shown` rows (read
+    `chunk_rows` at a time). Nothing of the findings: the two reports are two steps side by side."""
+    run, history = _run_and_history(conn, run_id)
+    refunded = recon_refunds.c.run_id == run_id
+    r, g = recon_refunds.c, ai_generations.c
+    return RefundData(
+        run=run,
+        history=history,
+        refunds=_tally(conn, recon_refunds, refunded),
+        refunds_by_reason=_groups(conn, recon_refunds, refunded, r.reason),
+        refunds_by_vendor=_groups(conn, recon_refunds, refunded, g.vendor),
+        top_refunds=[row for chunk in refund_chunks(conn, refunded, chunk_rows, shown) for row in chunk],
+        holds=_tally(conn, recon_refund_holds, recon_refund_holds.c.run_id == run_id),
+        top_holds=held_rows(conn, run_id, shown),
+    )
+
+
+def load_leakage_data(
     conn: Connection,
     run_id: str,
     lookback_hours: int = DEFAULT_LOOKBACK_HOURS,
     shown: int = HTML_ROW_LIMIT,
     chunk_rows: int = CHUNK_ROWS,
-) -> ReportData:
-    """Everything the pages of `run_id` show, read in one connection: totals in SQL, `shown` rows (read
-    `chunk_rows` at a time)."""
-    run = run_info(conn, run_id) or RunInfo(run_id, None, None, "unknown", "", {})
+) -> LeakageData:
+    """What the leakage page of `run_id` shows, read in one connection: totals in SQL, `shown` rows (read
+    `chunk_rows` at a time). Nothing of the refunds: the two reports are two steps side by side."""
+    run, history = _run_and_history(conn, run_id)
     scope = finding_scope(conn, run)
-    refunded = recon_refunds.c.run_id == run_id
     current, resolved = current_findings(scope), resolved_findings(scope)
     persisting = _tally(conn, recon_findings, and_(current.where, _also_in(scope.previous_seq)))
     findings = _tally(conn, recon_findings, current.where)
-    f, g, r = recon_findings.c, ai_generations.c, recon_refunds.c
+    f, g = recon_findings.c, ai_generations.c
 
     def first(part: Findings, limit: int, by_credits: bool = False) -> list[FindingRow]:
         chunks = finding_chunks(conn, part, None, lookback_hours, chunk_rows, limit, by_credits)
         return [row for chunk in chunks for row in chunk]
 
-    return ReportData(
+    return LeakageData(
         run=run,
+        history=history,
         scope=scope,
-        refunds=_tally(conn, recon_refunds, refunded),
-        refunds_by_reason=_groups(conn, recon_refunds, refunded, r.reason),
-        refunds_by_vendor=_groups(conn, recon_refunds, refunded, g.vendor),
-        top_refunds=[row for chunk in refund_chunks(conn, refunded, chunk_rows, shown) for row in chunk],
         findings=findings,
         credits_at_stake=stored_credits_once(conn, current),
         findings_by_category=_groups(conn, recon_findings, current.where, f.category),
@@ -512,9 +543,6 @@ def load_report_data(
         top_findings=first(current, shown),
         top_resolved=first(resolved, shown),
         top_moved=_largest_moves(first(new_findings(scope), MOVED_ROWS, True), first(resolved, MOVED_ROWS, True)),
-        history=run_history(conn, run),
-        holds=_tally(conn, recon_refund_holds, recon_refund_holds.c.run_id == run_id),
-        top_holds=held_rows(conn, run_id, shown),
     )
 
 

@@ -73,10 +73,14 @@ class JobFacts:
     hold: tuple[str, str, str | None, str | None] | None  # (status, detail, decided_by, note) of the latest hold
 
 
-def in_chunks(ids: list[str]) -> Iterable[list[str]]:
-    """`ids` a thousand at a time: an IN list stays small whatever the rows."""
-    for start in range(0, len(ids), _IN_CHUNK):
-        yield ids[start : start + _IN_CHUNK]
+def in_chunks(conn: Connection, ids: list[str]) -> Iterable[list[str]]:
+    """`ids` as few at a time as `among` takes well: on PostgreSQL all at once (one array parameter; on a
+    young reconcile database its small tables are scanned once per lookup: on a 100,000-stuck-job pass,
+    52,000 findings' facts 2.6-3.1 s -> 2.3-2.4 s, back to back), elsewhere a thousand at a time (an IN
+    list stays small whatever the rows)."""
+    size = max(len(ids), 1) if conn.dialect.name == "postgresql" else _IN_CHUNK
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
 
 
 def among(conn: Connection, column: ColumnElement, ids: list[str]) -> ColumnElement[bool]:
@@ -103,7 +107,7 @@ def job_facts(conn: Connection, jobs: Iterable[Row]) -> dict[str, JobFacts]:
     ids = sorted(rows)
     a, r, s, h = recon_pass_answers.c, recon_runs.c, recon_status_changes.c, recon_refund_holds.c
     audited, asked, holds = {}, {}, {}
-    for chunk in in_chunks(ids):
+    for chunk in in_chunks(conn, ids):
         # The last audited change and the passes' last answer (newer, when kept: it wins), put in words
         # once per job below, not once per row read.
         for row in conn.execute(

@@ -19,8 +19,11 @@ from reconcile.reports.data import (
     RESOLVED,
     FindingRow,
     Group,
+    LeakageData,
+    RefundData,
     RefundRow,
-    ReportData,
+    RunInfo,
+    RunPoint,
     Tally,
 )
 from reconcile.reports.evidence import readable_answer, reason_in_words
@@ -199,8 +202,7 @@ td.id { min-width: 14ch; max-width: 260px; overflow-wrap: anywhere;
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 
 
-def _page(title: str, heading: str, data: ReportData, generated_at: datetime, body: list[Markup]) -> str:
-    run = data.run
+def _page(title: str, heading: str, run: RunInfo, generated_at: datetime, body: list[Markup]) -> str:
     meta = [
         "run ", el("code", run.run_id), f" · status {run.status}",
         f" · scan {run.scan_mode}" if run.scan_mode else "",
@@ -295,23 +297,23 @@ def _rows_table(
     return Markup(table + note)
 
 
-def _history(data: ReportData, metrics: list[tuple[str, str, str]]) -> list[Markup]:
+def _history(history: list[RunPoint], metrics: list[tuple[str, str, str]]) -> list[Markup]:
     """Line charts of (attribute, caption, unit) over the last runs."""
-    if len(data.history) == 0:
+    if len(history) == 0:
         return [el("p", "no run history recorded", class_="note")]
-    labels = [f"{p.started_at:%m-%d %H:%M}" for p in data.history]
+    labels = [f"{p.started_at:%m-%d %H:%M}" for p in history]
     figures = [
-        _figure(caption, line_chart(caption, list(zip(labels, [getattr(p, attr) for p in data.history], strict=True)),
+        _figure(caption, line_chart(caption, list(zip(labels, [getattr(p, attr) for p in history], strict=True)),
                                     unit, PALETTE[i % len(PALETTE)]))
         for i, (attr, caption, unit) in enumerate(metrics)
     ]  # fmt: skip
     return [
-        el("p", f"this run and the {len(data.history) - 1} successful run(s) before it, oldest first", class_="note"),
+        el("p", f"this run and the {len(history) - 1} successful run(s) before it, oldest first", class_="note"),
         el("div", *figures, class_="charts"),
     ]
 
 
-def refunds_html(data: ReportData, generated_at: datetime) -> str:
+def refunds_html(data: RefundData, generated_at: datetime) -> str:
     total = _total(data.refunds)
     by_reason = totals_of(data.refunds_by_reason)
     by_vendor = totals_of(data.refunds_by_vendor)
@@ -327,7 +329,7 @@ def refunds_html(data: ReportData, generated_at: datetime) -> str:
         el("h2", "Totals by vendor"),
         _totals_table("totals-by-vendor", "vendor", by_vendor, total),
         el("h2", "Over the last runs"),
-        *_history(data, [("credits_refunded", "Credits refunded per run", "credits"),
+        *_history(data.history, [("credits_refunded", "Credits refunded per run", "credits"),
                          ("refunds", "Refunds per run", "refunds")]),
         el("h2", "Held for approval"),
         el("p", "Planned but not written: over a threshold (RECONCILE_REFUND_HOLD_*). A person decides with "
@@ -344,7 +346,7 @@ def refunds_html(data: ReportData, generated_at: datetime) -> str:
            class_="note"),
         _rows_table("refunds", REFUND_PAGE_COLUMNS, listing, total.rows, "refunds.csv"),
     ]  # fmt: skip
-    return _page(f"reconcile refunds · {data.run.run_id}", "Refunds", data, generated_at, body)
+    return _page(f"reconcile refunds · {data.run.run_id}", "Refunds", data.run, generated_at, body)
 
 
 REFUND_PAGE_COLUMNS = [
@@ -382,7 +384,7 @@ def refund_cells(r: RefundRow) -> list[object]:
             readable_answer(r.evidence), timestamp(r.refunded_at)]  # fmt: skip
 
 
-def leakage_html(data: ReportData, generated_at: datetime) -> str:
+def leakage_html(data: LeakageData, generated_at: datetime) -> str:
     total = _total(data.findings)
     by_category = totals_of(data.findings_by_category, order=CATEGORIES)
     by_vendor = totals_of(data.findings_by_vendor)
@@ -413,7 +415,7 @@ def leakage_html(data: ReportData, generated_at: datetime) -> str:
         previous,
         _change_table(changes),
         el("h2", "Stuck jobs and leakage over the last runs"),
-        *_history(data, [("stuck", "Stuck jobs per run", "stuck jobs"),
+        *_history(data.history, [("stuck", "Stuck jobs per run", "stuck jobs"),
                          ("findings", "Leakage findings per run", "findings"),
                          ("credits_at_stake", "Credits at stake per run", "credits")]),
         el("h2", "Every finding of the run"),
@@ -423,7 +425,7 @@ def leakage_html(data: ReportData, generated_at: datetime) -> str:
            class_="note"),
         _rows_table("resolved", columns, resolved, changes[2].rows, "the previous run's leakage.csv"),
     ]  # fmt: skip
-    return _page(f"reconcile leakage · {data.run.run_id}", "Credit leakage", data, generated_at, body)
+    return _page(f"reconcile leakage · {data.run.run_id}", "Credit leakage", data.run, generated_at, body)
 
 
 FINDING_PAGE_COLUMNS = [("category", ""), ("job", "id"), ("user", "id"), ("vendor", "id"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import defaultdict
 from datetime import datetime, timedelta
 from html.parser import HTMLParser
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import event, insert
 from sqlalchemy.engine import Engine
 
 from reconcile.db.schema import recon_refunds, recon_runs, recon_status_changes
@@ -25,7 +26,7 @@ from reconcile.reports import (
     generate_reports,
     write_reports,
 )
-from reconcile.reports.data import MOVED_ROWS, finding_rows, load_report_data, refund_rows
+from reconcile.reports.data import MOVED_ROWS, finding_rows, load_leakage_data, load_refund_data, refund_rows
 from reconcile.reports.render import credits_once
 from reconcile.reports.safe import FORMULA_START
 from tests.platform import NOW, Platform
@@ -294,8 +295,8 @@ def test_new_persisting_and_resolved_against_the_previous_successful_run(db, tmp
     assert "run-a" in "".join(page.text)
 
     with engine.connect() as conn:
-        data = load_report_data(conn, "run-b")
-        failed = load_report_data(conn, "run-failed")
+        data = load_leakage_data(conn, "run-b")
+        failed = load_leakage_data(conn, "run-failed")
     assert data.previous_run_id == "run-a"
     assert [p.run_id for p in data.history] == ["run-a", "run-b"]  # the failed pass is not in the history
     assert [(p.stuck, p.findings, p.credits_at_stake) for p in data.history] == [(5, 4, 41), (2, 4, 39)]
@@ -400,6 +401,32 @@ def test_the_refund_and_the_leakage_report_written_apart_are_the_whole_set_in_on
         generate_reports(db.engine, "run-hostile", tmp_path, NOW, files=["refunds.pdf"])
 
 
+def test_each_report_reads_only_its_own_figures(db, tmp_path: Path) -> None:
+    """Side by side in the pass, the refund report reads none of the findings and the leakage report
+    none of the refunds' rows and holds (both read the runs' history for their charts)."""
+    seed_hostile_run(db.engine)
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        refunds = generate_reports(db.engine, "run-hostile", tmp_path, NOW, files=REFUND_FILES)
+        refund_statements, statements[:] = list(statements), []
+        leakage = generate_reports(db.engine, "run-hostile", tmp_path, NOW, files=LEAKAGE_FILES)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", seen)
+    assert refunds.refunds > 0 and leakage.findings > 0  # both have rows to read
+    assert not [s for s in refund_statements if re.search(r"\brecon_(findings|finding_runs)\b", s)]
+    assert not [
+        s for s in statements if re.search(r"\brecon_refunds\.(job_id|reason)\b|\brecon_refund_holds\.run_id", s)
+    ]
+    assert refunds.leakage is None and leakage.refund is None
+    with pytest.raises(ValueError, match="no leakage report was written"):
+        refunds.changes()
+
+
 def test_a_run_id_cannot_escape_the_reports_dir_and_unknown_runs_are_refused(db, tmp_path: Path) -> None:
     record_run(db.engine, "../../etc/passwd", NOW)
     paths = write_reports(db.engine, "../../etc/passwd", tmp_path / "reports", NOW)
@@ -498,7 +525,8 @@ def test_the_largest_new_and_resolved_findings_and_refunds_for_the_step(db) -> N
     for i in range(25):
         add_refund(db.engine, "run-b", f"r{i}", "u", credits=i % 6, reason="vendor_failed")
     with db.engine.connect() as conn:
-        data = load_report_data(conn, "run-b", shown=12)
+        data = load_leakage_data(conn, "run-b", shown=12)
+        refund_data = load_refund_data(conn, "run-b", shown=12)
         every = [*finding_rows(conn, "run-b"), *finding_rows(conn, "run-a")]
         refunds = refund_rows(conn, "run-b")
     assert data.changes["new"].rows > MOVED_ROWS // 2 and data.changes["resolved"].rows > 0
@@ -510,5 +538,5 @@ def test_the_largest_new_and_resolved_findings_and_refunds_for_the_step(db) -> N
     expected = expected[:MOVED_ROWS]
     assert [(f.key, f.credits) for f in data.top_moved] == [(f.key, f.credits) for f in expected]
     assert {f.change for f in data.top_moved} == {"new", "resolved"}
-    assert [r.job_id for r in data.top_refunds] == [r.job_id for r in refunds[:12]]
-    assert data.refunds == (25, sum(i % 6 for i in range(25)))
+    assert [r.job_id for r in refund_data.top_refunds] == [r.job_id for r in refunds[:12]]
+    assert refund_data.refunds == (25, sum(i % 6 for i in range(25)))

@@ -31,7 +31,7 @@ def refunds_report(context: AssetExecutionContext, reconcile: ReconcileResource)
     evidence, totals by reason and vendor, the refunds held for approval, charts over the last runs."""
     reports = _write(context, reconcile, REFUND_FILES)
     biggest = pd.DataFrame(
-        [(r.job_id, r.vendor, r.credits, r.reason) for r in reports.refund.top_refunds],
+        [(r.job_id, r.vendor, r.credits, r.reason) for r in reports.refund_data.top_refunds],
         columns=["job_id", "vendor", "credits", "reason"],
     )
     return MaterializeResult(
@@ -52,7 +52,7 @@ def leakage_report(context: AssetExecutionContext, reconcile: ReconcileResource)
     what changed since the previous successful run and what to do, totals by category and vendor, charts
     over the last runs."""
     reports = _write(context, reconcile, LEAKAGE_FILES)
-    data = reports.leakage
+    data = reports.leakage_data
     changes = reports.changes()
     moved = pd.DataFrame(
         [(f.change, f.category, f.job_id, f.credits, f.detail) for f in data.top_moved],

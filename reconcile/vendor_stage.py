@@ -83,10 +83,14 @@ SPARE_TIME_NICENESS = 10
 
 
 def seconds_at_rate_limit(stuck: StuckSet, settings: Settings) -> dict[str, float]:
-    """For each vendor with dispatched stuck jobs, how long asking them takes at its rate limit (a job is
-    one request or more: this is the lower bound that orders the vendors)."""
+    """For each vendor that will be asked (dispatched stuck jobs, its secret set), how long asking them
+    takes at its rate limit (a job is one request or more: this is the lower bound that orders them)."""
     dispatched = stuck.counts[(stuck.counts["category"] == DISPATCHED) & (stuck.counts["jobs"] > 0)]
-    return {vendor: stuck.count(DISPATCHED, vendor) / settings.vendor_rate(vendor) for vendor in dispatched["vendor"]}
+    return {
+        vendor: stuck.count(DISPATCHED, vendor) / settings.vendor_rate(vendor)
+        for vendor in dispatched["vendor"]
+        if settings.vendor_secret(vendor) is not None
+    }
 
 
 def has_time_to_spare(stuck: StuckSet, vendor: str, settings: Settings) -> bool:

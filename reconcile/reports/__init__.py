@@ -66,8 +66,8 @@ class ReportSet:
     run_id: str
     folder: Path | str  # a local folder, or a URL in an object store
     paths: list  # Path, or URL strings
-    refund: RefundData | None  # None: no refund file was asked for
-    leakage: LeakageData | None  # None: no leakage file was asked for
+    refund_data: RefundData | None  # None: no refund file was asked for
+    leakage_data: LeakageData | None  # None: no leakage file was asked for
 
     @property
     def refunds(self) -> int:
@@ -90,14 +90,14 @@ class ReportSet:
         return {change: tally.rows for change, tally in self._leakage().changes.items()}
 
     def _refund(self) -> RefundData:
-        if self.refund is None:
+        if self.refund_data is None:
             raise ValueError(f"no refund report was written: ask for {' or '.join(REFUND_FILES)}")
-        return self.refund
+        return self.refund_data
 
     def _leakage(self) -> LeakageData:
-        if self.leakage is None:
+        if self.leakage_data is None:
             raise ValueError(f"no leakage report was written: ask for {' or '.join(LEAKAGE_FILES)}")
-        return self.leakage
+        return self.leakage_data
 
 
 def _safe_run_id(run_id: str) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import random
@@ -670,11 +671,13 @@ def ask_vendor_in_batches(
     one time budget and one health for them all, so that no job waits for an earlier batch's slowest
     retry (measured: chunk by chunk, each chunk's tail of backoffs cost fal ~15 s of a 100,000-job pass).
 
-    `hand_on` runs in the run's thread and holds the requests up while it works: keep it to a write.
+    `hand_on` runs in the run's thread (the helper's, at its priority, when `niceness` > 0; the last partial
+    batch in the caller's) and holds the requests up while it works: keep it to a write.
     An error it raises (or one reading `jobs`) stops the run and is raised here. Exactly one answer per
     job; the jobs' ids must be distinct (a staged pass's are: they are its key).
 
-    `niceness` > 0 runs the client in a helper thread at that much lower CPU priority (see `_run_to_end`).
+    `niceness` > 0 runs the client in a helper thread that much lower in CPU priority, on Linux (see
+    `_run_to_end`); a cancelled run's interrupt still stops it.
     """
     if not registry.is_known(vendor):
         raise ValueError(f"unknown vendor {vendor!r}: not in the registry")
@@ -721,29 +724,64 @@ _T = TypeVar("_T")
 
 def _run_to_end(make: Callable[[], Coroutine[Any, Any, _T]], niceness: int = 0) -> _T:
     """Run the coroutine `make()` on its own event loop: in this thread, or in a helper thread if this one
-    already runs a loop or `niceness` asks for a lower CPU priority (raised for that thread alone, which
-    ends with the run: the in-process executor runs every step in the calling thread's process)."""
+    already runs a loop or `niceness` > 0 asks for a lower CPU priority (where a thread can have one:
+    Linux). The helper's priority ends with it: this thread keeps its own, which under the in-process
+    executor is the whole run's."""
+    lower = niceness > 0 and sys.platform == "linux"
+    if not lower:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return _run_here(make)
+    return _run_in_helper_thread(make, niceness if lower else 0)
+
+
+def _run_here(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    # uvloop: less CPU per request than asyncio's own loop (the stage is bound by the client's CPU).
+    with asyncio.Runner(loop_factory=_loop_factory) as runner:
+        return runner.run(make())
+
+
+def _run_in_helper_thread(make: Callable[[], Coroutine[Any, Any, _T]], niceness: int) -> _T:
+    """`_run_here` in a helper thread, `niceness` lower. Whatever interrupts this thread's wait (a cancelled
+    Dagster run's interrupt, Ctrl-C) cancels the asking too, and is raised once the helper has wound down."""
+    started: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Task]] = concurrent.futures.Future()
+
+    async def main() -> _T:
+        started.set_result((asyncio.get_running_loop(), asyncio.current_task()))
+        return await make()
 
     def run() -> _T:
         if niceness:
             lower_this_threads_priority(niceness)
-        # uvloop: less CPU per request than asyncio's own loop (the stage is bound by the client's CPU).
-        with asyncio.Runner(loop_factory=_loop_factory) as runner:
-            return runner.run(make())
+        return _run_here(main)
 
-    if not niceness:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return run()
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reconcile-vendors") as pool:
-        return pool.submit(run).result()
+        done = pool.submit(run)
+        try:
+            return done.result()
+        except BaseException:
+            _cancel(done, started)
+            raise
+
+
+def _cancel(done: concurrent.futures.Future, started: concurrent.futures.Future) -> None:
+    """Cancel the helper's run, once it has started (a run that failed to start is done already)."""
+    while not done.done():
+        if started.done():
+            loop, task = started.result()
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile: the run ended by itself
+                loop.call_soon_threadsafe(task.cancel)
+            return
+        time.sleep(0.01)
 
 
 def lower_this_threads_priority(niceness: int) -> None:
-    """Raise the calling thread's nice value by `niceness`. Linux keeps a nice value per thread
-    (setpriority(2) on a thread id); elsewhere a thread has none of its own, and nothing is changed."""
-    if sys.platform != "linux":
-        return
+    """Raise the calling thread's nice value by `niceness` (Linux keeps one per thread: setpriority(2) on
+    a thread id; threads it starts inherit it). Where that is refused (a sandbox that forbids
+    setpriority), say so and go on at the same priority: it only orders the CPU, never the answers."""
     thread = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + niceness)
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + niceness)
+    except OSError as exc:
+        log.warning("could not lower the vendor client's CPU priority (%s): it asks at the same priority", exc)

@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -758,6 +759,24 @@ def test_a_vendor_with_time_to_spare_asks_from_its_own_thread_at_a_lower_cpu_pri
     seen.clear()
     ask_vendor_in_batches("kie", iter(many(sim, "kie", 5)), 5, settings(sim), "r", hand_on, 5, tuning=FAST)
     assert seen == [(caller, caller_nice)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread has a nice value of its own on Linux only")
+def test_an_interrupt_of_the_waiting_thread_stops_the_asking_from_a_lower_priority_thread(sim: SimulatorThread) -> None:
+    """A cancelled Dagster run (or Ctrl-C) interrupts the step's main thread: the helper stops asking too."""
+    sim.set_knobs("kie", latency_ms=200)
+    jobs = many(sim, "kie", 800)  # 200 ms each, 16 at a time: 10 s of asking
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # as Dagster interrupts a step
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        ask_vendor_in_batches(
+            "kie", iter(jobs), 800, settings(sim), "r", lambda batch: None, 10, tuning=FAST, niceness=3
+        )
+    assert time.monotonic() - started < 5  # the asking stopped, not waited out
+    assert not [t for t in threading.enumerate() if t.name.startswith("reconcile-vendors")]
+    asked = sim.stats(with_tasks=False)["kie"]["requests"]
+    time.sleep(0.5)
+    assert sim.stats(with_tasks=False)["kie"]["requests"] == asked < 800  # and nothing asks any more
 
 
 def test_a_batch_that_cannot_be_handed_on_stops_the_asking_and_raises(sim: SimulatorThread) -> None:

@@ -79,11 +79,15 @@ def refund_plan_query(since: datetime | None, job_ids: list[str] | None = None) 
         window.append(g.id.not_in(select(h.job_id).where(h.status.in_((HELD, REJECTED)))))
     failed_ids = select(g.id).where(*window)
     t = credit_transactions.c
-    # Only charges made by the job's own user count: never refund someone who did not pay.
+    # Only charges made by the job's own user count: never refund someone who did not pay. Joined to the
+    # failed jobs themselves, not to every job and then filtered by IN (failed): PostgreSQL estimated that
+    # join on (id, user_id) at 3 rows and looked each of the ~300,000 charges up again in the jobs' index
+    # (EXPLAIN ANALYZE, 290,000 jobs: 1.1 s -> 0.27 s before a pass, 0.64 -> 0.55 s with 32,000 just failed).
+    failed = select(g.id, g.user_id).where(*window).subquery("failed")
     charged = (
         select(t.job_id, func.sum(-cast(t.amount, BigInteger)).label("charged"))
-        .select_from(credit_transactions.join(ai_generations, g.id == t.job_id))
-        .where(t.job_id.in_(failed_ids), t.kind == "charge", t.amount < 0, t.user_id == g.user_id)
+        .select_from(credit_transactions.join(failed, failed.c.id == t.job_id))
+        .where(t.kind == "charge", t.amount < 0, t.user_id == failed.c.user_id)
         .group_by(t.job_id)
         .subquery("charged")
     )

@@ -161,6 +161,48 @@ def test_a_pass_that_lost_its_lease_moves_no_money(db) -> None:
     assert "refund" not in kinds
 
 
+def test_the_steps_of_one_pass_fence_side_by_side_and_a_takeover_waits_for_them(db) -> None:
+    """Two steps of one pass (e.g. two vendors' syncs) fence their transactions at the same time; a pass
+    taking the lease over waits until both have committed."""
+    if db.dialect != "postgresql":
+        pytest.skip("row locks: PostgreSQL (on SQLite a writing transaction holds the whole database)")
+    upgrade_schema(db.engine)
+    now = utcnow()
+    token = acquire_lease(db.engine, "pass", now, 60)
+    second_step, taker = make_engine(db.url), make_engine(db.url)
+    took: list[int] = []
+    try:
+        with db.engine.begin() as first:
+            fence_lease(first, "pass", token, now)
+            with second_step.begin() as second:
+                second.exec_driver_sql("SET LOCAL lock_timeout = '5s'")  # FOR UPDATE would wait for `first`
+                fence_lease(second, "pass", token, now)
+                # Expired by the clock: the taker's UPDATE of the lease row must wait for both fences.
+                thread = threading.Thread(
+                    target=lambda: took.append(acquire_lease(taker, "taker", now + timedelta(seconds=61), 60))
+                )
+                thread.start()
+                _wait_until_a_backend_waits_for_a_lock(db.engine)
+                assert took == []
+            assert took == []  # still waiting for `first`
+        thread.join(timeout=30)
+        assert took and lease_holder(db.engine, now + timedelta(seconds=61)) == "taker"
+    finally:
+        second_step.dispose()
+        taker.dispose()
+
+
+def _wait_until_a_backend_waits_for_a_lock(engine) -> None:
+    deadline = time.monotonic() + 30
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    while True:
+        with engine.connect() as conn:  # a transaction per look: pg_stat_activity is a snapshot per transaction
+            if conn.exec_driver_sql(query).scalar_one():
+                return
+        assert time.monotonic() < deadline, "the takeover never waited for the fenced transactions"
+        time.sleep(0.05)
+
+
 def test_an_expired_lease_is_lost_even_when_nobody_took_it(db) -> None:
     upgrade_schema(db.engine)
     now = utcnow()

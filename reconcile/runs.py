@@ -160,17 +160,20 @@ def renew_lease(engine: Engine, holder: str, now: datetime, ttl_seconds: int, to
 
 def fence_lease(conn: Connection, holder: str, token: int, now: datetime) -> None:
     """Raise LeaseLost unless `holder` still holds the unexpired lease of `token`: the first statement
-    of every money-moving transaction. On PostgreSQL the lease row stays share-locked until that
+    of every money-moving transaction. On PostgreSQL the lease row stays locked until that
     transaction ends, so no other pass can take the lease between this check and the commit (on
-    SQLite the transaction holds the database's write lock from its start). A share lock, not FOR
-    UPDATE: the steps of one pass side by side (each vendor's sync) fence at once instead of waiting
-    for one another's transactions; a takeover, an UPDATE of the row, still waits for every one."""
+    SQLite the transaction holds the database's write lock from its start).
+
+    FOR UPDATE, not FOR SHARE, although the steps of one pass then wait for one another's fenced
+    transactions: PostgreSQL lets a share lock in past an UPDATE that waits, so the syncs of several
+    vendors fencing one chunk after another could hold the heartbeat's renewal off until the lease
+    expired (found in review) and fail a healthy pass."""
     lease = recon_lease.c
     query = select(lease.token).where(
         lease.name == LEASE_NAME, lease.holder == holder, lease.token == token, lease.expires_at > now
     )
     if conn.dialect.name == "postgresql":
-        query = query.with_for_update(read=True)
+        query = query.with_for_update()
     if conn.execute(query).first() is None:
         raise LeaseLost(_lost_message(holder, _read_lease(conn)))
 

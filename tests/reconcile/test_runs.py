@@ -161,45 +161,49 @@ def test_a_pass_that_lost_its_lease_moves_no_money(db) -> None:
     assert "refund" not in kinds
 
 
-def test_the_steps_of_one_pass_fence_side_by_side_and_a_takeover_waits_for_them(db) -> None:
-    """Two steps of one pass (e.g. two vendors' syncs) fence their transactions at the same time; a pass
-    taking the lease over waits until both have committed."""
+def test_a_takeover_waits_until_the_fenced_transaction_has_committed(db) -> None:
+    """The fence's point on PostgreSQL: between a money-moving transaction's fence and its commit no
+    other pass can take the lease, even once it has expired; the taker waits for that transaction."""
     if db.dialect != "postgresql":
         pytest.skip("row locks: PostgreSQL (on SQLite a writing transaction holds the whole database)")
     upgrade_schema(db.engine)
     now = utcnow()
     token = acquire_lease(db.engine, "pass", now, 60)
-    second_step, taker = make_engine(db.url), make_engine(db.url)
+    taker = make_engine(db.url)
     took: list[int] = []
+    failed: list[BaseException] = []
+
+    def take_over() -> None:
+        try:  # expired by the taker's clock
+            took.append(acquire_lease(taker, "taker", now + timedelta(seconds=61), 60))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread below
+            failed.append(exc)
+
     try:
-        with db.engine.begin() as first:
-            fence_lease(first, "pass", token, now)
-            with second_step.begin() as second:
-                second.exec_driver_sql("SET LOCAL lock_timeout = '5s'")  # FOR UPDATE would wait for `first`
-                fence_lease(second, "pass", token, now)
-                # Expired by the clock: the taker's UPDATE of the lease row must wait for both fences.
-                thread = threading.Thread(
-                    target=lambda: took.append(acquire_lease(taker, "taker", now + timedelta(seconds=61), 60))
-                )
-                thread.start()
-                _wait_until_a_backend_waits_for_a_lock(db.engine)
-                assert took == []
-            assert took == []  # still waiting for `first`
+        with db.engine.begin() as fenced:
+            fence_lease(fenced, "pass", token, now)
+            fenced_pid = fenced.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            thread = threading.Thread(target=take_over)
+            thread.start()
+            _wait_until_blocked_by(db.engine, fenced_pid)
+            assert took == [] and failed == []
         thread.join(timeout=30)
+        assert not failed, failed
         assert took and lease_holder(db.engine, now + timedelta(seconds=61)) == "taker"
     finally:
-        second_step.dispose()
         taker.dispose()
 
 
-def _wait_until_a_backend_waits_for_a_lock(engine) -> None:
+def _wait_until_blocked_by(engine, pid: int) -> None:
+    """Until some backend waits for a lock `pid` holds (a transaction per look: pg_stat_activity is read
+    once per transaction)."""
     deadline = time.monotonic() + 30
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    query = "SELECT count(*) FROM pg_stat_activity WHERE %(pid)s = ANY(pg_blocking_pids(pid))"
     while True:
-        with engine.connect() as conn:  # a transaction per look: pg_stat_activity is a snapshot per transaction
-            if conn.exec_driver_sql(query).scalar_one():
+        with engine.connect() as conn:
+            if conn.exec_driver_sql(query, {"pid": pid}).scalar_one():
                 return
-        assert time.monotonic() < deadline, "the takeover never waited for the fenced transactions"
+        assert time.monotonic() < deadline, "the takeover never waited for the fenced transaction"
         time.sleep(0.05)
 
 

@@ -128,6 +128,7 @@ def stage_stuck_jobs(
 
 
 _STAGED_JOB_COLUMNS = ["run_id", *STUCK_COLUMNS, "category", "invalid_reason", "outcome", "outcome_reason"]
+_CREDITS_AT = STUCK_COLUMNS.index("credits_charged")
 
 
 def _stage(conn: Connection, pass_id: str, stuck_rows: list[tuple], jobs: pd.DataFrame) -> None:
@@ -137,9 +138,13 @@ def _stage(conn: Connection, pass_id: str, stuck_rows: list[tuple], jobs: pd.Dat
     step's CPU (profiled, 100,000 stuck jobs)."""
     outcomes = _invalid_outcomes(jobs)
     added = [jobs["category"], jobs["invalid_reason"], outcomes["outcome"], outcomes["outcome_reason"]]
+    # The credits as the classification judged them: an integer (a non-integral value, which SQLite's
+    # untyped column could hold, is truncated by the frame's int64, as it always was).
+    charged = jobs["credits_charged"].tolist()
+    at = _CREDITS_AT
     staged = [
-        (pass_id, *row, *classified)
-        for row, *classified in zip(stuck_rows, *(_plain_values(c) for c in added), strict=True)
+        (pass_id, *row[:at], credits, *row[at + 1 :], *classified)
+        for row, credits, *classified in zip(stuck_rows, charged, *(_plain_values(c) for c in added), strict=True)
     ]
     if can_copy(conn):
         copy_values(conn, recon_pass_jobs, _STAGED_JOB_COLUMNS, staged)

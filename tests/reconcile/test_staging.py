@@ -30,9 +30,11 @@ from reconcile.stuck import (
     DISPATCHED,
     INVALID,
     PROCESSABLE,
+    STUCK_COLUMNS,
     UNDISPATCHED_DUE,
     classify_stuck_jobs,
     fetch_stuck_jobs,
+    stuck_jobs_query,
 )
 from reconcile.sync import sync_staged_pass
 from tests.platform import Platform
@@ -82,6 +84,25 @@ def test_staging_keeps_exactly_the_stuck_jobs_classified_like_the_query(db) -> N
     assert stuck.oldest["job_id"].iloc[0] == "never-sent"
     # The compare-and-set token survives the round trip exactly.
     assert staged.set_index("job_id")["version"].to_dict() == expected.set_index("job_id")["version"].to_dict()
+
+
+def test_each_staged_row_is_the_stuck_row_as_read(db) -> None:
+    """Every column of a staged job is the value the stuck query read, its credits an integer even where
+    SQLite's untyped column holds a non-integral one (truncated, as classified)."""
+    _world(db)
+    if db.dialect == "sqlite":
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE ai_generations SET credits_charged = 12.5 WHERE id = 'a'")
+    now = utcnow()
+    _stage(db.engine, "pass-1", chunk_size=4)
+    j = recon_pass_jobs.c
+    at = STUCK_COLUMNS.index("credits_charged")
+    with db.engine.connect() as conn:
+        read = [tuple(r) for r in conn.execute(stuck_jobs_query(now, STUCK_AFTER))]
+        staged = [tuple(r) for r in conn.execute(select(*(j[c] for c in STUCK_COLUMNS)).where(j.run_id == "pass-1"))]
+    expected = sorted((*r[:at], int(r[at]), *r[at + 1 :]) for r in read)
+    assert sorted(staged) == expected and len(expected) == len(HOSTILE_IDS) + 2
+    assert all(type(row[at]) is int for row in staged)
 
 
 def test_chunks_are_bounded_and_cover_every_job_once(db) -> None:

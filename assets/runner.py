@@ -5,6 +5,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -171,11 +172,14 @@ class PassOutcome:
 
 
 @contextmanager
-def _instance(database_url: str) -> Iterator[DagsterInstance]:
+def _instance(database_url: str, *, forks_steps: bool = False) -> Iterator[DagsterInstance]:
     """The Dagster instance of runs against `database_url`; its storage is created under a file lock,
     because two passes starting at the same moment on a fresh SQLite-backed home would both try to
-    create Dagster's own schema."""
+    create Dagster's own schema. `forks_steps`: the run's steps are forked from the step server, which is
+    started here (see `_start_step_server`)."""
     home = ensure_dagster_home(database_url)
+    if forks_steps:
+        _start_step_server()
     with open(home / ".reconcile-init.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -184,6 +188,28 @@ def _instance(database_url: str) -> Iterator[DagsterInstance]:
             fcntl.flock(lock, fcntl.LOCK_UN)
     with instance:
         yield instance
+
+
+def _start_step_server() -> None:
+    """Start the fork server the pass's step processes come from now, while this process sets the run up,
+    not when Dagster launches the first step: its imports (Dagster, reconcile, Great Expectations: 4-5 s
+    on 2 cores) are what the first step waits for. Dagster's multiprocess executor finds it running and
+    forks from it. Started after DAGSTER_HOME is set, as every step process inherits its environment."""
+    import multiprocessing
+
+    from reconcile.definitions import PRELOADED_MODULES
+
+    context = multiprocessing.get_context("forkserver")
+    # The list Dagster's executor asks for: its own module first, then the job's preload_modules.
+    context.set_forkserver_preload(["dagster._core.executor.multiprocess", *PRELOADED_MODULES])
+    # A process that does nothing starts the server; a thread waits for it, so this process goes on at once.
+    threading.Thread(target=_fork_nothing, args=(context,), name="step-server-start", daemon=True).start()
+
+
+def _fork_nothing(context: Any) -> None:
+    child = context.Process(target=os.getpid, name="step-server-start")
+    child.start()
+    child.join()
 
 
 def _root_cause(data, fallback: str | None) -> str:
@@ -240,7 +266,8 @@ def execute_pass(*, full_audit: bool = False, verbose: bool = False, processes: 
         run_config["loggers"] = {"console": {"config": {"log_level": "INFO"}}}
     else:
         run_config["loggers"] = {"progress": {}}
-    return _run(reconstructable(pass_job_with_progress), run_config)
+    forks_steps = processes is None or processes > 1  # the default executor and --processes N fork from the server
+    return _run(reconstructable(pass_job_with_progress), run_config, forks_steps=forks_steps)
 
 
 CELERY_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "celery"
@@ -256,11 +283,11 @@ def execute_pass_on_celery(*, full_audit: bool = False) -> PassOutcome:
     return _run(job, {"ops": {"stuck_jobs": {"config": {"full_audit": full_audit}}}})
 
 
-def _run(job: Any, run_config: dict[str, Any]) -> PassOutcome:
+def _run(job: Any, run_config: dict[str, Any], *, forks_steps: bool = False) -> PassOutcome:
     """Runs the pass's job; what the CLI tells of it: its failures (root causes), each asset's metadata."""
     settings = load_settings()
     tags = {DATABASE_TAG: database_label(settings.database_url)}
-    with _instance(settings.database_url) as instance:
+    with _instance(settings.database_url, forks_steps=forks_steps) as instance:
         result = execute_job(job, instance=instance, run_config=run_config, tags=tags)
         outcome = PassOutcome(run_id=result.run_id, success=result.success)
         for event in result.all_events:

@@ -215,7 +215,7 @@ def vendor_statuses_asset(vendor: str) -> AssetsDefinition:
         settings = reconcile.settings()
         configured = settings.vendor_secret(vendor) is not None
         # The slowest vendor sets the stage's length: the others give it the CPU first.
-        yield_cpu = total > 0 and configured and has_time_to_spare(stuck_jobs, vendor, settings)
+        yield_cpu = has_time_to_spare(stuck_jobs, vendor, settings)
         if total == 0 and not configured:
             # Configured vendors only: no job of it and no secret, so it is not the platform's vendor.
             context.log.info(f"{vendor}: not configured and no stuck job of it: nothing to do")

@@ -103,7 +103,8 @@ def has_time_to_spare(stuck: StuckSet, vendor: str, settings: Settings) -> bool:
     before it. Where the whole stage is bound by the CPU (the benchmark's quick mode, 2,000 req/s), a
     lowered vendor can end after the slowest one; the stage still ended sooner there (80.6 s, 87.8 s before)."""
     seconds = seconds_at_rate_limit(stuck, settings)
-    return seconds.get(vendor, 0.0) < max(seconds.values(), default=0.0)
+    # A vendor that is not asked (no dispatched job, or no secret) runs no client to lower.
+    return vendor in seconds and seconds[vendor] < max(seconds.values())
 
 
 def ask_vendor(

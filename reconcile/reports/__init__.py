@@ -32,7 +32,6 @@ from reconcile.reports.data import (
     load_refund_data,
     refund_chunks,
     run_exists,
-    run_info,
 )
 from reconcile.reports.render import leakage_html, refunds_html, write_leakage_csv, write_refunds_csv
 from reconcile.reports.store import is_url, join, write_file
@@ -146,8 +145,8 @@ def generate_reports(
             if set(files) & set(LEAKAGE_FILES)
             else None
         )
-        run = run_info(conn, run_id)  # None: a run with findings or refunds but no recorded start
-        folder = _folder(reports_dir, run_id, (run.started_at if run else None) or now)
+        loaded = refund or leakage  # the run as the figures read it (started_at None: no recorded start)
+        folder = _folder(reports_dir, run_id, (loaded.run.started_at if loaded else None) or now)
         refunded = recon_refunds.c.run_id == run_id
         # CSV with a BOM: spreadsheets then read it as UTF-8 (names in any script survive the round trip).
         # CSV rows stream from the database into their file a chunk at a time; a page shows the first

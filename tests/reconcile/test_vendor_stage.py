@@ -40,7 +40,7 @@ def test_the_slowest_vendor_at_its_rate_limit_keeps_the_cpu_and_the_others_have_
     }
     assert not has_time_to_spare(stuck, "fal", settings)
     assert has_time_to_spare(stuck, "kie", settings) and has_time_to_spare(stuck, "replicate", settings)
-    assert has_time_to_spare(stuck, "luma", settings)  # nothing to ask
+    assert not has_time_to_spare(stuck, "luma", settings)  # nothing to ask: no client to lower
 
 
 def test_vendors_that_take_as_long_as_each_other_both_keep_the_cpu() -> None:
@@ -62,3 +62,4 @@ def test_a_vendor_without_its_secret_is_never_asked_so_it_sets_no_length() -> No
     stuck = _stuck((DISPATCHED, "fal", 500), (DISPATCHED, "kie", 5000), (DISPATCHED, "luma", 100))
     assert set(seconds_at_rate_limit(stuck, settings)) == {"fal", "luma"}
     assert not has_time_to_spare(stuck, "fal", settings) and has_time_to_spare(stuck, "luma", settings)
+    assert not has_time_to_spare(stuck, "kie", settings)  # not asked: no client to lower
